@@ -1,0 +1,47 @@
+"""`maxmodel <command> ...`: each command lives in its own module with a `main(argv) -> int`.
+
+Exit codes (DESIGN.md): 0 success; 2 bad usage or config (the message names the key); 3 preempted after a
+clean checkpoint; 1 anything else.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "train": ("maxmodel.train.cli", "train a model (pretraining)"),
+    "config": ("maxmodel.config.cli", "show the resolved config and parameter counts"),
+    "plan": ("maxmodel.planner.cli", "plan model size, data, layout, time and cost for a compute budget"),
+    "launch": ("maxmodel.launch.cli", "launch a job: local processes, TPU VMs, GKE, Slurm"),
+}
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PREEMPTED = 0, 1, 2, 3
+
+
+def usage() -> str:
+    lines = ["usage: maxmodel <command> [args]", "", "commands:"]
+    lines += [f"  {name:<11} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from maxmodel.config.errors import ConfigError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return EXIT_OK if argv else EXIT_USAGE
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"maxmodel: unknown command '{name}'\n\n{usage()}", file=sys.stderr)
+        return EXIT_USAGE
+    module = importlib.import_module(COMMANDS[name][0])
+    try:
+        return int(module.main(rest) or 0)
+    except ConfigError as e:
+        print(f"maxmodel {name}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,6 @@
+"""Typed, layered configuration: schema, YAML loading, overrides, derived values, validation."""
+from .errors import ConfigError
+from .loader import CONFIGS_DIR, config_from_dict, load_config
+from .schema import Config, to_dict
+
+__all__ = ["Config", "ConfigError", "CONFIGS_DIR", "load_config", "config_from_dict", "to_dict"]

@@ -1,0 +1,179 @@
+"""The typed config schema: one dataclass per section, key names as in DESIGN.md.
+
+Defaults here are the values of `configs/base.yaml`; YAML files and `key=value` overrides replace them.
+Derived values (head_dim, d_ff, ...) are filled in by `derive.py`, checks live in `validate.py`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class RopeScaling:
+    """LLaMA 3 style frequency scaling; factor 1.0 disables it."""
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_len: int = 8192
+
+
+@dataclass
+class AttentionConfig:
+    context_parallel: str = "allgather"   # allgather | ring (used when mesh.sequence > 1)
+    sliding_window: int = 0               # 0 = full causal attention
+    logit_softcap: float = 0.0            # 0 = off (Gemma 2 uses 50)
+    qkv_bias: bool = False
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 0                  # 0 = dense model
+    top_k: int = 2
+    every: int = 1
+    first_dense_layers: int = 0
+    d_ff: int = 0                         # 0 = model.d_ff
+    shared_experts: int = 0
+    capacity_factor: float = 0.0          # 0 = dropless
+    router: str = "softmax"               # softmax | sigmoid
+    renormalize: bool = True
+    aux_loss_weight: float = 0.01
+    z_loss_weight: float = 0.001
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    vocab_size: int = 1024
+    d_model: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 0                 # 0 = num_heads (MHA); 1 = MQA
+    head_dim: int = 0                     # 0 = d_model // num_heads
+    d_ff: int = 0                         # 0 = d_ff_multiplier * d_model (rounded to d_ff_multiple_of)
+    d_ff_multiplier: float = 8 / 3
+    d_ff_multiple_of: int = 64
+    activation: str = "swiglu"            # swiglu | geglu | gelu | relu
+    norm: str = "rmsnorm"                 # rmsnorm | layernorm
+    norm_eps: float = 1e-5
+    positional: str = "rope"              # rope | learned | sinusoidal | none
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    tie_embeddings: bool = False
+    max_seq_len: int = 2048
+    use_bias: bool = False
+    parallel_block: bool = False          # PaLM: x + attn(norm(x)) + mlp(norm(x))
+    embed_scale: bool = False             # Gemma: multiply embeddings by sqrt(d_model)
+    final_logit_softcap: float = 0.0
+    init_std: float = 0.02
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+
+@dataclass
+class MeshAxes:
+    data: int = 1
+    stage: int = 1
+    fsdp: int = 1
+    sequence: int = 1
+    tensor: int = 1
+    expert: int = 1
+
+
+@dataclass
+class MeshConfig(MeshAxes):
+    """Within-slice (ICI) sizes; `dcn` holds the across-slice sizes. -1 fills the remainder."""
+    data: int = -1
+    dcn: MeshAxes = field(default_factory=MeshAxes)
+    rules: str = "default"                # a preset from maxmodel/parallel/rules.py
+    rule_overrides: dict[str, Any] = field(default_factory=dict)  # logical name -> mesh axis / list / null
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 16                  # global sequences per step
+    seq_len: int = 128
+    microbatches: int = 1                 # gradient accumulation
+    seed: int = 0
+    dtype: str = "float32"                # compute dtype
+    param_dtype: str = "float32"
+    remat: str = "none"                   # none | full | save_dots
+    scan_layers: bool = True
+    z_loss: float = 0.0
+    objective: str = "causal_lm"
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"                   # adamw | adam | sgd | adafactor | lion
+    lr: float = 3e-3
+    schedule: str = "cosine"              # cosine | linear | wsd | constant
+    warmup_steps: int = 20
+    decay_steps: int = 0                  # 0 = train.steps
+    decay_fraction: float = 0.2           # wsd: fraction of steps spent decaying
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0                # 0 = no clipping
+
+
+@dataclass
+class DataConfig:
+    source: str = "builtin"               # builtin | synthetic | jsonl | text | parquet | arrayrecord | seqio:<task> | mixture
+    path: Any = None                      # file, glob or list
+    text_field: str = "text"
+    tokenizer: str = "spm"                # spm (trained on the data, cached) | bytes | path to a tokenizer file
+    on_bad_record: str = "error"          # error | skip
+    eval_fraction: float = 0.05
+    shuffle: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""                         # "" = <run dir>/checkpoints
+    every_steps: int = 100
+    keep: int = 2
+    enabled: bool = True
+    async_: bool = True                   # YAML key `async` (a Python keyword)
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    output_dir: str = "runs"
+    log_every: int = 10
+    eval_every: int = 50
+    eval_batches: int = 4
+    cpu_devices: int = 8
+    sample_prompt: str = "The "
+    sample_tokens: int = 48
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# Field names that differ from their YAML key because the key is a Python keyword.
+YAML_TO_FIELD = {"async": "async_"}
+FIELD_TO_YAML = {v: k for k, v in YAML_TO_FIELD.items()}
+
+
+def to_dict(obj) -> dict:
+    """A dataclass tree as plain dicts with YAML key names."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        out[FIELD_TO_YAML.get(f.name, f.name)] = to_dict(value) if dataclasses.is_dataclass(value) else value
+    return out

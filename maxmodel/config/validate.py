@@ -1,0 +1,70 @@
+"""Checks that need more than a type: each failure names the key and the value."""
+from __future__ import annotations
+
+from .errors import ConfigError
+from .schema import Config
+
+CHOICES = {
+    "model.activation": ("swiglu", "geglu", "gelu", "relu"),
+    "model.norm": ("rmsnorm", "layernorm"),
+    "model.positional": ("rope", "learned", "sinusoidal", "none"),
+    "model.attention.context_parallel": ("allgather", "ring"),
+    "model.moe.router": ("softmax", "sigmoid"),
+    "train.dtype": ("float32", "bfloat16", "float16"),
+    "train.param_dtype": ("float32", "bfloat16"),
+    "train.remat": ("none", "full", "save_dots"),
+    "train.objective": ("causal_lm",),
+    "optimizer.name": ("adamw", "adam", "sgd", "lion", "adafactor"),
+    "optimizer.schedule": ("cosine", "linear", "wsd", "constant"),
+    "data.on_bad_record": ("error", "skip"),
+}
+POSITIVE = ("model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads", "model.max_seq_len",
+            "train.steps", "train.batch_size", "train.seq_len", "train.microbatches",
+            "run.log_every", "run.eval_every", "run.cpu_devices", "checkpoint.every_steps", "checkpoint.keep")
+NON_NEGATIVE = ("optimizer.lr", "optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.clip_norm",
+                "train.z_loss", "model.num_kv_heads", "model.head_dim", "model.d_ff", "run.eval_batches")
+
+
+def get(cfg: Config, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, "async_" if part == "async" else part)
+    return node
+
+
+def validate(cfg: Config) -> None:
+    for key, choices in CHOICES.items():
+        if get(cfg, key) not in choices:
+            raise ConfigError(key, f"{get(cfg, key)!r} is not one of {', '.join(choices)}")
+    for key in POSITIVE:
+        if get(cfg, key) <= 0:
+            raise ConfigError(key, f"must be > 0, got {get(cfg, key)}")
+    for key in NON_NEGATIVE:
+        if get(cfg, key) < 0:
+            raise ConfigError(key, f"must be >= 0, got {get(cfg, key)}")
+    m, t = cfg.model, cfg.train
+    if m.num_kv_heads and m.num_heads % m.num_kv_heads:
+        raise ConfigError("model.num_kv_heads", f"num_heads={m.num_heads} is not divisible by "
+                                                f"num_kv_heads={m.num_kv_heads}")
+    if not m.head_dim and m.d_model % m.num_heads:
+        raise ConfigError("model.num_heads", f"d_model={m.d_model} is not divisible by num_heads={m.num_heads}")
+    if m.positional == "rope" and m.head_dim and m.head_dim % 2:
+        raise ConfigError("model.head_dim", f"RoPE needs an even head_dim, got {m.head_dim}")
+    if t.seq_len > m.max_seq_len:
+        raise ConfigError("train.seq_len", f"{t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    if t.batch_size % t.microbatches:
+        raise ConfigError("train.microbatches", f"batch_size={t.batch_size} is not divisible by "
+                                                f"microbatches={t.microbatches}")
+    if not 0 <= cfg.optimizer.min_lr_ratio <= 1:
+        raise ConfigError("optimizer.min_lr_ratio", f"must be in [0, 1], got {cfg.optimizer.min_lr_ratio}")
+    if not 0 < cfg.data.eval_fraction < 1:
+        raise ConfigError("data.eval_fraction", f"must be in (0, 1), got {cfg.data.eval_fraction}")
+    for axis in ("data", "stage", "fsdp", "sequence", "tensor", "expert"):
+        for prefix, node in (("mesh", cfg.mesh), ("mesh.dcn", cfg.mesh.dcn)):
+            size = getattr(node, axis)
+            if size == 0 or size < -1:
+                raise ConfigError(f"{prefix}.{axis}", f"must be a positive size or -1, got {size}")
+    if m.moe.num_experts:
+        if not 0 < m.moe.top_k <= m.moe.num_experts:
+            raise ConfigError("model.moe.top_k", f"must be in [1, num_experts={m.moe.num_experts}], "
+                                                 f"got {m.moe.top_k}")
