@@ -1,0 +1,31 @@
+"""`maxmodel config show [CONFIG.yaml] [key=value ...] [--json]`: the resolved config and parameter counts."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import yaml
+
+from .loader import load_config
+from .schema import to_dict
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="maxmodel config")
+    sub = parser.add_subparsers(dest="action", required=True)
+    show = sub.add_parser("show", help="print the resolved config and parameter counts")
+    show.add_argument("args", nargs="*", help="an optional CONFIG.yaml, then key.sub=value overrides")
+    show.add_argument("--json", action="store_true", help="one JSON object instead of YAML")
+    ns = parser.parse_args(argv)
+    args = ns.args
+    config_file = args[0] if args and "=" not in args[0] else None
+    cfg = load_config(config_file, args[1:] if config_file else args)
+
+    from maxmodel.models.params import count_params
+    out = to_dict(cfg)
+    out["params"] = count_params(cfg)
+    if ns.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(yaml.safe_dump(out, sort_keys=False), end="")
+    return 0

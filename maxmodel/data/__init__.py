@@ -1,0 +1,1 @@
+"""Data: sources, tokenizers and the grain pipelines that feed the trainer."""

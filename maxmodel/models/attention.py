@@ -1,0 +1,79 @@
+"""Multi-head attention with MHA/GQA/MQA, RoPE, packed-document masking, sliding windows, soft-capping."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from maxmodel.config.schema import ModelConfig
+
+from .layers import apply_rope, rope_frequencies
+from .sharding import constrain, param
+
+NEG_INF = -1e30  # finite, so fully-masked (padding) rows give a uniform softmax instead of NaN
+
+
+def attention_mask(q_segments, kv_segments, q_positions, kv_positions, causal: bool = True,
+                   window: int = 0) -> jax.Array:
+    """[B, 1, 1, Lq, Lk] boolean: same document, and (causal) not in the future, and within the window.
+    Built from positions rather than indices so it holds for any token order (e.g. load-balanced chunks)."""
+    mask = q_segments[:, :, None] == kv_segments[:, None, :]
+    if causal:
+        mask &= q_positions[:, :, None] >= kv_positions[:, None, :]
+    if window:
+        mask &= q_positions[:, :, None] - kv_positions[:, None, :] < window
+    return mask[:, None, None]
+
+
+def dot_product_attention(q, k, v, mask, softcap: float = 0.0) -> jax.Array:
+    """q: [B, L, H, D]; k, v: [B, S, KVH, D]; query heads are grouped onto their kv head (GQA)."""
+    b, l, h, d = q.shape
+    kvh = k.shape[2]
+    q = q.reshape(b, l, kvh, h // kvh, d) * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
+    logits = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=jnp.float32)
+    if softcap:
+        logits = softcap * jnp.tanh(logits / softcap)
+    logits = jnp.where(mask, logits, NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgls,bskd->blkgd", probs, v)
+    return out.reshape(b, l, h, d)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, param_dtype=jnp.float32, window: int = 0):
+        self.cfg = cfg
+        self.window = window
+        d, h, kvh, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        std_out = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+        self.wq = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), std=cfg.init_std, dtype=param_dtype)
+        self.wk = param(rngs, (d, kvh, hd), ("embed", "kv_heads", "head_dim"), std=cfg.init_std, dtype=param_dtype)
+        self.wv = param(rngs, (d, kvh, hd), ("embed", "kv_heads", "head_dim"), std=cfg.init_std, dtype=param_dtype)
+        self.wo = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), std=std_out, dtype=param_dtype)
+        bias = cfg.use_bias or cfg.attention.qkv_bias
+        self.q_bias = param(rngs, (h, hd), ("heads", "head_dim"), dtype=param_dtype) if bias else None
+        self.k_bias = param(rngs, (kvh, hd), ("kv_heads", "head_dim"), dtype=param_dtype) if bias else None
+        self.v_bias = param(rngs, (kvh, hd), ("kv_heads", "head_dim"), dtype=param_dtype) if bias else None
+        self.o_bias = param(rngs, (d,), ("embed",), dtype=param_dtype) if cfg.use_bias else None
+        self.use_rope = cfg.positional == "rope"
+
+    def _project(self, x, w, b):
+        y = jnp.einsum("bld,dhk->blhk", x, w[...].astype(x.dtype))
+        return y + b[...].astype(x.dtype) if b is not None else y
+
+    def __call__(self, x, segment_ids, positions):
+        q = self._project(x, self.wq, self.q_bias)
+        k = self._project(x, self.wk, self.k_bias)
+        v = self._project(x, self.wv, self.v_bias)
+        if self.use_rope:
+            inv_freq = rope_frequencies(self.cfg)  # numpy: a compile-time constant, not model state
+            q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        q = constrain(q, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
+        k = constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim"))
+        v = constrain(v, ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim"))
+        mask = attention_mask(segment_ids, segment_ids, positions, positions, True, self.window)
+        out = dot_product_attention(q, k, v, mask, self.cfg.attention.logit_softcap)
+        out = constrain(out, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
+        y = jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(x.dtype))
+        return y + self.o_bias[...].astype(x.dtype) if self.o_bias is not None else y

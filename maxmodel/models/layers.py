@@ -1,0 +1,137 @@
+"""Building blocks: norms, embeddings, positional encodings, MLPs."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from maxmodel.config.schema import ModelConfig
+
+from .sharding import constant_param, constrain, param
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, param_dtype=jnp.float32):
+        self.eps = eps
+        self.scale = constant_param((dim,), ("norm",), 1.0, param_dtype)
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, use_bias: bool = True, param_dtype=jnp.float32):
+        self.eps = eps
+        self.scale = constant_param((dim,), ("norm",), 1.0, param_dtype)
+        self.bias = constant_param((dim,), ("norm",), 0.0, param_dtype) if use_bias else None
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...].astype(jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+def make_norm(cfg: ModelConfig, param_dtype) -> nnx.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype)
+    return LayerNorm(cfg.d_model, cfg.norm_eps, use_bias=True, param_dtype=param_dtype)
+
+
+def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies of RoPE, with LLaMA 3's piecewise scaling when rope_scaling.factor > 1."""
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim))
+    s = cfg.rope_scaling
+    if s.factor <= 1.0:
+        return inv.astype(np.float32)
+    wavelen = 2 * math.pi / inv
+    low_wavelen = s.original_max_len / s.low_freq_factor
+    high_wavelen = s.original_max_len / s.high_freq_factor
+    smooth = (s.original_max_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    scaled = np.where(wavelen > low_wavelen, inv / s.factor, inv)
+    mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+    scaled = np.where(mid, (1 - smooth) * inv / s.factor + smooth * inv, scaled)
+    return scaled.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate pairs (first half, second half) of the head dim; x: [B, L, H, D], positions: [B, L]."""
+    angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)      # [B, L, D/2]
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def sinusoidal_table(length: int, dim: int) -> np.ndarray:
+    """The original Transformer's fixed position table (Vaswani et al. 2017, section 3.5)."""
+    pos = np.arange(length)[:, None]
+    inv = 1.0 / (10000 ** (np.arange(0, dim, 2) / dim))
+    table = np.zeros((length, dim), np.float32)
+    table[:, 0::2], table[:, 1::2] = np.sin(pos * inv), np.cos(pos * inv)
+    return table
+
+
+class Embed(nnx.Module):
+    """Token embedding plus learned/sinusoidal positions; also the tied output projection."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, param_dtype=jnp.float32):
+        self.cfg = cfg
+        self.table = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), std=cfg.init_std,
+                           dtype=param_dtype)
+        if cfg.positional == "learned":
+            self.pos_table = param(rngs, (cfg.max_seq_len, cfg.d_model), (None, "embed"), std=cfg.init_std,
+                                   dtype=param_dtype)
+
+    def __call__(self, tokens, positions, dtype):
+        x = jnp.take(self.table[...], tokens, axis=0).astype(dtype)
+        if self.cfg.embed_scale:
+            x = x * jnp.asarray(math.sqrt(self.cfg.d_model), dtype)
+        if self.cfg.positional == "learned":
+            x = x + jnp.take(self.pos_table[...], positions, axis=0).astype(dtype)
+        elif self.cfg.positional == "sinusoidal":
+            x = x + jnp.take(jnp.asarray(sinusoidal_table(self.cfg.max_seq_len, self.cfg.d_model)), positions,
+                             axis=0).astype(dtype)
+        return constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+
+    def attend(self, x):
+        """Logits against the embedding table (tied embeddings)."""
+        return jnp.einsum("bld,vd->blv", x, self.table[...].astype(x.dtype))
+
+
+_ACTIVATIONS = {"swiglu": jax.nn.silu, "geglu": lambda x: jax.nn.gelu(x, approximate=True),
+                "gelu": lambda x: jax.nn.gelu(x, approximate=True), "relu": jax.nn.relu}
+
+
+class MLP(nnx.Module):
+    """Gated (SwiGLU/GeGLU: act(x W_gate) * x W_up) or plain (GELU/ReLU) feed-forward block."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, param_dtype=jnp.float32):
+        self.gated = cfg.activation in ("swiglu", "geglu")
+        self.act = _ACTIVATIONS[cfg.activation]
+        std_out = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+        self.wi = param(rngs, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), std=cfg.init_std, dtype=param_dtype)
+        if self.gated:
+            self.wg = param(rngs, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), std=cfg.init_std, dtype=param_dtype)
+        self.wo = param(rngs, (cfg.d_ff, cfg.d_model), ("mlp", "embed"), std=std_out, dtype=param_dtype)
+        self.in_bias = param(rngs, (cfg.d_ff,), ("mlp",), dtype=param_dtype) if cfg.use_bias else None
+        self.out_bias = param(rngs, (cfg.d_model,), ("embed",), dtype=param_dtype) if cfg.use_bias else None
+
+    def __call__(self, x):
+        h = x @ self.wi[...].astype(x.dtype)
+        if self.in_bias is not None:
+            h = h + self.in_bias[...].astype(x.dtype)
+        h = self.act(x @ self.wg[...].astype(x.dtype)) * h if self.gated else self.act(h)
+        h = constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
+        out = h @ self.wo[...].astype(x.dtype)
+        if self.out_bias is not None:
+            out = out + self.out_bias[...].astype(x.dtype)
+        return out

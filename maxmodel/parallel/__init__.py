@@ -1,0 +1,1 @@
+"""Mesh construction, logical-axis rules and the explicit-schedule parallel primitives."""

@@ -1,0 +1,58 @@
+"""Device mesh from `mesh.*`: within-slice (ICI) sizes and across-slice (DCN) sizes, -1 fills the rest."""
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+
+from maxmodel.config.errors import ConfigError
+from maxmodel.config.schema import MeshAxes, MeshConfig
+
+from .rules import MESH_AXES
+
+
+def _fill(sizes: dict[str, int], total: int, prefix: str) -> dict[str, int]:
+    """Replace the one -1 entry so the product equals `total`; name the axis and numbers on mismatch."""
+    free = [a for a, s in sizes.items() if s == -1]
+    if len(free) > 1:
+        raise ConfigError(f"{prefix}.{free[1]}", f"only one axis may be -1, got {', '.join(free)}")
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    if free:
+        if total % fixed:
+            raise ConfigError(f"{prefix}.{free[0]}", f"{total} devices are not divisible by the other axes' "
+                                                     f"product {fixed}")
+        sizes = {**sizes, free[0]: total // fixed}
+    if math.prod(sizes.values()) != total:
+        desc = " × ".join(f"{a}={s}" for a, s in sizes.items() if s != 1) or "all axes 1"
+        raise ConfigError(prefix, f"{desc} = {math.prod(sizes.values())} does not match {total} devices")
+    return sizes
+
+
+def mesh_shape(cfg: MeshConfig, num_devices: int, num_slices: int = 1) -> tuple[dict[str, int], dict[str, int]]:
+    """(ICI sizes, DCN sizes) per axis, in MESH_AXES order."""
+    dcn = _fill({a: getattr(cfg.dcn, a) for a in MESH_AXES}, num_slices, "mesh.dcn")
+    ici = _fill({a: getattr(cfg, a) for a in MESH_AXES}, num_devices // num_slices, "mesh")
+    return ici, dcn
+
+
+def build_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
+    """A mesh over `devices` (default: all) with compiler-propagated (Auto) axes."""
+    devices = list(jax.devices() if devices is None else devices)
+    slices = sorted({getattr(d, "slice_index", 0) for d in devices})
+    ici, dcn = mesh_shape(cfg, len(devices), len(slices))
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    if len(slices) > 1:
+        grid = mesh_utils.create_hybrid_device_mesh(tuple(ici.values()), tuple(dcn.values()), devices)
+    else:
+        shape = tuple(ici[a] * dcn[a] for a in MESH_AXES)
+        try:
+            grid = mesh_utils.create_device_mesh(shape, devices)
+        except (ValueError, NotImplementedError, AssertionError):
+            grid = np.array(devices).reshape(shape)
+    return jax.sharding.Mesh(grid, MESH_AXES, axis_types=auto)
+
+
+def single_device_mesh_config() -> MeshConfig:
+    return MeshConfig(data=1, dcn=MeshAxes())

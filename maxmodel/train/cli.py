@@ -1,0 +1,63 @@
+"""`maxmodel train [CONFIG.yaml] [key.sub=value ...]`"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from maxmodel.config import load_config
+
+
+def parse(argv: list[str]) -> tuple[str | None, list[str]]:
+    parser = argparse.ArgumentParser(prog="maxmodel train", description=__doc__)
+    parser.add_argument("args", nargs="*", help="an optional CONFIG.yaml, then key.sub=value overrides")
+    args = parser.parse_args(argv).args
+    config_file = args[0] if args and "=" not in args[0] else None
+    return config_file, args[1:] if config_file else args
+
+
+def setup_logging() -> None:
+    """maxmodel's own messages at INFO; the libraries' routine chatter (absl/orbax, jax backends) hidden."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    for name in ("absl", "jax._src.xla_bridge", "orbax"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
+
+
+def main(argv: list[str]) -> int:
+    config_file, overrides = parse(argv)
+    cfg = load_config(config_file, overrides)
+    setup_logging()
+    from .loop import Preempted, train
+    try:
+        result = train(cfg)
+    except Preempted as e:
+        print(f"maxmodel train: {e}", file=sys.stderr)
+        return 3
+    import jax
+    if jax.process_index() == 0:
+        report(cfg, result)
+    return 0
+
+
+def report(cfg, result) -> None:
+    s = result.stats
+    lines = [f"run directory: {result.run_dir}", f"steps: {result.start_step} -> {result.final_step}"]
+    if result.losses:
+        last = max(result.losses)
+        lines.append(f"train loss at step {last}: {result.losses[last]:.4f}")
+    if result.eval_loss is not None:
+        lines.append(f"eval loss: {result.eval_loss:.4f}" + (f"   (unigram baseline: {s['unigram_eval_loss']:.4f})"
+                                                             if "unigram_eval_loss" in s else ""))
+    print("\n".join(lines))
+    if result.tokenizer is not None and cfg.run.sample_tokens > 0 and result.final_step > result.start_step:
+        from .sample import greedy_continue
+        import jax
+        from flax import nnx
+        from maxmodel.parallel.rules import logical_rules
+        rows = result.mesh.shape["data"] * result.mesh.shape["fsdp"] * result.mesh.shape["expert"]
+        with jax.set_mesh(result.mesh), nnx.logical_axis_rules(logical_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)):
+            prompt = [result.tokenizer.bos_id] + result.tokenizer.encode(cfg.run.sample_prompt)
+            out = greedy_continue(result.graphdef, result.params, prompt, cfg.run.sample_tokens,
+                                  cfg.train.seq_len, rows)
+        print(f"sample (greedy): {cfg.run.sample_prompt}{result.tokenizer.decode(out)}")

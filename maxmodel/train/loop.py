@@ -1,0 +1,174 @@
+"""The training loop, top to bottom: set up, restore, step, log, evaluate, checkpoint, finish."""
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+import numpy as np
+import yaml
+from flax import nnx
+from tqdm import tqdm
+
+from maxmodel import distributed
+from maxmodel.config.schema import Config, to_dict
+from maxmodel.data.pipeline import make_train_data
+from maxmodel.parallel.mesh import build_mesh
+from maxmodel.parallel.rules import logical_rules
+
+from .checkpoint import Checkpointer, abstract_like
+from .metrics import MetricsWriter, flops_per_token, matmul_params, peak_flops_per_device
+from .step import abstract_state, build_train_step, concrete_shardings, create_params, global_batch
+
+log = logging.getLogger("maxmodel.train")
+
+
+class Preempted(Exception):
+    """Raised after a clean checkpoint when SIGTERM/SIGINT arrived; the CLI exits 3."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    start_step: int
+    final_step: int
+    losses: dict[int, float] = field(default_factory=dict)
+    eval_loss: float | None = None
+    stats: dict = field(default_factory=dict)
+    params: object = None
+    graphdef: object = None
+    tokenizer: object = None
+    mesh: object = None
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. a notebook worker): no handler
+                pass
+        return self
+
+    def _handle(self, signum, _frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def run_dir_of(cfg: Config) -> Path:
+    return Path(cfg.run.output_dir) / cfg.run.name
+
+
+def evaluate(ts, params, data, mesh, num_batches: int) -> float:
+    nll, count = 0.0, 0.0
+    for batch in data.eval_batches(num_batches):
+        n, c = ts.eval_fn(params, global_batch(batch, mesh))
+        nll, count = nll + float(n), count + float(c)
+    return nll / max(count, 1.0)
+
+
+def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
+    """Train to `train.steps`, resuming from the run directory's latest checkpoint. `stop_at_step` ends the
+    run early (with a checkpoint), as a preemption would."""
+    info = distributed.initialize(cfg.run.cpu_devices)
+    main = info.process_index == 0
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    mesh = build_mesh(cfg.mesh)
+    rules = logical_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)
+    data = make_train_data(cfg, run_dir, info.process_index, info.process_count)
+    ckpt = Checkpointer(Path(cfg.checkpoint.dir or run_dir / "checkpoints"), cfg.checkpoint.keep,
+                        cfg.checkpoint.every_steps, cfg.checkpoint.async_) if cfg.checkpoint.enabled else None
+    writer = MetricsWriter(run_dir, enabled=main)
+    result = TrainResult(run_dir, 0, 0, stats=dict(data.stats))
+    peak, peak_source = peak_flops_per_device()  # outside the mesh context: a one-device matmul
+
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules), _StopFlag() as stop:
+        graphdef, abstract = abstract_state(cfg)
+        ts = build_train_step(cfg, graphdef, abstract, mesh)
+        latest = ckpt.latest_step() if ckpt else None
+        if latest is not None:
+            target = {"params": abstract_like(abstract, ts.param_shardings),
+                      "opt_state": abstract_like(ts.abstract_opt, ts.opt_shardings)}
+            state, data_state, _ = ckpt.restore(latest, target)
+            params, opt_state = state["params"], state["opt_state"]
+            if data_state:
+                data.train.set_state(data_state)
+            start = latest
+            log.info("resumed from step %d in %s", latest, run_dir)
+        else:
+            params = create_params(cfg, ts.param_shardings)
+            opt_state = ts.init_opt(params)
+            start = 0
+        result.start_step = start
+
+        tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+        flops_tok = flops_per_token(cfg.model, matmul_params(abstract), cfg.train.seq_len,
+                                    cfg.model.tie_embeddings)
+        peak_total = peak * jax.device_count()
+        result.stats.update(flops_per_token=flops_tok, peak_flops=peak_total, peak_source=peak_source)
+        bar = tqdm(total=cfg.train.steps, initial=start, disable=not (main and cfg.run.progress),
+                   desc=cfg.run.name, unit="step", dynamic_ncols=True)
+        interval_start, interval_steps, compile_seconds = time.perf_counter(), 0, None
+        step = start
+        end = cfg.train.steps if stop_at_step is None else min(stop_at_step, cfg.train.steps)
+        try:
+            while step < end:
+                batch = global_batch(next(data.train), mesh)
+                params, opt_state, metrics = ts.step_fn(params, opt_state, batch)
+                step += 1
+                interval_steps += 1
+                bar.update(1)
+                if compile_seconds is None:  # the first step includes compilation: time it apart
+                    jax.block_until_ready(metrics)
+                    compile_seconds = time.perf_counter() - interval_start
+                    interval_start, interval_steps = time.perf_counter(), 0
+                    result.stats["compile_seconds"] = compile_seconds
+                record = {}
+                if step % cfg.run.log_every == 0 or step == end:
+                    m = jax.device_get(metrics)
+                    elapsed = time.perf_counter() - interval_start
+                    step_time = elapsed / interval_steps if interval_steps else float("nan")
+                    tps = tokens_per_step / step_time if interval_steps else float("nan")
+                    record = {"loss": float(m["loss"]), "lr": float(ts.schedule(step - 1)),
+                              "grad_norm": float(m["grad_norm"]), "tokens_per_sec": tps,
+                              "step_time": step_time, "mfu": tps * flops_tok / peak_total}
+                    result.losses[step] = record["loss"]
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{record['mfu']:.1%}")
+                    interval_start, interval_steps = time.perf_counter(), 0
+                if step % cfg.run.eval_every == 0 or step == cfg.train.steps:
+                    t0 = time.perf_counter()
+                    record["eval_loss"] = result.eval_loss = evaluate(ts, params, data, mesh, cfg.run.eval_batches)
+                    interval_start += time.perf_counter() - t0  # eval time is not step time
+                if record:
+                    writer.write(step, record)
+                if ckpt and (ckpt.should_save(step, end) or stop.signal):
+                    ckpt.save(step, {"params": params, "opt_state": opt_state}, data.train.get_state(),
+                              {"step": step, "config": to_dict(cfg)}, force=bool(stop.signal))
+                if stop.signal:
+                    if ckpt:
+                        ckpt.wait()
+                    raise Preempted(f"stopped by signal {stop.signal} at step {step}; checkpoint written")
+        finally:
+            bar.close()
+            writer.close()
+            if ckpt:
+                ckpt.close()
+        result.final_step = step
+        result.params, result.graphdef, result.tokenizer, result.mesh = params, graphdef, data.tokenizer, mesh
+    return result

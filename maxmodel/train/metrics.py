@@ -1,0 +1,111 @@
+"""Model FLOPs, MFU, the accelerator's peak, and the metrics writers (metrics.jsonl + TensorBoard)."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from maxmodel.config.schema import ModelConfig
+
+# bf16 dense peak FLOP/s per chip, from the vendors' spec sheets (Cloud TPU system architecture pages;
+# NVIDIA A100/H100/H200/B200 datasheets, dense, without sparsity).
+CHIP_PEAK_FLOPS = {
+    "tpu v4": 275e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v5p": 459e12, "tpu v5": 459e12,
+    "tpu v6 lite": 918e12, "tpu v6e": 918e12,
+    "a100": 312e12, "h100": 989e12, "h200": 989e12, "b200": 2250e12,
+}
+
+
+def matmul_params(params) -> int:
+    """Parameters that take part in matmuls: all but lookup-only embedding tables (token, position)."""
+    total = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        names = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+        if names[-2:] == ["embed", "pos_table"]:
+            continue
+        total += math.prod(leaf.shape)
+    return total
+
+
+def flops_per_token(cfg: ModelConfig, n_matmul: int, seq_len: int, tied: bool) -> float:
+    """Training FLOPs per token, PaLM appendix B: 6N + 12·L·H·Q·T (attention scores and values).
+    With untied embeddings the input table is a lookup and is excluded from N by `matmul_params`."""
+    if not tied:
+        n_matmul -= cfg.vocab_size * cfg.d_model
+    return 6.0 * n_matmul + 12.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+
+
+def _cache_file() -> Path:
+    from maxmodel.data.tokenizer import cache_dir
+    return cache_dir() / "cpu_peak.json"
+
+
+def measure_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a large f32 matmul on one device: the CPU's practical peak."""
+    dev = jax.devices()[0]
+    a = jax.device_put(np.random.default_rng(0).standard_normal((n, n), np.float32), dev)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, a).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def peak_flops_per_device() -> tuple[float, str]:
+    """(peak FLOP/s of one device, where it came from). CPUs: a measured matmul, cached per machine and
+    divided by the number of emulated devices (they share the same cores)."""
+    dev = jax.devices()[0]
+    kind = getattr(dev, "device_kind", "").lower()
+    if dev.platform != "cpu":
+        for name, peak in CHIP_PEAK_FLOPS.items():
+            if name in kind:
+                return peak, f"chip table ({kind})"
+        return math.nan, f"unknown chip {kind}"
+    cache = _cache_file()
+    try:
+        peak = float(json.loads(cache.read_text())["matmul_flops"])
+    except (OSError, ValueError, KeyError):
+        peak = measure_matmul_peak()
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"matmul_flops": peak}))
+    return peak / jax.local_device_count(), "measured CPU matmul"
+
+
+class MetricsWriter:
+    """One JSON object per logged step in metrics.jsonl, and TensorBoard scalars. Process 0 only."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.enabled = enabled
+        self.tb = None
+        if enabled:
+            self.file = open(run_dir / "metrics.jsonl", "a")
+            try:
+                from tensorboardX import SummaryWriter
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:  # TensorBoard output is optional; metrics.jsonl always exists
+                self.tb = None
+
+    def write(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: (float(v) if isinstance(v, (int, float, np.floating, np.integer))
+                                       else v) for k, v in values.items()}}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, float) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.tb is not None:
+                self.tb.close()

@@ -1,0 +1,25 @@
+"""Greedy continuation of a prompt, for the end-of-training demo (the generation stack is separate)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def greedy_continue(graphdef, params, prompt_ids: list[int], new_tokens: int, max_len: int, rows: int = 1) -> list[int]:
+    """Append `new_tokens` argmax tokens. One compiled forward over a fixed-length buffer: the causal mask
+    makes the logits at position t independent of the (not yet written) tokens after it."""
+    length = min(max_len, len(prompt_ids) + new_tokens)
+    prompt_ids = prompt_ids[-(length - 1):] if len(prompt_ids) >= length else prompt_ids
+    buf = np.zeros((rows, length), np.int32)
+    buf[:, :len(prompt_ids)] = prompt_ids
+
+    @jax.jit
+    def next_token(params, tokens, t):
+        logits = nnx.merge(graphdef, params)(tokens)
+        return jnp.argmax(logits[:, t - 1], axis=-1)
+
+    for t in range(len(prompt_ids), length):
+        buf[:, t] = np.asarray(jax.device_get(next_token(params, jnp.asarray(buf), t)))
+    return buf[0, len(prompt_ids):].tolist()

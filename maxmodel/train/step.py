@@ -1,0 +1,123 @@
+"""Model state creation and the one jitted train step (explicit shardings, donated state)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from maxmodel.config.schema import Config
+from maxmodel.models.transformer import Transformer
+
+from .loss import cross_entropy_sums
+from .optimizer import learning_rate_schedule, make_optimizer
+
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+
+
+def batch_sharding(mesh) -> NamedSharding:
+    """Rows over the batch axes of the activation rules (data, fsdp, expert), sequence over `sequence`."""
+    from flax.core import spmd
+    spec = spmd.apply_rules(PartitionSpec("activation_batch", "activation_length"), None)
+    return NamedSharding(mesh, spec)
+
+
+def abstract_state(cfg: Config) -> tuple[nnx.GraphDef, nnx.State]:
+    """Shapes, dtypes and shardings of every parameter, without allocating (use under mesh + rules)."""
+    model = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(cfg.train.seed)))
+    return nnx.split(model)
+
+
+def concrete_shardings(abstract, mesh) -> Any:
+    """The abstract tree's shardings (specs from the logical rules) on the concrete mesh."""
+    return jax.tree.map(lambda x: NamedSharding(mesh, x.sharding.spec), abstract)
+
+
+def create_params(cfg: Config, param_sh) -> nnx.State:
+    """Parameters created inside jit, each already sharded by its logical axes (never whole on one device)."""
+    def init():
+        return nnx.split(Transformer(cfg, nnx.Rngs(cfg.train.seed)))[1]
+    return jax.jit(init, out_shardings=param_sh)()
+
+
+@dataclass
+class TrainStep:
+    """Holds the compiled step and everything it was compiled for."""
+    graphdef: nnx.GraphDef
+    tx: optax.GradientTransformation
+    schedule: Callable
+    step_fn: Callable
+    eval_fn: Callable
+    init_opt: Callable
+    param_shardings: Any
+    opt_shardings: Any
+    abstract_opt: Any
+
+
+def _loss_sums(graphdef, params, batch, z_loss):
+    model = nnx.merge(graphdef, params)
+    logits = model(batch["inputs"], batch["segment_ids"], batch["positions"])
+    nll, z, count = cross_entropy_sums(logits, batch["targets"], batch["loss_mask"], z_loss)
+    return nll + z, (nll, count)
+
+
+def build_train_step(cfg: Config, graphdef: nnx.GraphDef, abstract_params: nnx.State, mesh) -> TrainStep:
+    """Compile-ready step: (params, opt_state, batch) -> (params, opt_state, metrics).
+
+    Gradient accumulation sums per-token losses and gradients over `train.microbatches` and divides once by
+    the total token count, so the update equals the un-accumulated step's."""
+    tx = make_optimizer(cfg.optimizer, cfg.train.steps)
+    schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
+    param_sh = concrete_shardings(abstract_params, mesh)
+    opt_shapes = jax.eval_shape(tx.init, abstract_params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, param_sh,
+                                   transform_non_params=lambda _: replicated)
+    data_sh = batch_sharding(mesh)
+    micro, z_loss = cfg.train.microbatches, cfg.train.z_loss
+    grad_fn = jax.value_and_grad(lambda p, b: _loss_sums(graphdef, p, b, z_loss), has_aux=True)
+
+    def gradients(params, batch):
+        if micro == 1:
+            (_, (nll, count)), grads = grad_fn(params, batch)
+            return grads, nll, count
+
+        def split(x):  # [B, L] -> [M, B/M, L]: microbatch i takes rows i, i+M, ... (stays evenly sharded)
+            return x.reshape(x.shape[0] // micro, micro, *x.shape[1:]).swapaxes(0, 1)
+
+        def body(carry, mb):
+            acc, nll_acc, count_acc = carry
+            (_, (nll, count)), grads = grad_fn(params, mb)
+            return (jax.tree.map(jnp.add, acc, grads), nll_acc + nll, count_acc + count), None
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (grads, nll, count), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), jax.tree.map(split, batch))
+        return grads, nll, count
+
+    def step(params, opt_state, batch):
+        grads, nll, count = gradients(params, batch)
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, {"loss": nll / denom, "grad_norm": optax.tree.norm(grads), "tokens": count}
+
+    def evaluate(params, batch):
+        _, (nll, count) = _loss_sums(graphdef, params, batch, 0.0)
+        return nll, count
+
+    batch_sh = {k: data_sh for k in BATCH_KEYS}
+    step_fn = jax.jit(step, in_shardings=(param_sh, opt_sh, batch_sh), out_shardings=(param_sh, opt_sh, replicated),
+                      donate_argnums=(0, 1))
+    eval_fn = jax.jit(evaluate, in_shardings=(param_sh, batch_sh), out_shardings=replicated)
+    init_opt = jax.jit(tx.init, in_shardings=(param_sh,), out_shardings=opt_sh)
+    return TrainStep(graphdef, tx, schedule, step_fn, eval_fn, init_opt, param_sh, opt_sh, opt_shapes)
+
+
+def global_batch(local: dict, mesh) -> dict:
+    """Assemble this process's rows into global arrays sharded over the batch axes."""
+    sh = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sh, local[k]) for k in BATCH_KEYS}

@@ -1,0 +1,22 @@
+"""Shared fixtures. Eight CPU devices are emulated for the whole test session (before JAX initialises)."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("MAXMODEL_CACHE", os.path.join(os.path.dirname(__file__), "..", ".cache", "maxmodel"))
+
+from maxmodel import distributed  # noqa: E402
+
+distributed.initialize(cpu_devices=8)
+
+import pytest  # noqa: E402
+
+# A small model and short sequences: every test compiles in seconds on 2 cores.
+TINY = ["model.d_model=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2", "model.d_ff=128",
+        "model.vocab_size=512", "train.seq_len=32", "train.batch_size=8", "optimizer.warmup_steps=2",
+        "run.progress=false", "run.sample_tokens=0"]
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path):
+    return TINY + [f"run.output_dir={tmp_path}", "data.source=synthetic"]
