@@ -189,6 +189,7 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | tu
 
 def config_from_dict(data: dict) -> Config:
     """A resolved config saved in a run directory or checkpoint, read back."""
+    from .validate import validate
     cfg = Config()
     apply_mapping(cfg, data)
     validate(cfg)

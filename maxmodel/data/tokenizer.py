@@ -49,9 +49,10 @@ def cache_dir() -> Path:
 
 def train_sentencepiece(texts: list[str], vocab_size: int, out_path: Path, model_type: str = "bpe") -> Path:
     """Train a sentencepiece model (byte fallback on, pad=0 bos=1 eos=2 unk=3) and write it to out_path.
+    No normalisation and whitespace kept as is, so code and indentation decode back exactly.
     Results are cached by content hash, so re-running on the same text costs nothing."""
     import sentencepiece as spm
-    digest = hashlib.sha256(f"{model_type}:{vocab_size}:".encode() + "\x00".join(texts).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(f"v2:{model_type}:{vocab_size}:".encode() + "\x00".join(texts).encode()).hexdigest()[:16]
     cached = cache_dir() / "tokenizers" / f"spm-{model_type}-{vocab_size}-{digest}.model"
     if not cached.is_file():
         if vocab_size < 290:
@@ -61,7 +62,8 @@ def train_sentencepiece(texts: list[str], vocab_size: int, out_path: Path, model
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(line for t in texts for line in t.splitlines() if line.strip()),
             model_writer=model, vocab_size=vocab_size, model_type=model_type, byte_fallback=True,
-            character_coverage=1.0, pad_id=0, bos_id=1, eos_id=2, unk_id=3, num_threads=2,
+            character_coverage=1.0, normalization_rule_name="identity", remove_extra_whitespaces=False,
+            user_defined_symbols=["\n"], pad_id=0, bos_id=1, eos_id=2, unk_id=3, num_threads=2,
             max_sentence_length=16384, minloglevel=2)
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_suffix(f".tmp{os.getpid()}")
