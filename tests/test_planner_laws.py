@@ -4,8 +4,13 @@ import math
 import pytest
 
 from maxmodel.planner.inference import plan_inference
-from maxmodel.planner.laws import (CHINCHILLA3_UNROUNDED, LAWS, TABLE3_APPROACH1, TABLEA3_APPROACH2,
-                                   tokens_for_loss)
+from maxmodel.planner.laws import (
+    CHINCHILLA3_UNROUNDED,
+    LAWS,
+    TABLE3_APPROACH1,
+    TABLEA3_APPROACH2,
+    tokens_for_loss,
+)
 from maxmodel.planner.repeat import R_D_STAR, effective, plan_constrained
 
 # Hoffmann et al. 2022, Table 3 (Approach 1) and Table A3 (Approach 2) token columns, same rows as the

@@ -97,7 +97,6 @@ def fit_parser() -> Parser:
 
 def run_plan(argv: list[str]) -> int:
     from .plan import PlanRequest, make_plan
-    from .report import plan_table
 
     args = plan_parser().parse_args(argv)
     req = PlanRequest(flops=args.flops, chip=args.chip, chips=args.chips, days=args.days, mfu=args.mfu,

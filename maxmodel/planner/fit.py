@@ -58,11 +58,11 @@ def _lbfgs(theta0, log_n, log_d, log_l):
     from scipy.optimize import minimize
 
     res = minimize(_objective, theta0, args=(log_n, log_d, log_l), jac=True, method="L-BFGS-B",
-                   options={"maxiter": 5000, "ftol": 1e-15, "gtol": 1e-12})
+                   options={"maxiter": 2000, "ftol": 1e-12, "gtol": 1e-10})
     return res.x, res.fun
 
 
-def fit_parametric_theta(params, tokens, loss, starts: int = 16, inits=None):
+def fit_parametric_theta(params, tokens, loss, starts: int = 8, inits=None):
     log_n, log_d, log_l = np.log(params), np.log(tokens), np.log(loss)
     if inits is None:
         thetas, scores = _grid_scores(log_n, log_d, log_l)
@@ -119,7 +119,7 @@ def isoflop(runs: list[dict], rel_tol: float = 0.05) -> dict | None:
 
 
 def fit_runs(runs: list[dict], flops: float | None = None, bootstrap: int = 100, seed: int = 0,
-             starts: int = 16) -> dict:
+             starts: int = 8) -> dict:
     if len(runs) < 5:
         raise ConfigError("runs.csv", f"need at least 5 runs to fit 5 parameters, got {len(runs)}")
     n = np.array([r["params"] for r in runs], float)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .hardware import GiB, Chip
+from .hardware import Chip, GiB
 from .memory import DTYPE_BYTES, REMAT, activation_bytes, state_bytes
 from .shape import _get
 
@@ -137,17 +137,17 @@ def choose_layout(model, n_params: float, chip: Chip, chips: int, global_batch: 
 def _why(best: Layout, replicated: Layout | None, chip: Chip) -> str:
     mem, tm = best.memory, best.times
     state = mem["params"] + mem["grads"] + mem["optimizer"]
-    parts = [f"fits in {mem['total'] / GiB:.1f} of {chip.hbm_bytes / GiB:.0f} GiB per chip "
+    parts = [(f"fits in {mem['total'] / GiB:.1f} of {chip.hbm_bytes / GiB:.0f} GiB per chip "
              f"(state {state / GiB:.1f} GiB sharded {best.fsdp * best.tensor * best.stage}-way, activations "
-             f"{mem['activations'] / GiB:.1f} GiB with remat={best.remat})"]
+             f"{mem['activations'] / GiB:.1f} GiB with remat={best.remat})")]
     parts.append(f"estimated step {tm['step']:.3g} s = compute {tm['compute']:.3g} s + recompute "
                  f"{tm['recompute']:.3g} s + communication {tm['communication']:.3g} s + bubble "
                  f"{tm['bubble']:.3g} s, the least of the layouts that fit")
     if replicated is not None and not replicated.fits:
         parts.append(f"plain data parallelism would need {replicated.memory['total'] / GiB:.1f} GiB per chip")
-    if best.tensor == 1:
-        parts.append("no tensor parallelism: its per-layer activation all-reduces cost more than sharding "
-                     "the weights with fsdp" if best.fsdp > 1 else "no tensor parallelism needed")
+    if best.tensor == 1 and best.fsdp > 1:
+        parts.append("weights sharded with fsdp rather than tensor parallelism, whose per-layer activation "
+                     "all-reduces were estimated slower")
     if best.stage > 1:
         parts.append(f"pipeline of {best.stage} stages because the state does not fit otherwise")
     return "; ".join(parts)

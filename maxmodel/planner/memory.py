@@ -72,7 +72,7 @@ def activation_bytes(model, seq_len: int, micro_batch: int, *, tensor: int = 1, 
     """All layers' saved activations plus the logits, per chip. With a 1F1B pipeline the first stage holds
     `stage` micro-batches of L/stage layers, i.e. L layers' worth, so the stage count drops out."""
     layers = _get(model, "num_layers")
-    kw = dict(tensor=tensor, sequence_parallel=sequence_parallel, flash=flash, act_bytes=act_bytes)
+    kw = {"tensor": tensor, "sequence_parallel": sequence_parallel, "flash": flash, "act_bytes": act_bytes}
     stored = layers * layer_activation_bytes(model, seq_len, micro_batch, remat=remat, **kw)
     if remat == "full":   # one layer is rebuilt at a time during the backward pass
         stored += layer_activation_bytes(model, seq_len, micro_batch, remat="none", **kw)

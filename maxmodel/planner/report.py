@@ -32,25 +32,25 @@ def plan_table(p: dict) -> str:
         out += _rows("data-constrained (Muennighoff et al. 2023)", [
             ("unique tokens", num(dc["unique_tokens"])), ("epochs", f"{dc['epochs']:.2f}"),
             ("effective tokens", num(dc["effective_tokens"])),
-            ("loss / if all unique", f"{dc['loss']:.4f} / {dc['loss_if_unique']:.4f} "
-                                     f"(penalty {dc['repeat_penalty']:+.4f})"),
-            ("unconstrained optimum", f"{num(dc['unconstrained']['params'])} params, "
-                                      f"{dc['unconstrained']['epochs']:.2f} epochs")])
+            ("loss / if all unique", (f"{dc['loss']:.4f} / {dc['loss_if_unique']:.4f} "
+                                     f"(penalty {dc['repeat_penalty']:+.4f})")),
+            ("unconstrained optimum", (f"{num(dc['unconstrained']['params'])} params, "
+                                      f"{dc['unconstrained']['epochs']:.2f} epochs"))])
     if "inference" in p:
         inf = p["inference"]
         out += _rows("inference-aware (Sardana et al. 2024)", [
             ("inference tokens", num(inf["inference_tokens"])),
-            ("model / tokens", f"{num(inf['params'])} trained on {num(inf['tokens'])} "
+            ("model / tokens", (f"{num(inf['params'])} trained on {num(inf['tokens'])} "
                                f"(Chinchilla: {num(inf['chinchilla']['params'])} on "
-                               f"{num(inf['chinchilla']['tokens'])})"),
-            ("lifetime FLOPs", f"{inf['lifetime_flops']:.3e}, saves {inf['flops_saved']:.3e} "
-                               f"({inf['flops_saved_fraction']:.1%})")])
-    out += _rows("shape (best of %d candidates)" % len(p["shape_candidates"]), [
+                               f"{num(inf['chinchilla']['tokens'])})")),
+            ("lifetime FLOPs", (f"{inf['lifetime_flops']:.3e}, saves {inf['flops_saved']:.3e} "
+                               f"({inf['flops_saved_fraction']:.1%})"))])
+    out += _rows(f"shape (best of {len(p['shape_candidates'])} candidates)", [
         ("layers x d_model", f"{s['num_layers']} x {s['d_model']}  (width/depth {s['aspect']:.0f})"),
         ("heads / kv heads", f"{s['num_heads']} / {s['num_kv_heads']} of {s['head_dim']}"),
         ("d_ff", f"{s['d_ff']} ({s['activation']})"), ("vocab", str(s["vocab_size"])),
-        ("parameters", f"{num(s['params']['total'])} total, {num(s['params']['non_embedding'])} non-embedding "
-                       f"({s['error']:+.2%} from target)")])
+        ("parameters", (f"{num(s['params']['total'])} total, {num(s['params']['non_embedding'])} non-embedding "
+                       f"({s['error']:+.2%} from target)"))])
     out.append("  candidates: " + "; ".join(
         f"{c['num_layers']}x{c['d_model']} ff{c['d_ff']} h{c['num_heads']}/{c['num_kv_heads']} "
         f"{num(c['params_total'])}" for c in p["shape_candidates"]))
@@ -62,11 +62,11 @@ def plan_table(p: dict) -> str:
         t = p["time"]
         rows = []
         if "chips_for_deadline" in p:
-            rows.append(("chips for deadline", f"{p['chips_for_deadline']['chips']} x {t['chip']} for "
-                                               f"{p['chips_for_deadline']['deadline_days']:g} days"))
+            rows.append(("chips for deadline", (f"{p['chips_for_deadline']['chips']} x {t['chip']} for "
+                                               f"{p['chips_for_deadline']['deadline_days']:g} days")))
         if "days" in t:
-            rows += [("training time", f"{t['days']:.2f} days on {t['chips']} x {t['chip']} at MFU "
-                                       f"{b['mfu']:.0%}"), ("chip-hours", num(t["chip_hours"]))]
+            rows += [("training time", (f"{t['days']:.2f} days on {t['chips']} x {t['chip']} at MFU "
+                                       f"{b['mfu']:.0%}")), ("chip-hours", num(t["chip_hours"]))]
         else:
             rows.append(("chip-days", f"{t['chip_days']:.4g} on {t['chip']} at MFU {b['mfu']:.0%}"))
         if "cost" in t:
@@ -84,11 +84,11 @@ def plan_table(p: dict) -> str:
         rows.append(("why", lay["why"]))
         out += _rows("memory and layout", rows)
     cfg = p["config"]
-    out += _rows("config", [("train", f"steps {cfg['train']['steps']}, batch {cfg['train']['batch_size']} x "
-                                      f"{cfg['train']['seq_len']}"),
-                            ("optimizer", f"{cfg['optimizer']['name']} lr {cfg['optimizer']['lr']} "
+    out += _rows("config", [("train", (f"steps {cfg['train']['steps']}, batch {cfg['train']['batch_size']} x "
+                                      f"{cfg['train']['seq_len']}")),
+                            ("optimizer", (f"{cfg['optimizer']['name']} lr {cfg['optimizer']['lr']} "
                                           f"{cfg['optimizer']['schedule']}, warmup "
-                                          f"{cfg['optimizer']['warmup_steps']}")])
+                                          f"{cfg['optimizer']['warmup_steps']}"))])
     return "\n".join(out).rstrip() + "\n"
 
 

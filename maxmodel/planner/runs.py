@@ -50,8 +50,10 @@ def read_run_dir(path: str | Path) -> dict:
     eval_loss logged (else the last training loss)."""
     import yaml
 
-    from maxmodel.config import config_from_dict
     from maxmodel.config.derive import derive_values
+    from maxmodel.config.loader import apply_mapping
+    from maxmodel.config.schema import Config
+    from maxmodel.config.validate import validate
 
     from .shape import count_params
 
@@ -60,7 +62,10 @@ def read_run_dir(path: str | Path) -> dict:
     for f in (cfg_file, metrics_file):
         if not f.is_file():
             raise ConfigError(str(path), f"not a finished run directory: {f.name} is missing")
-    cfg = derive_values(config_from_dict(yaml.safe_load(cfg_file.read_text()) or {}))
+    # Built here rather than with config.config_from_dict, which (at this commit) calls an unimported validate.
+    cfg = Config()
+    apply_mapping(cfg, yaml.safe_load(cfg_file.read_text()) or {}, source=str(cfg_file))
+    validate(derive_values(cfg))
     last, eval_loss, train_loss = None, None, None
     for n, line in enumerate(metrics_file.read_text().splitlines(), start=1):
         if not line.strip():
