@@ -16,12 +16,15 @@ Every entry point calls `initialize()` once, before anything touches a JAX backe
        single          none of these: one process, no distributed runtime
   3. logs process index/count and local/global device counts.
 Only process 0 writes logs, metrics and configs (`is_main_process()`); every process joins checkpoints.
+`preemption_requested(step)` tells a training loop, on every process at the same step, that SIGTERM arrived.
 """
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -186,3 +189,31 @@ def is_main_process() -> bool:
         return _INFO.process_index == 0
     import jax
     return jax.process_index() == 0
+
+
+_SIGTERM = threading.Event()
+_HANDLER_INSTALLED = False
+
+
+def _on_sigterm(signum, frame):
+    _SIGTERM.set()
+
+
+def preemption_requested(step: int) -> bool:
+    """Call once per step on every process: True once SIGTERM has arrived, so the loop checkpoints and exits 3.
+
+    With the distributed runtime up, JAX's preemption notifier has taken SIGTERM and
+    `reached_preemption_sync_point` makes all processes answer True at the same step (hosts that stopped at
+    different steps would wait for each other's checkpoint forever). In a single process a plain handler,
+    installed on the first call, records the signal.
+    """
+    global _HANDLER_INSTALLED
+    import jax
+
+    if jax.distributed.is_initialized():
+        from jax.experimental import multihost_utils
+        return bool(multihost_utils.reached_preemption_sync_point(step))
+    if not _HANDLER_INSTALLED and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+        _HANDLER_INSTALLED = True
+    return _SIGTERM.is_set()
