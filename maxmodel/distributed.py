@@ -44,8 +44,8 @@ class ProcessInfo:
     process_count: int
     local_device_count: int
     global_device_count: int
-    coordinator: str | None
-    environment: str
+    coordinator: str | None = None
+    environment: str = "single"
 
 
 @dataclass(frozen=True)
