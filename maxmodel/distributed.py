@@ -25,8 +25,8 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 log = logging.getLogger(__name__)
 
@@ -70,20 +70,20 @@ def detect(env: Mapping[str, str], on_tpu_vm: bool) -> Plan:
             raise ValueError(f"{ENV_PROCESS_ID}={index} is outside 0..{ENV_NUM_PROCESSES}-1={count - 1}")
         # All four arguments given and detection off: a Slurm or TPU environment around a local rehearsal
         # must not override them.
-        return Plan("local-launcher", dict(coordinator_address=env[ENV_COORDINATOR], num_processes=count,
-                                           process_id=index, cluster_detection_method="deactivate"))
+        return Plan("local-launcher", {"coordinator_address": env[ENV_COORDINATOR], "num_processes": count,
+                                        "process_id": index, "cluster_detection_method": "deactivate"})
     slurm_vars = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
     if all(v in env for v in slurm_vars) and _int(env, "SLURM_NTASKS") > 1:
         # One srun task alone (e.g. `srun -n1` in an allocation) runs as a plain single process: JAX's Slurm
         # detection would otherwise pin it to the GPU numbered by its local task id.
-        return Plan("slurm", dict(cluster_detection_method="slurm"))
+        return Plan("slurm", {"cluster_detection_method": "slurm"})
     if on_tpu_vm and (env.get("TPU_WORKER_HOSTNAMES") or env.get("TPU_PROCESS_ADDRESSES")
                       or env.get("TPU_PROCESS_ADDRESSES_PATH")):
         hosts = len((env.get("TPU_WORKER_HOSTNAMES") or env.get("TPU_PROCESS_ADDRESSES") or "x,x").split(","))
         slices = int(env.get("MEGASCALE_NUM_SLICES") or 1)
         if hosts * slices == 1:
             return Plan("gke-tpu")
-        return Plan("gke-tpu", dict(cluster_detection_method="gketpu"))
+        return Plan("gke-tpu", {"cluster_detection_method": "gketpu"})
     if env.get("JOBSET_NAME") and not on_tpu_vm:
         per_job, jobs = _int(env, "MAXMODEL_HOSTS_PER_JOB"), _int(env, "MAXMODEL_NUM_JOBS")
         index = _int(env, "JOB_INDEX") * per_job + _int(env, "JOB_COMPLETION_INDEX")
@@ -92,11 +92,11 @@ def detect(env: Mapping[str, str], on_tpu_vm: bool) -> Plan:
         # Pod 0 of job 0 hosts the coordinator; JobSet's headless service gives it this DNS name.
         name, job = env["JOBSET_NAME"], env.get("REPLICATED_JOB_NAME", "slice")
         coordinator = f"{name}-{job}-0-0.{name}:{env.get('JAX_COORDINATOR_PORT', JOBSET_PORT)}"
-        return Plan("jobset", dict(coordinator_address=coordinator, num_processes=per_job * jobs,
-                                   process_id=index, cluster_detection_method="deactivate"))
+        return Plan("jobset", {"coordinator_address": coordinator, "num_processes": per_job * jobs,
+                                "process_id": index, "cluster_detection_method": "deactivate"})
     if on_tpu_vm:
         # JAX reads the worker list and worker number from the TPU VM metadata (one host gives one process).
-        return Plan("tpu-vm", dict(cluster_detection_method="gcetpu"))
+        return Plan("tpu-vm", {"cluster_detection_method": "gcetpu"})
     return Plan("single")
 
 
@@ -105,7 +105,7 @@ def _on_tpu_vm() -> bool:
     try:
         from jax._src import cloud_tpu_init
         return bool(cloud_tpu_init.running_in_cloud_tpu_vm)
-    except Exception:   # a JAX without this module: fall back to the device files TPU VMs expose
+    except (ImportError, AttributeError):   # a JAX without this module: the device files TPU VMs expose
         import glob
         return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
 
@@ -120,7 +120,7 @@ def _cpu_only(env: Mapping[str, str]) -> bool:
     try:
         from jax._src import hardware_utils as hw
         return not (hw.has_visible_nvidia_gpu() or hw.num_available_amd_gpus(stop_at=1))
-    except Exception:
+    except (ImportError, AttributeError, OSError):
         return not any(os.path.exists(p) for p in ("/dev/nvidia0", "/dev/nvidiactl", "/dev/kfd"))
 
 

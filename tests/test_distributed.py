@@ -17,8 +17,8 @@ def test_local_launcher_variables_give_explicit_arguments():
            "MAXMODEL_PROCESS_ID": "2", "SLURM_JOB_ID": "7"}
     plan = detect(env, on_tpu_vm=False)
     assert plan.environment == "local-launcher"
-    assert plan.init_kwargs == dict(coordinator_address="127.0.0.1:1234", num_processes=3, process_id=2,
-                                    cluster_detection_method="deactivate")
+    assert plan.init_kwargs == {"coordinator_address": "127.0.0.1:1234", "num_processes": 3, "process_id": 2,
+                                "cluster_detection_method": "deactivate"}
 
 
 @pytest.mark.parametrize("env, message", [
@@ -62,8 +62,8 @@ def test_jobset_without_tpus_computes_coordinator_and_index():
     env = {"JOBSET_NAME": "run1", "REPLICATED_JOB_NAME": "slice", "JOB_INDEX": "1", "JOB_COMPLETION_INDEX": "2",
            "MAXMODEL_HOSTS_PER_JOB": "4", "MAXMODEL_NUM_JOBS": "2"}
     plan = detect(env, on_tpu_vm=False)
-    assert plan.init_kwargs == dict(coordinator_address="run1-slice-0-0.run1:8482", num_processes=8,
-                                    process_id=6, cluster_detection_method="deactivate")
+    assert plan.init_kwargs == {"coordinator_address": "run1-slice-0-0.run1:8482", "num_processes": 8,
+                                "process_id": 6, "cluster_detection_method": "deactivate"}
 
 
 def test_tpu_vm_and_plain_host():
@@ -114,6 +114,7 @@ def test_preemption_request_in_a_single_process():
             "os.kill(os.getpid(), signal.SIGTERM)\n"
             "print(before, distributed.preemption_requested(1))\n")
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "True"]

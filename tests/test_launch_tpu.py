@@ -54,18 +54,18 @@ def test_catalog_rejects_unknown_types(name):
 
 def test_create_two_slices_is_a_spot_queued_resource(capsys):
     assert dry(capsys, "create", *TWO_SLICES, "--spot") == [
-        "gcloud compute tpus queued-resources create big --zone=us-east5-a --project=my-proj "
-        "--accelerator-type=v5p-256 --runtime-version=v2-alpha-tpuv5 --node-count=2 --node-prefix=big --spot"]
+        ("gcloud compute tpus queued-resources create big --zone=us-east5-a --project=my-proj "
+        "--accelerator-type=v5p-256 --runtime-version=v2-alpha-tpuv5 --node-count=2 --node-prefix=big --spot")]
 
 
 def test_create_single_slice(capsys):
     one = ["--tpu-type", "v5p-256", "--name", "one", *WHERE]
     assert dry(capsys, "create", *one, "--reserved") == [
-        "gcloud compute tpus tpu-vm create one --zone=us-east5-a --project=my-proj "
-        "--accelerator-type=v5p-256 --version=v2-alpha-tpuv5 --reserved"]
+        ("gcloud compute tpus tpu-vm create one --zone=us-east5-a --project=my-proj "
+        "--accelerator-type=v5p-256 --version=v2-alpha-tpuv5 --reserved")]
     assert dry(capsys, "create", *one, "--queued") == [
-        "gcloud compute tpus queued-resources create one --zone=us-east5-a --project=my-proj "
-        "--accelerator-type=v5p-256 --runtime-version=v2-alpha-tpuv5 --node-id=one"]
+        ("gcloud compute tpus queued-resources create one --zone=us-east5-a --project=my-proj "
+        "--accelerator-type=v5p-256 --runtime-version=v2-alpha-tpuv5 --node-id=one")]
 
 
 def test_run_two_slices_sets_the_megascale_environment_on_all_workers(capsys):
@@ -110,13 +110,13 @@ def test_setup_copies_the_checkout_to_all_workers(capsys):
 
 def test_logs_status_stop_delete(capsys):
     assert dry(capsys, "logs", *TWO_SLICES, "--slice", "1", "--worker", "3", "--follow") == [
-        "gcloud compute tpus tpu-vm ssh big-1 --zone=us-east5-a --project=my-proj --worker=3 "
-        "'--command=tail -n 100 -f ~/maxmodel-logs/big.log'"]
+        ("gcloud compute tpus tpu-vm ssh big-1 --zone=us-east5-a --project=my-proj --worker=3 "
+        "'--command=tail -n 100 -f ~/maxmodel-logs/big.log'")]
     status = dry(capsys, "status", *TWO_SLICES)
     assert status[0] == "gcloud compute tpus queued-resources describe big --zone=us-east5-a --project=my-proj"
     stop = dry(capsys, "stop", *TWO_SLICES)
-    assert [shlex.split(line)[-1] for line in stop] == ["--command=pkill -TERM -f '[m]axmodel-venv/bin/maxmodel' "
-                                                        "|| true"] * 2
+    assert [shlex.split(line)[-1] for line in stop] == [("--command=pkill -TERM -f '[m]axmodel-venv/bin/maxmodel' "
+                                                        "|| true")] * 2
     assert dry(capsys, "delete", *TWO_SLICES) == [
         "gcloud compute tpus queued-resources delete big --zone=us-east5-a --project=my-proj --force --quiet"]
     assert dry(capsys, "delete", "--name", "one", *WHERE) == [

@@ -50,7 +50,7 @@ def single(*args: str) -> list[str]:
 
 
 def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    out = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout, check=False)
     assert out.returncode == 0, f"{cmd}\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
     return out
 

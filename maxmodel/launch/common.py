@@ -45,7 +45,7 @@ class Runner:
         self.show(cmd)
         if self.dry_run:
             return 0
-        return subprocess.run(cmd).returncode
+        return subprocess.run(cmd, check=False).returncode
 
     def run_all(self, cmds: list[list[str]]) -> int:
         """Run commands side by side (one per slice); the result is the first non-zero exit code."""
@@ -62,7 +62,7 @@ class Runner:
         self.show(cmd)
         if self.dry_run:
             return placeholder
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode:
             raise RuntimeError(f"{shlex.join(cmd)} failed ({done.returncode}): {done.stderr.strip()}")
         return done.stdout.strip()
