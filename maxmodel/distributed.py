@@ -138,7 +138,12 @@ def _emulate_cpu_devices(cpu_devices: int | None) -> None:
             raise ValueError(f"environment variable {ENV_CPU_DEVICES}={text!r} must be an integer") from None
     else:
         count = cpu_devices
-    if not count or not _cpu_only(os.environ):
+    if not _cpu_only(os.environ):
+        return
+    if not os.environ.get("JAX_PLATFORMS"):
+        # No accelerator attached: do not let JAX probe an installed libtpu / CUDA plugin (slow, noisy).
+        jax.config.update("jax_platforms", "cpu")
+    if not count:
         return
     if count < 1:
         raise ValueError(f"the number of emulated CPU devices must be >= 1, got {count}")
