@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from maxmodel.parallel.manual_axes import resolve_mesh, varying_axes
+
 # A large finite negative instead of -inf keeps exp() and its gradient free of inf - inf = NaN.
 _NEG = -0.7 * float(np.finfo(np.float32).max)
 
@@ -135,8 +137,10 @@ def _ring_local(q, k, v, qs, ks, qp, kp, *, axis_name, n, causal, scale, sliding
         nxt = jax.lax.ppermute(kv, axis_name, perm)  # issued first so the transfer overlaps the compute
         return (fold(stats, kv), nxt), None
 
-    # The carries vary over the ring axis from the first fold on; say so up front for scan/cond typing.
-    stats = jax.lax.pcast(_init_stats(q, k.shape[2]), axis_name, to="varying")
+    # The carries vary over the ring axis (and any axis the inputs vary over, e.g. `stage` when called
+    # inside a pipeline stage) from the first fold on; say so up front for scan/cond typing.
+    vary = tuple(sorted({axis_name, *varying_axes(q, k, v, qs, ks, qp, kp)}))
+    stats = jax.lax.pcast(_init_stats(q, k.shape[2]), vary, to="varying")
     kv = (k, v, ks, kp)
     if n > 1:
         (stats, kv), _ = jax.lax.scan(step, (stats, kv), None, length=n - 1)
@@ -153,6 +157,8 @@ def _allgather_local(q, k, v, qs, ks, qp, kp, *, axis_name, n, causal, scale, sl
 
 
 # ------------------------------------------------------------------------------------------ public API
+
+
 def _check_shapes(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions):
     if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
         raise ValueError(f"expected q [B, L, H, D] and k, v [B, L, KVH, D]; got q{q.shape} k{k.shape} "
@@ -170,6 +176,7 @@ def _check_shapes(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positi
 def _context_parallel(local_fn, q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, *,
                       mesh, axis_name, causal, scale, sliding_window, logit_softcap):
     _check_shapes(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
+    mesh = resolve_mesh(mesh)
     if axis_name not in mesh.axis_names:
         raise ValueError(f"mesh axis {axis_name!r} not in mesh axes {mesh.axis_names}")
     n = mesh.shape[axis_name]
@@ -186,19 +193,19 @@ def _context_parallel(local_fn, q, k, v, q_segment_ids, kv_segment_ids, q_positi
         q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
 
 
-def ring_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, *, mesh,
+def ring_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, *, mesh=None,
                    axis_name="sequence", causal=True, scale=None, sliding_window=0, logit_softcap=0.0):
     """Ring attention: K/V blocks circulate over `axis_name` with ppermute; blockwise online softmax.
 
     q [B, L, H, D]; k, v [B, L, KVH, D] (H a multiple of KVH); segment ids / positions [B, L] int32.
-    L is sharded over `axis_name` of `mesh`. Returns [B, L, H, D] in q's dtype, sharded like q.
+    L is sharded over `axis_name` of `mesh` (default: the mesh set with `jax.set_mesh`). Returns [B, L, H, D] in q's dtype, sharded like q.
     """
     return _context_parallel(_ring_local, q, k, v, q_segment_ids, kv_segment_ids, q_positions,
                              kv_positions, mesh=mesh, axis_name=axis_name, causal=causal, scale=scale,
                              sliding_window=sliding_window, logit_softcap=logit_softcap)
 
 
-def allgather_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, *, mesh,
+def allgather_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, *, mesh=None,
                         axis_name="sequence", causal=True, scale=None, sliding_window=0, logit_softcap=0.0):
     """All-gather K/V over `axis_name`, then attend the local query block. Same contract as ring."""
     return _context_parallel(_allgather_local, q, k, v, q_segment_ids, kv_segment_ids, q_positions,
