@@ -27,3 +27,11 @@ def varying_axes(*trees) -> tuple[str, ...]:
         mat = getattr(aval, "manual_axis_type", None)  # jax >= 0.12
         axes |= set(mat.varying if mat is not None else getattr(aval, "vma", ()))  # jax 0.11: .vma
     return tuple(sorted(axes))
+
+
+def vary_over(tree, axes):
+    """Mark every leaf of `tree` as varying over `axes` (the ones it does not vary over already)."""
+    def one(leaf):
+        missing = tuple(sorted(set(axes) - set(varying_axes(leaf))))
+        return jax.lax.pcast(leaf, missing, to="varying") if missing else leaf
+    return jax.tree.map(one, tree)

@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from maxmodel.parallel.manual_axes import resolve_mesh, varying_axes
+from maxmodel.parallel.manual_axes import resolve_mesh, vary_over, varying_axes
 
 
 def bubble_fraction(num_stages: int, num_microbatches: int, repeats: int = 1) -> float:
@@ -126,9 +126,8 @@ def _stage_loop(params, xs, aux, *, layer_fn, axis_name, num_stages, num_microba
     params = jax.tree.map(lambda p: p[0], params)
     # Loop carries vary over `stage` and over whatever manual axes the inputs already vary over.
     vary = {axis_name, *varying_axes(params, xs, aux)}
-    # device 0's microbatch queue: inputs, then partial results, then outputs
-    buf = jax.lax.pcast(xs, tuple(sorted(vary - set(varying_axes(xs)))), to="varying")
-    state = jax.lax.pcast(jnp.zeros_like(xs[0]), tuple(sorted(vary)), to="varying")  # from the previous stage
+    buf = vary_over(xs, vary)  # device 0's microbatch queue: inputs, then partial results, then outputs
+    state = vary_over(jnp.zeros_like(xs[0]), vary)  # what arrived from the previous stage
     ring = [(i, (i + 1) % S) for i in range(S)]
 
     def apply_layers(stage_params, h, aux_m):
@@ -162,7 +161,7 @@ def _stage_loop(params, xs, aux, *, layer_fn, axis_name, num_stages, num_microba
 
 
 def pipeline_apply(layer_fn, stacked_params, x, *, mesh=None, num_stages, num_microbatches, repeats=1, aux=None,
-                   axis_name="stage", stage_major=False):
+                   axis_name="stage", stage_major=False, length_axis=None):
     """Apply L stacked layers to x as a pipeline over mesh axis `axis_name`.
 
     layer_fn(params_of_one_layer, x) -> x, or layer_fn(params, x, aux) when `aux` is given, where `aux` is a
@@ -171,9 +170,19 @@ def pipeline_apply(layer_fn, stacked_params, x, *, mesh=None, num_stages, num_mi
     have the layer index as leading dimension [L, ...], as `nnx.scan`/`nnx.vmap` produce. x: [B, ...].
     Layers are split into num_stages × repeats virtual stages (repeats=1: GPipe; > 1: circular).
     stage_major=True: stacked_params are in `stage_major_order` (see the module docstring).
+    length_axis: a mesh axis (e.g. "sequence") over which dimension 1 of x and of every aux leaf is
+    sharded, made manual together with `axis_name`: layer_fn then sees this device's length block, and
+    ring/all-gather attention called inside it works on those blocks directly.
     """
     mesh = resolve_mesh(mesh)
     num_layers = _validate(stacked_params, x, aux, mesh, axis_name, num_stages, num_microbatches, repeats)
+    if length_axis is not None:
+        if length_axis not in mesh.axis_names:
+            raise ValueError(f"length_axis {length_axis!r} not in mesh axes {mesh.axis_names}")
+        for a in jax.tree.leaves((x, aux)):
+            if a.ndim < 2 or a.shape[1] % mesh.shape[length_axis]:
+                raise ValueError(f"dimension 1 of an input of shape {a.shape} is not divisible by mesh axis "
+                                 f"{length_axis}={mesh.shape[length_axis]}")
     S, R = num_stages, repeats
     per_stage = num_layers // (S * R)
 
@@ -188,7 +197,9 @@ def pipeline_apply(layer_fn, stacked_params, x, *, mesh=None, num_stages, num_mi
     body = functools.partial(_stage_loop, layer_fn=layer_fn, axis_name=axis_name, num_stages=S,
                              num_microbatches=num_microbatches, repeats=R)
     param_specs = jax.tree.map(lambda _: P(axis_name), params)
-    aux_specs = None if aux is None else jax.tree.map(lambda _: P(), aux_mb)
-    out = jax.shard_map(body, mesh=mesh, in_specs=(param_specs, P(), aux_specs), out_specs=P(),
-                        axis_names={axis_name})(params, xs, aux_mb)
+    act_spec = P() if length_axis is None else P(None, None, length_axis)  # [M, mb, length, ...]
+    aux_specs = None if aux is None else jax.tree.map(lambda _: act_spec, aux_mb)
+    manual = {axis_name} if length_axis is None else {axis_name, length_axis}
+    out = jax.shard_map(body, mesh=mesh, in_specs=(param_specs, act_spec, aux_specs), out_specs=act_spec,
+                        axis_names=manual)(params, xs, aux_mb)
     return _from_microbatches(out)

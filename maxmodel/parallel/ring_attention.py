@@ -20,8 +20,9 @@ Schedules
   ring with `ppermute` (i -> i+1), and each step folds one [Lq, Lq] score block into a running online
   softmax (running max m, running sum l, f32 accumulator), as in blockwise/flash attention. The next block's
   transfer is issued before the current block's compute so XLA can overlap them. Per-device memory is
-  O(L/n) for K/V and O((L/n)^2) for scores. For the backward pass the score block is recomputed
-  (`jax.checkpoint` around each block), so only the carries (m, l, accumulator, K/V block) are kept per step.
+  O(L/n) for K/V and O((L/n)^2) for scores. The backward pass (a custom VJP) saves only q, k, v, the
+  output and the log-sum-exp, and runs a second ring: K/V blocks travel again together with their dK/dV
+  accumulators, which after n hops are back on the block's owner; scores are recomputed per block.
 
 Causal load balancing
 ---------------------
@@ -32,14 +33,16 @@ balance turns into wall-clock time on real hardware.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from maxmodel.parallel.manual_axes import resolve_mesh, varying_axes
+from maxmodel.parallel.manual_axes import resolve_mesh, vary_over, varying_axes
 
 # A large finite negative instead of -inf keeps exp() and its gradient free of inf - inf = NaN.
 _NEG = -0.7 * float(np.finfo(np.float32).max)
@@ -81,6 +84,37 @@ def reference_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_
 
 
 # ---------------------------------------------------------------------------------- blockwise softmax
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """Static settings of one attention call (hashable: a custom_vjp non-differentiable argument)."""
+    mesh: Any
+    axis_name: str
+    ring: bool
+    causal: bool
+    scale: float
+    sliding_window: int
+    logit_softcap: float
+    already_manual: bool  # called inside a shard_map that has `axis_name` manual: arrays are local blocks
+
+    @property
+    def size(self):
+        return self.mesh.shape[self.axis_name]
+
+
+def _grouped(a, kvh):  # [B, L, H, D] -> [B, L, KVH, G, D]: GQA query heads under their KV head
+    B, L, H, D = a.shape
+    return a.reshape(B, L, kvh, H // kvh, D)
+
+
+def _scores(qg, k, spec):
+    """Logits [B, KVH, G, Lq, Lk] in f32, and the softcap's tanh (for its derivative) or None."""
+    s = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32) * spec.scale
+    if not spec.logit_softcap:
+        return s, None
+    t = jnp.tanh(s / spec.logit_softcap)
+    return spec.logit_softcap * t, t
+
+
 def _init_stats(q, kvh):
     B, Lq, H, D = q.shape
     g = H // kvh
@@ -90,70 +124,180 @@ def _init_stats(q, kvh):
     return m, l, acc
 
 
-def _fold_block(stats, q, k, v, mask, scale, logit_softcap):
+def _fold_block(stats, q, k, v, mask, spec):
     """Fold one K/V block into the running (max, sum, accumulator) of the online softmax."""
     m, l, acc = stats
-    B, Lq, H, D = q.shape
-    kvh = k.shape[2]
-    qg = q.reshape(B, Lq, kvh, H // kvh, D)  # GQA: query heads grouped under their KV head
-    s = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32) * scale
-    if logit_softcap:
-        s = logit_softcap * jnp.tanh(s / logit_softcap)
+    s, _ = _scores(_grouped(q, k.shape[2]), k, spec)
     mask = mask[:, None, None]
     s = jnp.where(mask, s, _NEG)
-    # The result does not depend on the max mathematically, so it carries no gradient.
-    m_new = jax.lax.stop_gradient(jnp.maximum(m, s.max(-1)))
+    m_new = jnp.maximum(m, s.max(-1))
     p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
     corr = jnp.exp(m - m_new)
     l = l * corr + p.sum(-1)
     pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    acc = acc * corr[..., None] + pv
-    return m_new, l, acc
+    return m_new, l, acc * corr[..., None] + pv
 
 
 def _finish(stats, q):
-    _, l, acc = stats
+    """Output [B, Lq, H, D] and log-sum-exp [B, KVH, G, Lq] (kept for the backward pass)."""
+    m, l, acc = stats
     B, Lq, H, D = q.shape
-    out = acc / jnp.where(l == 0.0, 1.0, l)[..., None]  # l == 0: nothing visible (padding)
-    out = jnp.moveaxis(out, 3, 1)  # [B, KVH, G, Lq, D] -> [B, Lq, KVH, G, D]
-    return out.reshape(B, Lq, H, D).astype(q.dtype)
+    visible = l > 0.0  # l == 0: nothing visible (padding): output 0
+    out = acc / jnp.where(visible, l, 1.0)[..., None]
+    out = jnp.moveaxis(out, 3, 1).reshape(B, Lq, H, D).astype(q.dtype)
+    lse = jnp.where(visible, m + jnp.log(jnp.where(visible, l, 1.0)), 0.0)
+    return out, lse
+
+
+def _grad_block(q, k, v, do, lse, delta, mask, spec):
+    """Flash-attention backward for one K/V block: softmax recomputed from the saved log-sum-exp.
+
+    With p = softmax row and dp = do·v: ds = p * (dp - delta), delta = rowsum(do * out).
+    Returns dq [B, Lq, KVH, G, D], dk, dv [B, Lk, KVH, D], all f32.
+    """
+    kvh = k.shape[2]
+    qg, dog = _grouped(q, kvh), _grouped(do, kvh)
+    s, t = _scores(qg, k, spec)
+    mask = mask[:, None, None]
+    p = jnp.where(mask, jnp.exp(s - lse[..., None]), 0.0)
+    dv = jnp.einsum("bkgqs,bqkgd->bskd", p.astype(do.dtype), dog, preferred_element_type=jnp.float32)
+    dp = jnp.einsum("bqkgd,bskd->bkgqs", dog, v, preferred_element_type=jnp.float32)
+    ds = p * (dp - delta[..., None])
+    if t is not None:
+        ds = ds * (1.0 - t * t)  # d(cap * tanh(x / cap)) / dx
+    ds = ds * spec.scale
+    dq = jnp.einsum("bkgqs,bskd->bqkgd", ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+    dk = jnp.einsum("bkgqs,bqkgd->bskd", ds.astype(q.dtype), qg, preferred_element_type=jnp.float32)
+    return dq, dk, dv
 
 
 # ------------------------------------------------------------------------------------- local kernels
-def _ring_local(q, k, v, qs, ks, qp, kp, *, axis_name, n, causal, scale, sliding_window, logit_softcap):
-    perm = [(i, (i + 1) % n) for i in range(n)]
+# These run per device inside shard_map: q, k, v, ids are this device's blocks along the sequence.
+def _varying(spec, tree, *refs):
+    """Mark fresh loop carries as varying over the ring axis and every manual axis the inputs vary over
+    (e.g. `stage` when called inside a pipeline stage), as scan/cond typing under shard_map requires."""
+    return vary_over(tree, {spec.axis_name, *varying_axes(*refs)})
 
-    @functools.partial(jax.checkpoint, prevent_cse=False)
+
+def _visible(spec, qs, ks, qp, kp):
+    return attention_mask(qs, ks, qp, kp, causal=spec.causal, sliding_window=spec.sliding_window)
+
+
+def _ring_fwd_local(q, k, v, qs, ks, qp, kp, *, spec):
+    n, ring = spec.size, [(i, (i + 1) % spec.size) for i in range(spec.size)]
+
     def fold(stats, kv):
         k_blk, v_blk, ks_blk, kp_blk = kv
-        mask = attention_mask(qs, ks_blk, qp, kp_blk, causal=causal, sliding_window=sliding_window)
+        mask = _visible(spec, qs, ks_blk, qp, kp_blk)
         # Skip blocks with nothing visible (half of them under a causal mask).
-        return jax.lax.cond(jnp.any(mask),
-                            lambda st: _fold_block(st, q, k_blk, v_blk, mask, scale, logit_softcap),
+        return jax.lax.cond(jnp.any(mask), lambda st: _fold_block(st, q, k_blk, v_blk, mask, spec),
                             lambda st: st, stats)
 
     def step(carry, _):
         stats, kv = carry
-        nxt = jax.lax.ppermute(kv, axis_name, perm)  # issued first so the transfer overlaps the compute
+        nxt = jax.lax.ppermute(kv, spec.axis_name, ring)  # issued first: the transfer overlaps the compute
         return (fold(stats, kv), nxt), None
 
-    # The carries vary over the ring axis (and any axis the inputs vary over, e.g. `stage` when called
-    # inside a pipeline stage) from the first fold on; say so up front for scan/cond typing.
-    vary = tuple(sorted({axis_name, *varying_axes(q, k, v, qs, ks, qp, kp)}))
-    stats = jax.lax.pcast(_init_stats(q, k.shape[2]), vary, to="varying")
+    stats = _varying(spec, _init_stats(q, k.shape[2]), q, k, v, qs, ks, qp, kp)
     kv = (k, v, ks, kp)
     if n > 1:
         (stats, kv), _ = jax.lax.scan(step, (stats, kv), None, length=n - 1)
-    stats = fold(stats, kv)  # the last block needs no onward transfer
-    return _finish(stats, q)
+    return _finish(fold(stats, kv), q)  # the last block needs no onward transfer
 
 
-def _allgather_local(q, k, v, qs, ks, qp, kp, *, axis_name, n, causal, scale, sliding_window,
-                     logit_softcap):
-    k, v, ks, kp = (jax.lax.all_gather(a, axis_name, axis=1, tiled=True) for a in (k, v, ks, kp))
-    mask = attention_mask(qs, ks, qp, kp, causal=causal, sliding_window=sliding_window)
-    stats = _fold_block(_init_stats(q, k.shape[2]), q, k, v, mask, scale, logit_softcap)
-    return _finish(stats, q)
+def _ring_bwd_local(q, k, v, qs, ks, qp, kp, out, lse, do, *, spec):
+    """Second ring pass: K/V blocks circulate again, each with its dK/dV accumulator, which after n
+    hops is back on the device that owns the block."""
+    n, ring = spec.size, [(i, (i + 1) % spec.size) for i in range(spec.size)]
+    kvh = k.shape[2]
+    delta = jnp.einsum("bqkgd,bqkgd->bkgq", _grouped(do, kvh).astype(jnp.float32),
+                       _grouped(out, kvh).astype(jnp.float32))
+
+    def accumulate(dq, kv, dkv):
+        k_blk, v_blk, ks_blk, kp_blk = kv
+        mask = _visible(spec, qs, ks_blk, qp, kp_blk)
+
+        def visible(args):
+            dq, (dk, dv) = args
+            gq, gk, gv = _grad_block(q, k_blk, v_blk, do, lse, delta, mask, spec)
+            return dq + gq, (dk + gk, dv + gv)
+        return jax.lax.cond(jnp.any(mask), visible, lambda args: args, (dq, dkv))
+
+    def step(carry, _):
+        dq, kv, dkv = carry
+        nxt = jax.lax.ppermute(kv, spec.axis_name, ring)
+        dq, dkv = accumulate(dq, kv, dkv)
+        return (dq, nxt, jax.lax.ppermute(dkv, spec.axis_name, ring)), None
+
+    zeros_kv = jnp.zeros(k.shape, jnp.float32)
+    dq, dkv = _varying(spec, (jnp.zeros(_grouped(q, kvh).shape, jnp.float32), (zeros_kv, zeros_kv)),
+                       q, k, v, qs, ks, qp, kp, do)
+    kv = (k, v, ks, kp)
+    if n > 1:
+        (dq, kv, dkv), _ = jax.lax.scan(step, (dq, kv, dkv), None, length=n - 1)
+    dq, dkv = accumulate(dq, kv, dkv)
+    dk, dv = jax.lax.ppermute(dkv, spec.axis_name, ring) if n > 1 else dkv  # the n-th hop: home
+    return dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+def _gather_kv(spec, *arrays):
+    return [jax.lax.all_gather(a, spec.axis_name, axis=1, tiled=True) for a in arrays]
+
+
+def _allgather_fwd_local(q, k, v, qs, ks, qp, kp, *, spec):
+    k, v, ks, kp = _gather_kv(spec, k, v, ks, kp)
+    stats = _init_stats(q, k.shape[2])
+    return _finish(_fold_block(stats, q, k, v, _visible(spec, qs, ks, qp, kp), spec), q)
+
+
+def _allgather_bwd_local(q, k, v, qs, ks, qp, kp, out, lse, do, *, spec):
+    kvh = k.shape[2]
+    k_all, v_all, ks, kp = _gather_kv(spec, k, v, ks, kp)
+    delta = jnp.einsum("bqkgd,bqkgd->bkgq", _grouped(do, kvh).astype(jnp.float32),
+                       _grouped(out, kvh).astype(jnp.float32))
+    dq, dk, dv = _grad_block(q, k_all, v_all, do, lse, delta, _visible(spec, qs, ks, qp, kp), spec)
+    # Each device holds gradients for the whole K/V sequence; sum them and keep this device's block.
+    dk, dv = (jax.lax.psum_scatter(g, spec.axis_name, scatter_dimension=1, tiled=True) for g in (dk, dv))
+    return dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+# ------------------------------------------------------------------------------------- custom VJP
+def _shard_map(spec, fn, in_specs, out_specs):
+    if spec.already_manual:
+        return functools.partial(fn, spec=spec)
+    # Only `axis_name` is manual: batch / head shardings on other axes stay with the compiler.
+    return jax.shard_map(functools.partial(fn, spec=spec), mesh=spec.mesh, in_specs=in_specs,
+                         out_specs=out_specs, axis_names={spec.axis_name})
+
+
+def _layout(spec):
+    a = spec.axis_name
+    return P(None, a, None, None), P(None, a), P(None, None, None, a)  # [B,L,H,D], [B,L], lse [B,K,G,L]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attend(spec, q, k, v, qs, ks, qp, kp):
+    return _attend_fwd(spec, q, k, v, qs, ks, qp, kp)[0]
+
+
+def _attend_fwd(spec, q, k, v, qs, ks, qp, kp):
+    seq4, seq2, lse_spec = _layout(spec)
+    local = _ring_fwd_local if spec.ring else _allgather_fwd_local
+    out, lse = _shard_map(spec, local, (seq4,) * 3 + (seq2,) * 4, (seq4, lse_spec))(q, k, v, qs, ks, qp, kp)
+    return out, (q, k, v, qs, ks, qp, kp, out, lse)
+
+
+def _attend_bwd(spec, residuals, do):
+    seq4, seq2, lse_spec = _layout(spec)
+    local = _ring_bwd_local if spec.ring else _allgather_bwd_local
+    in_specs = (seq4,) * 3 + (seq2,) * 4 + (seq4, lse_spec, seq4)
+    dq, dk, dv = _shard_map(spec, local, in_specs, (seq4,) * 3)(*residuals, do)
+    return dq, dk, dv, None, None, None, None  # segment ids and positions: no gradient
+
+
+# A custom VJP rather than autodiff through the loop: the backward pass is a second ring, with memory
+# O(block) instead of one saved score block per step.
+_attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 # ------------------------------------------------------------------------------------------ public API
@@ -173,24 +317,25 @@ def _check_shapes(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positi
             raise ValueError(f"{name} has shape {a.shape}, expected {ref.shape[:2]}")
 
 
-def _context_parallel(local_fn, q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, *,
-                      mesh, axis_name, causal, scale, sliding_window, logit_softcap):
+def _context_parallel(ring, q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, *, mesh,
+                      axis_name, causal, scale, sliding_window, logit_softcap):
     _check_shapes(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
     mesh = resolve_mesh(mesh)
     if axis_name not in mesh.axis_names:
         raise ValueError(f"mesh axis {axis_name!r} not in mesh axes {mesh.axis_names}")
+    # Inside a shard_map that already has `axis_name` manual (e.g. a pipeline stage with
+    # `length_axis="sequence"`) the arrays are this device's blocks and the kernels run directly.
+    # (A shard_map nested in a scan inside another shard_map fails to lower under autodiff in JAX 0.12.)
+    already_manual = axis_name in getattr(mesh, "manual_axes", ())
     n = mesh.shape[axis_name]
     for name, length in (("q", q.shape[1]), ("kv", k.shape[1])):
-        if length % n:
+        if length % n and not already_manual:
             raise ValueError(f"{name} length {length} is not divisible by mesh axis {axis_name}={n}")
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    seq4, seq2 = P(None, axis_name, None, None), P(None, axis_name)
-    fn = functools.partial(local_fn, axis_name=axis_name, n=n, causal=causal, scale=scale,
-                           sliding_window=sliding_window, logit_softcap=logit_softcap)
-    # Only `axis_name` is manual: batch / head shardings on other axes stay with the compiler.
-    return jax.shard_map(fn, mesh=mesh, in_specs=(seq4, seq4, seq4, seq2, seq2, seq2, seq2),
-                         out_specs=seq4, axis_names={axis_name})(
-        q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
+    spec = _Spec(mesh=mesh, axis_name=axis_name, ring=ring, causal=bool(causal),
+                 scale=float(q.shape[-1] ** -0.5 if scale is None else scale),
+                 sliding_window=int(sliding_window), logit_softcap=float(logit_softcap),
+                 already_manual=already_manual)
+    return _attend(spec, q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
 
 
 def ring_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, *, mesh=None,
@@ -198,9 +343,11 @@ def ring_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_posit
     """Ring attention: K/V blocks circulate over `axis_name` with ppermute; blockwise online softmax.
 
     q [B, L, H, D]; k, v [B, L, KVH, D] (H a multiple of KVH); segment ids / positions [B, L] int32.
-    L is sharded over `axis_name` of `mesh` (default: the mesh set with `jax.set_mesh`). Returns [B, L, H, D] in q's dtype, sharded like q.
+    L is sharded over `axis_name` of `mesh` (default: the mesh set with `jax.set_mesh`). Returns
+    [B, L, H, D] in q's dtype, sharded like q. Inside a shard_map where `axis_name` is already manual, the
+    arguments are the local blocks and so is the result.
     """
-    return _context_parallel(_ring_local, q, k, v, q_segment_ids, kv_segment_ids, q_positions,
+    return _context_parallel(True, q, k, v, q_segment_ids, kv_segment_ids, q_positions,
                              kv_positions, mesh=mesh, axis_name=axis_name, causal=causal, scale=scale,
                              sliding_window=sliding_window, logit_softcap=logit_softcap)
 
@@ -208,7 +355,7 @@ def ring_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_posit
 def allgather_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, *, mesh=None,
                         axis_name="sequence", causal=True, scale=None, sliding_window=0, logit_softcap=0.0):
     """All-gather K/V over `axis_name`, then attend the local query block. Same contract as ring."""
-    return _context_parallel(_allgather_local, q, k, v, q_segment_ids, kv_segment_ids, q_positions,
+    return _context_parallel(False, q, k, v, q_segment_ids, kv_segment_ids, q_positions,
                              kv_positions, mesh=mesh, axis_name=axis_name, causal=causal, scale=scale,
                              sliding_window=sliding_window, logit_softcap=logit_softcap)
 
