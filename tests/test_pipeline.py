@@ -39,7 +39,7 @@ def plain_layer_fn(p, h):
 
 def sequential(fn, params, x, aux=None):
     for i in range(LAYERS):
-        p = jax.tree.map(lambda a: a[i], params)
+        p = jax.tree.map(lambda a, i=i: a[i], params)
         x = fn(p, x) if aux is None else fn(p, x, aux)
     return x
 
@@ -153,7 +153,7 @@ def test_bubble_fraction():
 def test_bad_layouts_raise_clear_errors(problem):
     params, x, aux, _ = problem
     mesh = make_mesh(stage=4)
-    kw = dict(mesh=mesh, num_stages=4, num_microbatches=4, aux=aux)
+    kw = {"mesh": mesh, "num_stages": 4, "num_microbatches": 4, "aux": aux}
     with pytest.raises(ValueError, match="num_layers=8 is not divisible by stages\\*repeats=4\\*3"):
         pipeline_apply(layer_fn, params, x, repeats=3, **kw)
     with pytest.raises(ValueError, match="num_stages=2 but mesh axis stage=4"):

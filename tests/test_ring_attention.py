@@ -12,9 +12,14 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from maxmodel.parallel.ring_attention import (allgather_attention, attention_mask, inverse_permutation,
-                                              load_balance_permutation, reference_attention,
-                                              ring_attention)
+from maxmodel.parallel.ring_attention import (
+    allgather_attention,
+    attention_mask,
+    inverse_permutation,
+    load_balance_permutation,
+    reference_attention,
+    ring_attention,
+)
 
 AXES = ("data", "stage", "fsdp", "sequence", "tensor", "expert")
 B, L, H, KVH, D = 2, 1024, 4, 2, 16
@@ -77,8 +82,8 @@ def place(mesh, q, k, v, seg, pos, heads_on_tensor):
     return [jax.device_put(a, s) for a, s in ((q, s4), (k, s4), (v, s4), (seg, s2), (pos, s2))]
 
 
-LAYOUTS = {"seq4": dict(sequence=4), "data2_seq4": dict(data=2, sequence=4),
-           "data2_seq2_tensor2": dict(data=2, sequence=2, tensor=2)}
+LAYOUTS = {"seq4": {"sequence": 4}, "data2_seq4": {"data": 2, "sequence": 4},
+           "data2_seq2_tensor2": {"data": 2, "sequence": 2, "tensor": 2}}
 CASES = [(impl, layout, balanced)
          for impl in ("ring", "allgather") for layout in ("seq4", "data2_seq4") for balanced in (False, True)]
 CASES += [("ring", "data2_seq2_tensor2", True)]
@@ -122,10 +127,10 @@ def test_window_softcap_noncausal_and_cross_lengths():
     """Options beyond the causal default, and a query block shorter than the K/V sequence."""
     q, k, v, seg, pos, _ = packed_batch(seed=1)
     mesh = make_mesh(sequence=4)
-    opts = dict(sliding_window=100, logit_softcap=5.0, scale=0.3)
     for causal in (False, True):
-        ref = reference_attention(q, k, v, seg, seg, pos, pos, causal=causal, **opts)
-        out = jax.jit(lambda *a: ring_attention(*a, mesh=mesh, causal=causal, **opts))(
+        opts = {"sliding_window": 100, "logit_softcap": 5.0, "scale": 0.3, "causal": causal}
+        ref = reference_attention(q, k, v, seg, seg, pos, pos, **opts)
+        out = jax.jit(lambda *a, opts=opts: ring_attention(*a, mesh=mesh, **opts))(
             q, k, v, seg, seg, pos, pos)
         assert rel_err(out, np.asarray(ref)) < 1e-5
     # Queries: the second half of each row; keys: the whole row (e.g. prefill of a continuation).

@@ -27,7 +27,9 @@ and its result needs S ticks to come round, so repeats > 1 need M >= S (no extra
 Total ticks M·R + S - 1, of which each device idles S - 1: the bubble fraction (S-1)/(M·R+S-1)
 (`bubble_fraction`). More repeats shrink the bubble at the price of R times more ppermutes of activations.
 Auxiliary per-example inputs (segment ids, positions) do not travel: every stage holds them all (they are
-replicated over `stage`) and picks the microbatch it is working on.
+replicated over `stage`) and picks the microbatch it is working on. With `length_axis="sequence"`, the
+sequence axis is manual inside the stages too: layer_fn sees length blocks, and context-parallel attention
+(`maxmodel.parallel.ring_attention`) called from it works on them directly.
 
 Memory trade-off
 ----------------

@@ -28,8 +28,21 @@ Causal load balancing
 ---------------------
 With a causal mask and the natural order, device n-1 has n blocks of useful work and device 0 one. The
 "zigzag" order splits the sequence into 2n chunks and gives device i chunks i and 2n-1-i, so every device
-has the same number of unmasked (q, k) pairs. Fully masked blocks are skipped with `lax.cond`, so the
-balance turns into wall-clock time on real hardware.
+has the same number of unmasked (q, k) pairs. To turn that into time, the ring kernel cuts each local block
+in two halves and skips (`lax.cond`) every (query half, key half) pair with nothing visible: with zigzag,
+each off-diagonal step has exactly 2 of its 4 pairs visible, so every device computes 2n+1 of 4n
+quarter-blocks, against 4n-1 for the busiest device in natural order (about 2x less for large n).
+The skip test looks at the mask, so it is exact for any order and for packed documents (a step whose
+blocks share no document is skipped too).
+
+Composition
+-----------
+Only `axis_name` is manual, so batch over data/fsdp and heads over tensor pass through. Called inside a
+shard_map in which `axis_name` is already manual (a pipeline stage built with
+`pipeline_apply(..., length_axis="sequence")`), the functions take and return local blocks and run the
+per-device kernels directly. (Nesting a second shard_map there lowers in the forward pass but fails under
+autodiff when the outer region contains a scan, in JAX 0.12: "operates on axis ... already bound by a
+parent sdy.manual_computation".)
 """
 from __future__ import annotations
 
@@ -66,7 +79,7 @@ def reference_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_
                         causal=True, scale=None, sliding_window=0, logit_softcap=0.0):
     """Dense masked softmax attention on whole arrays (no sharding logic); the ground truth in tests."""
     _check_shapes(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
-    B, Lq, H, D = q.shape
+    H, D = q.shape[2:]
     kvh = k.shape[2]
     scale = D ** -0.5 if scale is None else scale
     rep = H // kvh
@@ -183,26 +196,42 @@ def _visible(spec, qs, ks, qp, kp):
     return attention_mask(qs, ks, qp, kp, causal=spec.causal, sliding_window=spec.sliding_window)
 
 
+def _num_chunks(*lengths):
+    # Each local block is cut in two halves so that causal skipping works at half-block granularity,
+    # which is what the zigzag order needs to pay off (see the module docstring).
+    return 2 if all(length % 2 == 0 for length in lengths) else 1
+
+
+def _split(a, c, axis=1):
+    return jnp.split(a, c, axis=axis) if c > 1 else [a]
+
+
 def _ring_fwd_local(q, k, v, qs, ks, qp, kp, *, spec):
     n, ring = spec.size, [(i, (i + 1) % spec.size) for i in range(spec.size)]
+    c = _num_chunks(q.shape[1], k.shape[1])
+    q_c, qs_c, qp_c = (_split(a, c) for a in (q, qs, qp))
 
-    def fold(stats, kv):
-        k_blk, v_blk, ks_blk, kp_blk = kv
-        mask = _visible(spec, qs, ks_blk, qp, kp_blk)
-        # Skip blocks with nothing visible (half of them under a causal mask).
-        return jax.lax.cond(jnp.any(mask), lambda st: _fold_block(st, q, k_blk, v_blk, mask, spec),
-                            lambda st: st, stats)
+    def fold(stats, kv):  # stats: one (max, sum, accumulator) per query chunk
+        stats = list(stats)
+        for j, (k_j, v_j, ks_j, kp_j) in enumerate(zip(*(_split(a, c) for a in kv))):
+            for i in range(c):
+                mask = _visible(spec, qs_c[i], ks_j, qp_c[i], kp_j)
+                update = functools.partial(_fold_block, q=q_c[i], k=k_j, v=v_j, mask=mask, spec=spec)
+                # Skip chunk pairs with nothing visible (about half of them under a causal mask).
+                stats[i] = jax.lax.cond(jnp.any(mask), update, lambda st: st, stats[i])
+        return tuple(stats)
 
     def step(carry, _):
         stats, kv = carry
         nxt = jax.lax.ppermute(kv, spec.axis_name, ring)  # issued first: the transfer overlaps the compute
         return (fold(stats, kv), nxt), None
 
-    stats = _varying(spec, _init_stats(q, k.shape[2]), q, k, v, qs, ks, qp, kp)
+    stats = _varying(spec, tuple(_init_stats(q_i, k.shape[2]) for q_i in q_c), q, k, v, qs, ks, qp, kp)
     kv = (k, v, ks, kp)
     if n > 1:
         (stats, kv), _ = jax.lax.scan(step, (stats, kv), None, length=n - 1)
-    return _finish(fold(stats, kv), q)  # the last block needs no onward transfer
+    outs, lses = zip(*(_finish(st, q_i) for st, q_i in zip(fold(stats, kv), q_c)))  # last block: no hop
+    return jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=-1)
 
 
 def _ring_bwd_local(q, k, v, qs, ks, qp, kp, out, lse, do, *, spec):
@@ -210,18 +239,23 @@ def _ring_bwd_local(q, k, v, qs, ks, qp, kp, out, lse, do, *, spec):
     hops is back on the device that owns the block."""
     n, ring = spec.size, [(i, (i + 1) % spec.size) for i in range(spec.size)]
     kvh = k.shape[2]
+    c = _num_chunks(q.shape[1], k.shape[1])
     delta = jnp.einsum("bqkgd,bqkgd->bkgq", _grouped(do, kvh).astype(jnp.float32),
                        _grouped(out, kvh).astype(jnp.float32))
+    q_c, qs_c, qp_c, do_c = (_split(a, c) for a in (q, qs, qp, do))
+    lse_c, delta_c = _split(lse, c, axis=-1), _split(delta, c, axis=-1)
 
-    def accumulate(dq, kv, dkv):
-        k_blk, v_blk, ks_blk, kp_blk = kv
-        mask = _visible(spec, qs, ks_blk, qp, kp_blk)
+    def accumulate(dq, kv, dkv):  # dq: per query chunk; dkv: (dk, dv) per key chunk
+        dq, (dk, dv) = list(dq), (list(dkv[0]), list(dkv[1]))
+        for j, (k_j, v_j, ks_j, kp_j) in enumerate(zip(*(_split(a, c) for a in kv))):
+            for i in range(c):
+                mask = _visible(spec, qs_c[i], ks_j, qp_c[i], kp_j)
 
-        def visible(args):
-            dq, (dk, dv) = args
-            gq, gk, gv = _grad_block(q, k_blk, v_blk, do, lse, delta, mask, spec)
-            return dq + gq, (dk + gk, dv + gv)
-        return jax.lax.cond(jnp.any(mask), visible, lambda args: args, (dq, dkv))
+                def add(acc, i=i, k_j=k_j, v_j=v_j, mask=mask):
+                    gq, gk, gv = _grad_block(q_c[i], k_j, v_j, do_c[i], lse_c[i], delta_c[i], mask, spec)
+                    return acc[0] + gq, acc[1] + gk, acc[2] + gv
+                dq[i], dk[j], dv[j] = jax.lax.cond(jnp.any(mask), add, lambda acc: acc, (dq[i], dk[j], dv[j]))
+        return tuple(dq), (tuple(dk), tuple(dv))
 
     def step(carry, _):
         dq, kv, dkv = carry
@@ -229,15 +263,17 @@ def _ring_bwd_local(q, k, v, qs, ks, qp, kp, out, lse, do, *, spec):
         dq, dkv = accumulate(dq, kv, dkv)
         return (dq, nxt, jax.lax.ppermute(dkv, spec.axis_name, ring)), None
 
-    zeros_kv = jnp.zeros(k.shape, jnp.float32)
-    dq, dkv = _varying(spec, (jnp.zeros(_grouped(q, kvh).shape, jnp.float32), (zeros_kv, zeros_kv)),
-                       q, k, v, qs, ks, qp, kp, do)
+    zeros_q = tuple(jnp.zeros(_grouped(q_i, kvh).shape, jnp.float32) for q_i in q_c)
+    zeros_k = tuple(jnp.zeros(k_j.shape, jnp.float32) for k_j in _split(k, c))
+    dq, dkv = _varying(spec, (zeros_q, (zeros_k, zeros_k)), q, k, v, qs, ks, qp, kp, do)
     kv = (k, v, ks, kp)
     if n > 1:
         (dq, kv, dkv), _ = jax.lax.scan(step, (dq, kv, dkv), None, length=n - 1)
     dq, dkv = accumulate(dq, kv, dkv)
     dk, dv = jax.lax.ppermute(dkv, spec.axis_name, ring) if n > 1 else dkv  # the n-th hop: home
-    return dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+    dq = jnp.concatenate(dq, axis=1).reshape(q.shape)
+    dk, dv = (jnp.concatenate(g, axis=1) for g in (dk, dv))
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 def _gather_kv(spec, *arrays):
@@ -307,7 +343,7 @@ def _check_shapes(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positi
     if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
         raise ValueError(f"expected q [B, L, H, D] and k, v [B, L, KVH, D]; got q{q.shape} k{k.shape} "
                          f"v{v.shape}")
-    B, Lq, H, D = q.shape
+    B, _, H, D = q.shape
     if k.shape[0] != B or k.shape[3] != D or H % k.shape[2]:
         raise ValueError(f"q{q.shape} and k{k.shape} disagree: need the same batch and head_dim and "
                          f"num_heads={H} divisible by num_kv_heads={k.shape[2]}")
