@@ -141,6 +141,23 @@ def test_window_softcap_noncausal_and_cross_lengths():
     assert rel_err(out, np.asarray(ref)) < 1e-5
 
 
+def test_axis_of_size_one_and_odd_block_length():
+    """sequence=1 (no ring hops) and sequence=2 with an odd local block (no half-block split)."""
+    q, k, v, seg, pos, cot = (a[:, :126] for a in packed_batch(seed=2))
+    ref_out, ref_vjp = jax.vjp(lambda q, k, v: reference_attention(q, k, v, seg, seg, pos, pos), q, k, v)
+    ref_grads = ref_vjp(cot)
+    for sequence in (1, 2):
+        mesh = make_mesh(sequence=sequence)
+        for fn in (ring_attention, allgather_attention):
+            def loss(q, k, v, fn=fn, mesh=mesh):
+                out = fn(q, k, v, seg, seg, pos, pos, mesh=mesh)
+                return jnp.sum(out * cot), out
+            grads, out = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+            assert rel_err(out, np.asarray(ref_out)) < 1e-5
+            for g, g_ref in zip(grads, ref_grads):
+                assert rel_err(g, np.asarray(g_ref)) < 1e-5
+
+
 def test_mask_semantics():
     seg = jnp.array([[1, 1, 2, 2, 0]])
     pos = jnp.array([[0, 1, 0, 1, 0]])
@@ -169,6 +186,26 @@ def test_load_balance_permutation_equalises_causal_work(n):
     c = seq // (2 * n)
     np.testing.assert_array_equal(perm[:c], np.arange(c))
     np.testing.assert_array_equal(perm[c:2 * c], np.arange((2 * n - 1) * c, 2 * n * c))
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_zigzag_halves_the_busiest_devices_block_work(n):
+    """Count the (query half, key half) pairs the ring kernel computes per device (it skips pairs with no
+    visible entry) for one causal document: zigzag gives every device 2n+1, natural order up to 4n-1."""
+    seq = 16 * n
+    half = seq // (2 * n)
+
+    def work_per_device(perm):
+        pos = perm[None].astype(np.int32)
+        seg = np.ones_like(pos)
+        mask = np.asarray(attention_mask(seg, seg, pos, pos, causal=True))[0]
+        halves = mask.reshape(2 * n, half, 2 * n, half).any(axis=(1, 3))  # [query half, key half]
+        return halves.reshape(n, 2, 2 * n).sum(axis=(1, 2))
+
+    balanced = work_per_device(load_balance_permutation(seq, n))
+    natural = work_per_device(np.arange(seq))
+    assert np.all(balanced == 2 * n + 1)
+    assert natural.max() == 4 * n - 1 and natural.sum() == balanced.sum()
 
 
 def test_bad_inputs_raise_clear_errors():
