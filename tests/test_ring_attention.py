@@ -101,22 +101,21 @@ def test_matches_reference_with_gradients(batch, reference, impl, layout, balanc
     q, k, v, seg, pos, cot = (a[:, perm] for a in (q, k, v, seg, pos, cot))
     q, k, v, seg, pos = place(mesh, q, k, v, seg, pos, heads_on_tensor=mesh.shape["tensor"] > 1)
 
-    def loss(q, k, v, seg, pos):
-        return jnp.sum(fn(q, k, v, seg, seg, pos, pos, mesh=mesh) * cot)
+    def forward_and_grads(q, k, v, seg, pos):  # one program, one compile
+        out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, seg, seg, pos, pos, mesh=mesh), q, k, v)
+        return out, vjp(cot)
 
-    forward = jax.jit(lambda *a: fn(*a[:3], a[3], a[3], a[4], a[4], mesh=mesh)).lower(q, k, v, seg, pos)
-    forward = forward.compile()
-    hlo = forward.as_text()
+    compiled = jax.jit(forward_and_grads).lower(q, k, v, seg, pos).compile()
+    hlo = compiled.as_text()
+    # Ring: K/V (and, backward, dK/dV) move by collective-permute; all-gather: gather, then reduce-scatter.
     assert ("collective-permute" in hlo) == (impl == "ring")
     if impl == "allgather":
-        assert "all-gather" in hlo
-    out = forward(q, k, v, seg, pos)
+        assert "all-gather" in hlo and "reduce-scatter" in hlo
+    out, grads = compiled(q, k, v, seg, pos)
     assert out.sharding.spec[1] == "sequence"
     out = np.asarray(out)[:, inv]
     assert rel_err(out, ref_out) < 1e-5
     assert np.all(out[np.asarray(seg)[:, inv] == 0] == 0.0)  # padding rows: zeros, not NaN
-
-    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v, seg, pos)
     for g, g_ref in zip(grads, ref_grads):
         g = np.asarray(g)[:, inv]
         assert np.all(np.isfinite(g))
@@ -142,20 +141,20 @@ def test_window_softcap_noncausal_and_cross_lengths():
 
 
 def test_axis_of_size_one_and_odd_block_length():
-    """sequence=1 (no ring hops) and sequence=2 with an odd local block (no half-block split)."""
+    """Ring edge cases: sequence=1 (no hops) and sequence=2 with an odd local block (no half-block split)."""
     q, k, v, seg, pos, cot = (a[:, :126] for a in packed_batch(seed=2))
     ref_out, ref_vjp = jax.vjp(lambda q, k, v: reference_attention(q, k, v, seg, seg, pos, pos), q, k, v)
     ref_grads = ref_vjp(cot)
     for sequence in (1, 2):
         mesh = make_mesh(sequence=sequence)
-        for fn in (ring_attention, allgather_attention):
-            def loss(q, k, v, fn=fn, mesh=mesh):
-                out = fn(q, k, v, seg, seg, pos, pos, mesh=mesh)
-                return jnp.sum(out * cot), out
-            grads, out = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
-            assert rel_err(out, np.asarray(ref_out)) < 1e-5
-            for g, g_ref in zip(grads, ref_grads):
-                assert rel_err(g, np.asarray(g_ref)) < 1e-5
+
+        def loss(q, k, v, mesh=mesh):
+            out = ring_attention(q, k, v, seg, seg, pos, pos, mesh=mesh)
+            return jnp.sum(out * cot), out
+        grads, out = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+        assert rel_err(out, np.asarray(ref_out)) < 1e-5
+        for g, g_ref in zip(grads, ref_grads):
+            assert rel_err(g, np.asarray(g_ref)) < 1e-5
 
 
 def test_mask_semantics():
