@@ -1,0 +1,204 @@
+"""Pipeline schedules (GPipe, circular) against a plain loop over the layers, on 8 emulated CPU devices."""
+import functools
+
+import jax
+
+try:  # must happen before JAX initialises its backend; a conftest may already have done it
+    jax.config.update("jax_num_cpu_devices", 8)
+except RuntimeError:
+    pass
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from maxmodel.parallel.pipeline import bubble_fraction, pipeline_apply, stage_major_order
+
+AXES = ("data", "stage", "fsdp", "sequence", "tensor", "expert")
+LAYERS, BATCH, SEQ, DIM, FF = 8, 16, 4, 32, 64
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (emulated) devices")
+
+
+def make_mesh(data=1, stage=1, fsdp=1, tensor=1):
+    return jax.make_mesh((data, stage, fsdp, 1, tensor, 1), AXES,
+                         axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
+
+
+def layer_fn(p, h, aux):
+    """Residual MLP whose update depends on per-example aux inputs (padding mask, positions)."""
+    u = jax.nn.gelu((h + 0.01 * aux["positions"][..., None]) @ p["w_in"] + p["b_in"]) @ p["w_out"]
+    return h + u * (aux["segment_ids"] != 0)[..., None]
+
+
+def plain_layer_fn(p, h):
+    return h + jnp.tanh(h @ p["w_in"] + p["b_in"]) @ p["w_out"]
+
+
+def sequential(fn, params, x, aux=None):
+    for i in range(LAYERS):
+        p = jax.tree.map(lambda a, i=i: a[i], params)
+        x = fn(p, x) if aux is None else fn(p, x, aux)
+    return x
+
+
+@functools.partial(jax.jit, static_argnames="with_aux")
+def _reference(params, x, aux, cot, with_aux):
+    fn = layer_fn if with_aux else plain_layer_fn
+    out, vjp = jax.vjp(lambda p, x: sequential(fn, p, x, aux if with_aux else None), params, x)
+    return out, vjp(cot)
+
+
+def reference(fn, params, x, aux, cot):
+    """Output and gradients (for the loss sum(out * cot)) of the plain loop over the layers."""
+    return _reference(params, x, aux, cot, with_aux=fn is layer_fn)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    rng = np.random.default_rng(0)
+    params = {"w_in": rng.normal(size=(LAYERS, DIM, FF)) * 0.2, "b_in": rng.normal(size=(LAYERS, FF)) * 0.1,
+              "w_out": rng.normal(size=(LAYERS, FF, DIM)) * 0.2}
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+    x = jnp.asarray(rng.normal(size=(BATCH, SEQ, DIM)), jnp.float32)
+    aux = {"segment_ids": jnp.asarray(rng.integers(0, 3, size=(BATCH, SEQ)), jnp.int32),
+           "positions": jnp.asarray(rng.integers(0, 50, size=(BATCH, SEQ)), jnp.int32)}
+    cot = jnp.asarray(rng.normal(size=(BATCH, SEQ, DIM)), jnp.float32)
+    return params, x, aux, cot
+
+
+def rel_err(a, b):
+    return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+
+
+def check_against_sequential(problem, mesh, *, stages, microbatches, repeats=1, stage_major=False,
+                             with_aux=True):
+    params, x, aux, cot = problem
+    fn = layer_fn if with_aux else plain_layer_fn
+    aux = aux if with_aux else None
+
+    ref_out, ref_grads = reference(fn, params, x, aux, cot)
+
+    # Place the inputs as a train step would: layers over stage, d_ff over tensor, d_model over fsdp,
+    # batch over data and fsdp.
+    order = stage_major_order(LAYERS, stages, repeats) if stage_major else np.arange(LAYERS)
+    specs = {"w_in": P("stage", "fsdp", "tensor"), "b_in": P("stage", "tensor"),
+             "w_out": P("stage", "tensor", "fsdp")}
+    placed = {k: jax.device_put(v[order], NamedSharding(mesh, specs[k])) for k, v in params.items()}
+    x_placed = jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"))))
+
+    def run(params, x):
+        return pipeline_apply(fn, params, x, mesh=mesh, num_stages=stages, num_microbatches=microbatches,
+                              repeats=repeats, aux=aux, stage_major=stage_major)
+
+    def forward_and_grads(params, x):  # one program, one compile
+        out, vjp = jax.vjp(run, params, x)
+        return out, vjp(cot)
+
+    compiled = jax.jit(forward_and_grads).lower(placed, x_placed).compile()
+    assert "collective-permute" in compiled.as_text()
+    out, grads = compiled(placed, x_placed)
+    assert rel_err(out, ref_out) < 1e-5
+    inv = np.argsort(order)
+    for k in params:
+        assert rel_err(grads[0][k][inv], ref_grads[0][k]) < 1e-5, k
+    assert rel_err(grads[1], ref_grads[1]) < 1e-5
+    return grads
+
+
+@pytest.mark.parametrize("microbatches,with_aux", [(4, True), (8, False)])
+def test_gpipe_four_stages(problem, microbatches, with_aux):
+    check_against_sequential(problem, make_mesh(stage=4), stages=4, microbatches=microbatches,
+                             with_aux=with_aux)
+
+
+@pytest.mark.parametrize("stage_major", [False, True])
+def test_circular_two_stages_two_repeats(problem, stage_major):
+    check_against_sequential(problem, make_mesh(stage=2), stages=2, microbatches=4, repeats=2,
+                             stage_major=stage_major)
+
+
+def test_composes_with_data_and_tensor(problem):
+    grads = check_against_sequential(problem, make_mesh(stage=2, data=2, tensor=2), stages=2, microbatches=4)
+    # The gradient stays stage- and tensor-sharded like its parameter.
+    assert grads[0]["w_in"].sharding.shard_shape(grads[0]["w_in"].shape) == (LAYERS // 2, DIM, FF // 2)
+
+
+def test_circular_composes_with_fsdp_and_tensor(problem):
+    check_against_sequential(problem, make_mesh(stage=2, fsdp=2, tensor=2), stages=2, microbatches=2,
+                             repeats=2, stage_major=True)
+
+
+def test_stage_major_order():
+    # 8 layers, 2 stages, 2 repeats: virtual stages [0,1] [2,3] [4,5] [6,7]; device 0 holds vs 0 and 2.
+    np.testing.assert_array_equal(stage_major_order(8, 2, 2), [0, 1, 4, 5, 2, 3, 6, 7])
+    np.testing.assert_array_equal(stage_major_order(8, 4, 1), np.arange(8))
+
+
+def test_bubble_fraction():
+    assert bubble_fraction(1, 7) == 0.0
+    assert bubble_fraction(4, 4) == pytest.approx(3 / 7)
+    assert bubble_fraction(4, 8) == pytest.approx(3 / 11)
+    assert bubble_fraction(2, 4, repeats=2) == pytest.approx(1 / 9)
+    # More microbatches or more repeats shrink the bubble.
+    assert bubble_fraction(4, 16) < bubble_fraction(4, 8) < bubble_fraction(4, 4)
+    assert bubble_fraction(4, 8, repeats=4) < bubble_fraction(4, 8, repeats=2) < bubble_fraction(4, 8)
+    with pytest.raises(ValueError, match="num_microbatches=0"):
+        bubble_fraction(4, 0)
+
+
+def test_bad_layouts_raise_clear_errors(problem):
+    params, x, aux, _ = problem
+    mesh = make_mesh(stage=4)
+    kw = {"mesh": mesh, "num_stages": 4, "num_microbatches": 4, "aux": aux}
+    with pytest.raises(ValueError, match="num_layers=8 is not divisible by stages\\*repeats=4\\*3"):
+        pipeline_apply(layer_fn, params, x, repeats=3, **kw)
+    with pytest.raises(ValueError, match="num_stages=2 but mesh axis stage=4"):
+        pipeline_apply(layer_fn, params, x, **{**kw, "num_stages": 2})
+    with pytest.raises(ValueError, match="batch size 16 is not divisible by num_microbatches=3"):
+        pipeline_apply(layer_fn, params, x, **{**kw, "num_microbatches": 3})
+    with pytest.raises(ValueError, match="num_microbatches=2 < num_stages=4"):
+        pipeline_apply(layer_fn, params, x, repeats=2, **{**kw, "num_microbatches": 2})
+    with pytest.raises(ValueError, match="same leading dimension"):
+        pipeline_apply(layer_fn, {**params, "b_in": params["b_in"][:4]}, x, **kw)
+
+
+def test_ring_attention_inside_a_stage():
+    """stage=2 × sequence=4: a layer that runs ring attention over `sequence` inside each pipeline stage."""
+    from maxmodel.parallel.ring_attention import reference_attention, ring_attention
+
+    mesh = jax.make_mesh((1, 2, 1, 4, 1, 1), AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
+    layers, batch, length, heads, hd = 4, 4, 64, 2, 8
+    rng = np.random.default_rng(1)
+    params = {"wq": jnp.asarray(rng.normal(size=(layers, heads * hd, heads * hd)) * 0.2, jnp.float32)}
+    x = jnp.asarray(rng.normal(size=(batch, length, heads * hd)), jnp.float32)
+    seg = np.ones((batch, length), np.int32)
+    seg[:, length // 2:] = 2
+    seg[:, -5:] = 0  # padding
+    aux = {"seg": jnp.asarray(seg), "pos": jnp.asarray(np.tile(np.arange(length) % (length // 2), (batch, 1)))}
+
+    def make_layer(attention):
+        def layer(p, h, a):
+            q = (h @ p["wq"]).reshape(*h.shape[:2], heads, hd)
+            o = attention(q, q, q, a["seg"], a["seg"], a["pos"], a["pos"])
+            return h + o.reshape(h.shape)
+        return layer
+
+    def ref(params, x):
+        for i in range(layers):
+            x = make_layer(reference_attention)({"wq": params["wq"][i]}, x, aux)
+        return x
+
+    def piped(params, x):
+        return pipeline_apply(make_layer(ring_attention), params, x, num_stages=2, num_microbatches=2, aux=aux,
+                              length_axis="sequence")
+
+    x_placed = jax.device_put(x, NamedSharding(mesh, P(None, "sequence")))
+    with jax.set_mesh(mesh):  # both schedules find the mesh from the context
+        out = jax.jit(piped)(params, x_placed)
+        grads = jax.jit(jax.grad(lambda p, x: jnp.sum(piped(p, x) ** 2)))(params, x_placed)
+    assert rel_err(out, jax.jit(ref)(params, x)) < 1e-5
+    ref_grads = jax.jit(jax.grad(lambda p, x: jnp.sum(ref(p, x) ** 2)))(params, x)
+    assert rel_err(grads["wq"], ref_grads["wq"]) < 1e-5
