@@ -91,6 +91,13 @@ class MeshConfig(MeshAxes):
 
 
 @dataclass
+class PipelineConfig:
+    """Pipeline schedule over the `stage` mesh axis (used when mesh.stage > 1)."""
+    microbatches: int = 0                 # 0 = as many as stages; the bubble is (S-1)/(M·R+S-1)
+    repeats: int = 1                      # 1 = GPipe; > 1 = circular (interleaved) with R virtual stages per device
+
+
+@dataclass
 class TrainConfig:
     steps: int = 200
     batch_size: int = 16                  # global sequences per step
@@ -158,6 +165,7 @@ class RunConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)

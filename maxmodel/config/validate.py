@@ -18,10 +18,10 @@ CHOICES = {
     "optimizer.schedule": ("cosine", "linear", "wsd", "constant"),
     "data.on_bad_record": ("error", "skip"),
 }
-POSITIVE = ("model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads", "model.max_seq_len",
+POSITIVE = ("pipeline.repeats", "model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads", "model.max_seq_len",
             "train.steps", "train.batch_size", "train.seq_len", "train.microbatches",
             "run.log_every", "run.eval_every", "run.cpu_devices", "checkpoint.every_steps", "checkpoint.keep")
-NON_NEGATIVE = ("optimizer.lr", "optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.clip_norm",
+NON_NEGATIVE = ("pipeline.microbatches", "optimizer.lr", "optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.clip_norm",
                 "train.z_loss", "model.num_kv_heads", "model.head_dim", "model.d_ff", "run.eval_batches")
 
 

@@ -72,8 +72,17 @@ class Attention(nnx.Module):
         q = constrain(q, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
         k = constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim"))
         v = constrain(v, ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim"))
-        mask = attention_mask(segment_ids, segment_ids, positions, positions, True, self.window)
-        out = dot_product_attention(q, k, v, mask, self.cfg.attention.logit_softcap)
+        softcap = self.cfg.attention.logit_softcap
+        mesh = jax.sharding.get_abstract_mesh()
+        if not mesh.empty and mesh.shape.get("sequence", 1) > 1:
+            # Context parallelism: the sequence is split over `sequence`; K/V travel (ring) or are gathered.
+            from maxmodel.parallel.ring_attention import allgather_attention, ring_attention
+            attend = ring_attention if self.cfg.attention.context_parallel == "ring" else allgather_attention
+            out = attend(q, k, v, segment_ids, segment_ids, positions, positions, causal=True,
+                         sliding_window=self.window, logit_softcap=softcap)
+        else:
+            mask = attention_mask(segment_ids, segment_ids, positions, positions, True, self.window)
+            out = dot_product_attention(q, k, v, mask, softcap)
         out = constrain(out, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
         y = jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(x.dtype))
         return y + self.o_bias[...].astype(x.dtype) if self.o_bias is not None else y

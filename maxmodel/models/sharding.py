@@ -29,4 +29,11 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:
         return x
-    return jax.lax.with_sharding_constraint(x, spmd.apply_rules(PartitionSpec(*axes), None))
+    spec = spmd.apply_rules(PartitionSpec(*axes), None)
+    if mesh.manual_axes:  # inside a shard_map (pipeline stage): only the compiler-managed axes remain
+        manual = set(mesh.manual_axes)
+        def keep(entry):
+            names = tuple(a for a in (entry if isinstance(entry, tuple) else (entry,)) if a and a not in manual)
+            return names if len(names) > 1 else (names[0] if names else None)
+        spec = PartitionSpec(*(keep(e) for e in spec))
+    return jax.lax.with_sharding_constraint(x, spec)

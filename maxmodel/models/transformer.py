@@ -71,7 +71,11 @@ class Transformer(nnx.Module):
         """Final-norm hidden states [B, L, d_model]."""
         x = self.embed(tokens, positions, self.dtype)
         block_fn = self._block_fn()
-        if self.cfg.train.scan_layers:
+        mesh = jax.sharding.get_abstract_mesh()
+        stages = 1 if mesh.empty else mesh.shape.get("stage", 1)
+        if stages > 1:
+            x = self._pipeline(x, segment_ids, positions, block_fn, stages, mesh)
+        elif self.cfg.train.scan_layers:
             @nnx.scan(in_axes=(nnx.Carry, 0, None, None), out_axes=nnx.Carry,
                       transform_metadata={nnx.PARTITION_NAME: "layers"})
             def body(x, block, segment_ids, positions):
@@ -81,6 +85,19 @@ class Transformer(nnx.Module):
             for block in self.layers:
                 x = block_fn(block, x, segment_ids, positions)
         return self.final_norm(x)
+
+    def _pipeline(self, x, segment_ids, positions, block_fn, stages, mesh):
+        """The stacked layers as a pipeline over `stage` (GPipe, or circular when pipeline.repeats > 1)."""
+        from maxmodel.parallel.pipeline import pipeline_apply
+        graphdef, stacked = nnx.split(self.layers)
+
+        def layer_fn(layer_params, x, aux):
+            return block_fn(nnx.merge(graphdef, layer_params), x, aux["segment_ids"], aux["positions"])
+        pipe = self.cfg.pipeline
+        return pipeline_apply(layer_fn, stacked, x, num_stages=stages,
+                              num_microbatches=pipe.microbatches or stages, repeats=pipe.repeats,
+                              aux={"segment_ids": segment_ids, "positions": positions},
+                              length_axis="sequence" if mesh.shape.get("sequence", 1) > 1 else None)
 
     def logits(self, x):
         m = self.cfg.model

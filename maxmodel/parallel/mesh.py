@@ -73,6 +73,19 @@ def check_layout(cfg, mesh_shape: dict[str, int]) -> None:
         ("train.batch_size", t.batch_size // t.microbatches, batch_shards,
          "the batch axes data × fsdp × expert (per microbatch)"),
     ]
+    if stage > 1:
+        pipe = cfg.pipeline
+        micro = pipe.microbatches or stage
+        checks[5] = ("model.num_layers", m.num_layers, stage * pipe.repeats, "mesh.stage × pipeline.repeats")
+        checks.append(("train.batch_size", t.batch_size // t.microbatches, micro * batch_shards,
+                       "pipeline.microbatches × the batch axes"))
+        if micro < stage:
+            raise ConfigError("pipeline.microbatches", f"{micro} is fewer than mesh.stage={stage} stages")
+        if cfg.mesh.rules != "pipeline" and dict(cfg.mesh.rule_overrides).get("layers") != "stage":
+            raise ConfigError("mesh.rules", f"mesh.stage={stage} needs the 'pipeline' rules (layers -> stage), "
+                                            f"got '{cfg.mesh.rules}'")
+        if not cfg.train.scan_layers:
+            raise ConfigError("train.scan_layers", "pipeline parallelism needs the stacked (scanned) layers")
     for key, value, size, axis in checks:
         if size > 1 and value % size:
             raise ConfigError(key, f"{key.split('.')[-1]}={value} is not divisible by {axis}={size}")

@@ -59,7 +59,9 @@ class TrainStep:
     abstract_opt: Any
 
 
-def _loss_sums(graphdef, params, batch, z_loss):
+def _loss_sums(graphdef, params, batch, z_loss, order=None):
+    if order is not None:  # causal load balancing for ring attention: every token's mask uses its position
+        batch = {k: v[:, order] for k, v in batch.items()}
     model = nnx.merge(graphdef, params)
     logits = model(batch["inputs"], batch["segment_ids"], batch["positions"])
     nll, z, count = cross_entropy_sums(logits, batch["targets"], batch["loss_mask"], z_loss)
@@ -84,7 +86,11 @@ def build_train_step(cfg: Config, graphdef: nnx.GraphDef, abstract_params: nnx.S
                                        transform_non_params=lambda _: replicated)
     data_sh = batch_sharding(mesh)
     micro, z_loss = cfg.train.microbatches, cfg.train.z_loss
-    grad_fn = jax.value_and_grad(lambda p, b: _loss_sums(graphdef, p, b, z_loss), has_aux=True)
+    order = None
+    if cfg.model.attention.context_parallel == "ring" and mesh.shape["sequence"] > 1:
+        from maxmodel.parallel.ring_attention import load_balance_permutation
+        order = load_balance_permutation(cfg.train.seq_len, mesh.shape["sequence"])
+    grad_fn = jax.value_and_grad(lambda p, b: _loss_sums(graphdef, p, b, z_loss, order), has_aux=True)
 
     def gradients(params, batch):
         if micro == 1:
@@ -111,7 +117,7 @@ def build_train_step(cfg: Config, graphdef: nnx.GraphDef, abstract_params: nnx.S
         return params, opt_state, {"loss": nll / denom, "grad_norm": optax.tree.norm(grads), "tokens": count}
 
     def evaluate(params, batch):
-        _, (nll, count) = _loss_sums(graphdef, params, batch, 0.0)
+        _, (nll, count) = _loss_sums(graphdef, params, batch, 0.0, order)
         return nll, count
 
     batch_sh = {k: data_sh for k in BATCH_KEYS}
