@@ -5,10 +5,10 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import TINY
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from conftest import TINY
 from maxmodel.config import load_config
 from maxmodel.config.schema import CheckpointConfig
 from maxmodel.parallel.mesh import build_mesh

@@ -192,7 +192,7 @@ class Checkpointer:
                     params=ocp.args.StandardRestore(target["params"]),
                     opt_state=ocp.args.StandardRestore(target["opt_state"]),
                     data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
-            except Exception as e:  # noqa: BLE001 — decided below: damage or a real error
+            except Exception as e:  # decided below: damage, or a real error to pass on
                 if problem is None:  # the files are all there and intact: not damage but a mismatch
                     raise RuntimeError(f"checkpoint {step_dir} is intact but does not restore into this run "
                                        f"(did the model or optimizer config change?): {e}") from e
