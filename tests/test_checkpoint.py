@@ -144,3 +144,17 @@ def test_resharding_restore_fsdp8_to_data2_tensor2_on_4_devices(tmp_path):
         np.testing.assert_array_equal(a, b)
     for a, b in zip(jax.tree.leaves(saved_opt), jax.tree.leaves(jax.device_get(restored.opt_state))):
         np.testing.assert_array_equal(a, b)
+
+
+def test_fault_tolerance_config_keys_are_checked():
+    from maxmodel.config import ConfigError
+    cfg = load_config(overrides=["init.from=/some/export", "checkpoint.keep_every=1000", "train.spike_sigma=6"])
+    assert cfg.init.from_ == "/some/export" and cfg.checkpoint.keep_every == 1000
+    for overrides, key in ((["train.on_nonfinite=ignore"], "train.on_nonfinite"),
+                           (["checkpoint.local_dir=/tmp/x"], "checkpoint.local_every_steps"),
+                           (["checkpoint.local_every_steps=5"], "checkpoint.local_dir"),
+                           (["train.spike_decay=1.5"], "train.spike_decay"),
+                           (["checkpoint.every_minutes=-1"], "checkpoint.every_minutes")):
+        with pytest.raises(ConfigError) as e:
+            load_config(overrides=overrides)
+        assert e.value.key == key

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
-import numpy as np
 import yaml
 from flax import nnx
 from tqdm import tqdm

@@ -76,8 +76,11 @@ def build_train_step(cfg: Config, graphdef: nnx.GraphDef, abstract_params: nnx.S
     param_sh = concrete_shardings(abstract_params, mesh)
     opt_shapes = jax.eval_shape(tx.init, abstract_params)
     replicated = NamedSharding(mesh, PartitionSpec())
-    opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, param_sh,
-                                   transform_non_params=lambda _: replicated)
+    # tree_map_params runs tx.init on placeholders eagerly: keep that on a host device, not the step's mesh
+    # (which may be a TPU topology being compiled ahead of time from this CPU host).
+    with jax.set_mesh(jax.sharding.Mesh(jax.devices("cpu")[:1], ("host",))):
+        opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, param_sh,
+                                       transform_non_params=lambda _: replicated)
     data_sh = batch_sharding(mesh)
     micro, z_loss = cfg.train.microbatches, cfg.train.z_loss
     grad_fn = jax.value_and_grad(lambda p, b: _loss_sums(graphdef, p, b, z_loss), has_aux=True)
