@@ -12,6 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from maxmodel.config.schema import Config
 from maxmodel.models.transformer import Transformer
+from maxmodel.parallel.mesh import check_layout
 
 from . import guards
 from .loss import cross_entropy_sums
@@ -71,6 +72,7 @@ def build_train_step(cfg: Config, graphdef: nnx.GraphDef, abstract_params: nnx.S
 
     Gradient accumulation sums per-token losses and gradients over `train.microbatches` and divides once by
     the total token count, so the update equals the un-accumulated step's."""
+    check_layout(cfg, dict(mesh.shape))
     tx = guards.guarded(make_optimizer(cfg.optimizer, cfg.train.steps), cfg.train)
     schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
     param_sh = concrete_shardings(abstract_params, mesh)
