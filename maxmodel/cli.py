@@ -10,6 +10,7 @@ import sys
 
 COMMANDS = {
     "train": ("maxmodel.train.cli", "train a model (pretraining)"),
+    "export": ("maxmodel.train.export", "write a checkpoint's parameters alone (optionally bf16) for reuse"),
     "config": ("maxmodel.config.cli", "show the resolved config and parameter counts"),
     "plan": ("maxmodel.planner.cli", "plan model size, data, layout, time and cost for a compute budget"),
     "launch": ("maxmodel.launch.cli", "launch a job: local processes, TPU VMs, GKE, Slurm"),

@@ -6,6 +6,11 @@ import os
 # CPU only, also in subprocesses: never probe an installed libtpu (it takes a machine-wide lock file).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("MAXMODEL_CACHE", os.path.join(os.path.dirname(__file__), "..", ".cache", "maxmodel"))
+# Compiled programs are cached on disk: the suite's many short trainer runs (and their subprocesses) compile
+# the same few steps, and a cache hit takes a second where a compile takes tens on two shared cores.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ["MAXMODEL_CACHE"], "jax-compile"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 from maxmodel import distributed  # noqa: E402
 

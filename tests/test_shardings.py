@@ -22,8 +22,9 @@ def test_fsdp_holds_an_eighth_of_the_parameters_per_device():
     norms = sum(np.prod(p["shape"]) * 4 for p in out["parameters"] if "norm" in p["logical"])
     assert per_device == (total - norms) / 8 + norms
     assert abs(per_device / total - 1 / 8) < 0.01
-    # AdamW: mu and nu sharded like the params (plus two replicated step counters).
-    assert abs(out["per_device_bytes"]["optimizer"] - 2 * per_device) <= 16
+    # AdamW: mu and nu sharded like the params, plus replicated scalars (step counters, the loss guard's
+    # counters and running loss statistics: under 64 bytes).
+    assert abs(out["per_device_bytes"]["optimizer"] - 2 * per_device) <= 64
 
 
 def test_tensor_parallel_hlo_has_collectives():

@@ -110,6 +110,10 @@ class TrainConfig:
     scan_layers: bool = True
     z_loss: float = 0.0
     objective: str = "causal_lm"
+    on_nonfinite: str = "skip"            # non-finite loss/grads: skip the update (counted) | stop with a checkpoint
+    spike_sigma: float = 0.0              # > 0: skip updates whose loss exceeds the running mean by this many std
+    spike_warmup: int = 20                # losses averaged before the spike detector may skip anything
+    spike_decay: float = 0.99             # running mean/variance decay (about 1/(1-decay) steps of memory)
 
 
 @dataclass
@@ -141,11 +145,21 @@ class DataConfig:
 
 @dataclass
 class CheckpointConfig:
-    dir: str = ""                         # "" = <run dir>/checkpoints
-    every_steps: int = 100
-    keep: int = 2
+    dir: str = ""                         # "" = <run dir>/checkpoints; local path or gs://bucket/path
+    every_steps: int = 100                # 0 = no step-based saves
+    every_minutes: float = 0.0            # 0 = no time-based saves
+    keep: int = 2                         # latest checkpoints kept
+    keep_every: int = 0                   # > 0: steps that are multiples of this are kept for good
     enabled: bool = True
     async_: bool = True                   # YAML key `async` (a Python keyword)
+    local_dir: str = ""                   # emergency checkpoints on a fast local disk ("" = off)
+    local_every_steps: int = 0            # how often to save there (needs local_dir)
+    local_keep: int = 2
+
+
+@dataclass
+class InitConfig:
+    from_: str = ""                       # YAML key `from`: a `maxmodel export` directory to start a new run from
 
 
 @dataclass
@@ -170,11 +184,12 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    init: InitConfig = field(default_factory=InitConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
 # Field names that differ from their YAML key because the key is a Python keyword.
-YAML_TO_FIELD = {"async": "async_"}
+YAML_TO_FIELD = {"async": "async_", "from": "from_"}
 FIELD_TO_YAML = {v: k for k, v in YAML_TO_FIELD.items()}
 
 

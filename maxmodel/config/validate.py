@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .errors import ConfigError
-from .schema import Config
+from .schema import YAML_TO_FIELD, Config
 
 CHOICES = {
     "model.activation": ("swiglu", "geglu", "gelu", "relu"),
@@ -17,18 +17,21 @@ CHOICES = {
     "optimizer.name": ("adamw", "adam", "sgd", "lion", "adafactor"),
     "optimizer.schedule": ("cosine", "linear", "wsd", "constant"),
     "data.on_bad_record": ("error", "skip"),
+    "train.on_nonfinite": ("skip", "stop"),
 }
 POSITIVE = ("pipeline.repeats", "model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads", "model.max_seq_len",
             "train.steps", "train.batch_size", "train.seq_len", "train.microbatches",
-            "run.log_every", "run.eval_every", "run.cpu_devices", "checkpoint.every_steps", "checkpoint.keep")
+            "run.log_every", "run.eval_every", "run.cpu_devices", "checkpoint.keep", "checkpoint.local_keep")
 NON_NEGATIVE = ("pipeline.microbatches", "optimizer.lr", "optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.clip_norm",
-                "train.z_loss", "model.num_kv_heads", "model.head_dim", "model.d_ff", "run.eval_batches")
+                "train.z_loss", "model.num_kv_heads", "model.head_dim", "model.d_ff", "run.eval_batches",
+                "checkpoint.every_steps", "checkpoint.every_minutes", "checkpoint.keep_every",
+                "checkpoint.local_every_steps", "train.spike_sigma", "train.spike_warmup")
 
 
 def get(cfg: Config, dotted: str):
     node = cfg
     for part in dotted.split("."):
-        node = getattr(node, "async_" if part == "async" else part)
+        node = getattr(node, YAML_TO_FIELD.get(part, part))
     return node
 
 
@@ -57,6 +60,9 @@ def validate(cfg: Config) -> None:
                                                 f"microbatches={t.microbatches}")
     if not 0 <= cfg.optimizer.min_lr_ratio <= 1:
         raise ConfigError("optimizer.min_lr_ratio", f"must be in [0, 1], got {cfg.optimizer.min_lr_ratio}")
+    if not 0 < t.spike_decay < 1:
+        raise ConfigError("train.spike_decay", f"must be in (0, 1), got {t.spike_decay}")
+    _validate_checkpoint(cfg)
     if not 0 < cfg.data.eval_fraction < 1:
         raise ConfigError("data.eval_fraction", f"must be in (0, 1), got {cfg.data.eval_fraction}")
     for axis in ("data", "stage", "fsdp", "sequence", "tensor", "expert"):
@@ -68,3 +74,14 @@ def validate(cfg: Config) -> None:
         if not 0 < m.moe.top_k <= m.moe.num_experts:
             raise ConfigError("model.moe.top_k", f"must be in [1, num_experts={m.moe.num_experts}], "
                                                  f"got {m.moe.top_k}")
+
+
+def _validate_checkpoint(cfg: Config) -> None:
+    c = cfg.checkpoint
+    if c.local_dir and not c.local_every_steps:
+        raise ConfigError("checkpoint.local_every_steps", "must be > 0 when checkpoint.local_dir is set")
+    if c.local_every_steps and not c.local_dir:
+        raise ConfigError("checkpoint.local_dir", f"is empty but checkpoint.local_every_steps="
+                                                  f"{c.local_every_steps}; name a local directory")
+    if c.local_dir and c.dir and c.local_dir.rstrip("/") == c.dir.rstrip("/"):
+        raise ConfigError("checkpoint.local_dir", f"must differ from checkpoint.dir ({c.dir})")

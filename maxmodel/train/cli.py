@@ -28,12 +28,16 @@ def main(argv: list[str]) -> int:
     config_file, overrides = parse(argv)
     cfg = load_config(config_file, overrides)
     setup_logging()
+    from .guards import NonFiniteStop
     from .loop import Preempted, train
     try:
         result = train(cfg)
     except Preempted as e:
         print(f"maxmodel train: {e}", file=sys.stderr)
         return 3
+    except NonFiniteStop as e:  # train.on_nonfinite=stop
+        print(f"maxmodel train: {e}", file=sys.stderr)
+        return 1
     import jax
     if jax.process_index() == 0:
         report(cfg, result)

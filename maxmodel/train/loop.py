@@ -1,14 +1,13 @@
 """The training loop, top to bottom: set up, restore, step, log, evaluate, checkpoint, finish."""
 from __future__ import annotations
 
+import contextlib
 import logging
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
-import numpy as np
 import yaml
 from flax import nnx
 from tqdm import tqdm
@@ -19,9 +18,12 @@ from maxmodel.data.pipeline import make_train_data
 from maxmodel.parallel.mesh import build_mesh
 from maxmodel.parallel.rules import logical_rules
 
+from . import guards
 from .checkpoint import Checkpointer, abstract_like
+from .export import load_params
 from .metrics import MetricsWriter, flops_per_token, matmul_params, peak_flops_per_device
-from .step import abstract_state, build_train_step, concrete_shardings, create_params, global_batch
+from .preemption import PreemptionWatch
+from .step import abstract_state, build_train_step, create_params, global_batch
 
 log = logging.getLogger("maxmodel.train")
 
@@ -44,28 +46,15 @@ class TrainResult:
     mesh: object = None
 
 
-class _StopFlag:
-    """SIGINT (Ctrl-C) sets a flag; the loop checkpoints at the next step boundary. SIGTERM goes through
-    `distributed.preemption_requested`, which keeps all processes stopping at the same step."""
-
-    def __init__(self):
-        self.signal = None
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT,):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. a notebook worker): no handler
-                pass
-        return self
-
-    def _handle(self, signum, _frame):
-        self.signal = signum
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+@contextlib.contextmanager
+def _closing(writer, ckpt):
+    """Close the metrics writer and the checkpointer (waiting for its saves) however the run ends."""
+    try:
+        yield
+    finally:
+        writer.close()
+        if ckpt:
+            ckpt.close()
 
 
 def run_dir_of(cfg: Config) -> Path:
@@ -93,29 +82,27 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
     mesh = build_mesh(cfg.mesh)
     rules = logical_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)
     data = make_train_data(cfg, run_dir, info.process_index, info.process_count)
-    ckpt = Checkpointer(Path(cfg.checkpoint.dir or run_dir / "checkpoints"), cfg.checkpoint.keep,
-                        cfg.checkpoint.every_steps, cfg.checkpoint.async_) if cfg.checkpoint.enabled else None
+    ckpt = Checkpointer(cfg.checkpoint, run_dir / "checkpoints") if cfg.checkpoint.enabled else None
     writer = MetricsWriter(run_dir, enabled=main)
     result = TrainResult(run_dir, 0, 0, stats=dict(data.stats))
     peak, peak_source = peak_flops_per_device()  # outside the mesh context: a one-device matmul
 
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules), _StopFlag() as stop:
+    with (jax.set_mesh(mesh), nnx.logical_axis_rules(rules), PreemptionWatch() as preemption,
+          _closing(writer, ckpt)):
         graphdef, abstract = abstract_state(cfg)
         ts = build_train_step(cfg, graphdef, abstract, mesh)
-        latest = ckpt.latest_step() if ckpt else None
-        if latest is not None:
-            target = {"params": abstract_like(abstract, ts.param_shardings),
-                      "opt_state": abstract_like(ts.abstract_opt, ts.opt_shardings)}
-            state, data_state, _ = ckpt.restore(latest, target)
-            params, opt_state = state["params"], state["opt_state"]
-            if data_state:
-                data.train.set_state(data_state)
-            start = latest
-            log.info("resumed from step %d in %s", latest, run_dir)
-        else:
-            params = create_params(cfg, ts.param_shardings)
-            opt_state = ts.init_opt(params)
-            start = 0
+        param_target = abstract_like(abstract, ts.param_shardings)
+        restored = ckpt.restore_latest({"params": param_target, "opt_state": abstract_like(
+            ts.abstract_opt, ts.opt_shardings)}) if ckpt else None
+        if restored:  # continue this run exactly where its newest intact checkpoint left it
+            params, opt_state, start = restored.params, guards.resumed(restored.opt_state), restored.step
+            if restored.data:
+                data.train.set_state(restored.data)
+            log.info("resumed from step %d in %s", start, restored.directory)
+        else:  # a new run: fresh weights, or exported ones (init.from); always a fresh optimizer
+            params = load_params(cfg.init.from_, param_target) if cfg.init.from_ else create_params(
+                cfg, ts.param_shardings)
+            opt_state, start = ts.init_opt(params), 0
         result.start_step = start
 
         tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
@@ -126,7 +113,7 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
         bar = tqdm(total=cfg.train.steps, initial=start, disable=not (main and cfg.run.progress),
                    desc=cfg.run.name, unit="step", dynamic_ncols=True)
         interval_start, interval_steps, compile_seconds = time.perf_counter(), 0, None
-        step = start
+        step, last_record = start, {}
         end = cfg.train.steps if stop_at_step is None else min(stop_at_step, cfg.train.steps)
         try:
             while step < end:
@@ -141,14 +128,17 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
                     interval_start, interval_steps = time.perf_counter(), 0
                     result.stats["compile_seconds"] = compile_seconds
                 record = {}
-                if step % cfg.run.log_every == 0 or step == end:
+                logging_now = step % cfg.run.log_every == 0 or step == end
+                if logging_now:
                     m = jax.device_get(metrics)
                     elapsed = time.perf_counter() - interval_start
                     step_time = elapsed / interval_steps if interval_steps else float("nan")
                     tps = tokens_per_step / step_time if interval_steps else float("nan")
                     record = {"loss": float(m["loss"]), "lr": float(ts.schedule(step - 1)),
                               "grad_norm": float(m["grad_norm"]), "tokens_per_sec": tps,
-                              "step_time": step_time, "mfu": tps * flops_tok / peak_total}
+                              "step_time": step_time, "mfu": tps * flops_tok / peak_total,
+                              "skipped_steps": int(m["skipped_steps"]), "spike_skips": int(m["spike_skips"])}
+                    last_record = record
                     result.losses[step] = record["loss"]
                     bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{record['mfu']:.1%}")
                     interval_start, interval_steps = time.perf_counter(), 0
@@ -158,20 +148,24 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
                     interval_start += time.perf_counter() - t0  # eval time is not step time
                 if record:
                     writer.write(step, record)
-                if distributed.preemption_requested(step) and stop.signal is None:
-                    stop.signal = signal.SIGTERM
-                if ckpt and (ckpt.should_save(step, end) or stop.signal):
-                    ckpt.save(step, {"params": params, "opt_state": opt_state}, data.train.get_state(),
-                              {"step": step, "config": to_dict(cfg)}, force=bool(stop.signal))
-                if stop.signal:
+                preempted = preemption.requested(step)
+                due = ckpt.due(step, end) if ckpt else []
+                # `stop` mode: skipped updates keep the state at its last good value; notice it when syncing.
+                halted = bool(logging_now or due or preempted) and guards.halted(metrics, cfg.train)
+                if ckpt and (preempted or halted):
+                    due = ckpt.due(step, end, force=True)
+                if due:
+                    meta = {"config": to_dict(cfg), "metrics": last_record, "seed": cfg.train.seed}
+                    ckpt.save(step, due, params, opt_state, data.train.get_state(), meta)
+                if preempted or halted:
                     if ckpt:
-                        ckpt.wait()
-                    raise Preempted(f"stopped by signal {stop.signal} at step {step}; checkpoint written")
+                        ckpt.wait()  # committed before we exit
+                    if halted:
+                        raise guards.stop_error(metrics, step, saved=ckpt is not None)
+                    raise Preempted(f"stopped by signal {preemption.signal} at step {step}"
+                                    + ("; checkpoint written" if ckpt else " (checkpointing is off)"))
         finally:
             bar.close()
-            writer.close()
-            if ckpt:
-                ckpt.close()
         result.final_step = step
         result.params, result.graphdef, result.tokenizer, result.mesh = params, graphdef, data.tokenizer, mesh
     return result

@@ -14,6 +14,7 @@ from maxmodel.config.schema import Config
 from maxmodel.models.transformer import Transformer
 from maxmodel.parallel.mesh import check_layout
 
+from . import guards
 from .loss import cross_entropy_sums
 from .optimizer import learning_rate_schedule, make_optimizer
 
@@ -74,7 +75,7 @@ def build_train_step(cfg: Config, graphdef: nnx.GraphDef, abstract_params: nnx.S
     Gradient accumulation sums per-token losses and gradients over `train.microbatches` and divides once by
     the total token count, so the update equals the un-accumulated step's."""
     check_layout(cfg, dict(mesh.shape))
-    tx = make_optimizer(cfg.optimizer, cfg.train.steps)
+    tx = guards.guarded(make_optimizer(cfg.optimizer, cfg.train.steps), cfg.train)
     schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
     param_sh = concrete_shardings(abstract_params, mesh)
     opt_shapes = jax.eval_shape(tx.init, abstract_params)
@@ -112,9 +113,11 @@ def build_train_step(cfg: Config, graphdef: nnx.GraphDef, abstract_params: nnx.S
         grads, nll, count = gradients(params, batch)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
-        updates, opt_state = tx.update(grads, opt_state, params)
+        loss = nll / denom
+        updates, opt_state = tx.update(grads, opt_state, params, loss=loss)  # skips non-finite / spiking steps
         params = optax.apply_updates(params, updates)
-        return params, opt_state, {"loss": nll / denom, "grad_norm": optax.tree.norm(grads), "tokens": count}
+        return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": count,
+                                   **guards.metrics(opt_state)}
 
     def evaluate(params, batch):
         _, (nll, count) = _loss_sums(graphdef, params, batch, 0.0, order)

@@ -1,0 +1,120 @@
+"""`maxmodel export --step N --out DIR [--dtype bfloat16] [--run-dir RUN | CONFIG.yaml key=value ...]`
+
+Writes a checkpoint's parameters alone (no optimizer state), optionally cast, for fine-tuning and inference.
+`maxmodel train ... init.from=DIR` starts a new run from them: fresh optimizer, step 0.
+DIR holds `params/` (an orbax checkpoint of the parameter tree) and `export.json` (where it came from).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+
+from maxmodel.config import ConfigError, load_config
+from maxmodel.config.loader import config_from_dict
+
+log = logging.getLogger("maxmodel.export")
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _params_dir(directory) -> Path:
+    return Path(directory).absolute() / "params"
+
+
+def load_params(directory: str, target):
+    """Exported parameters restored onto `target` (ShapeDtypeStructs with this run's shardings and dtypes;
+    orbax casts an exported bf16 tree to the run's param dtype)."""
+    import orbax.checkpoint as ocp
+    if not (Path(directory) / "export.json").is_file():
+        raise ConfigError("init.from", f"{directory} is not a `maxmodel export` directory (no export.json)")
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            return ckptr.restore(_params_dir(directory), target)
+    except (ValueError, KeyError) as e:
+        raise ConfigError("init.from", f"the parameters in {directory} do not fit this model "
+                                       f"(compare its export.json with model.*): {e}") from None
+
+
+def _config(args) -> object:
+    if args.run_dir:
+        if args.args:
+            raise ConfigError("--run-dir", "takes the run's own config; give either --run-dir or CONFIG/overrides")
+        path = Path(args.run_dir) / "config.yaml"
+        if not path.is_file():
+            raise ConfigError("--run-dir", f"no config.yaml in {args.run_dir}")
+        cfg = config_from_dict(yaml.safe_load(path.read_text()))
+        if not cfg.checkpoint.dir:  # the run's checkpoints live beside its config
+            cfg.checkpoint.dir = str(Path(args.run_dir).absolute() / "checkpoints")
+        return cfg
+    config_file = args.args[0] if args.args and "=" not in args.args[0] else None
+    return load_config(config_file, args.args[1:] if config_file else args.args)
+
+
+def export(cfg, step: int | None, out: str, dtype: str | None) -> Path:
+    import jax
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    from maxmodel import distributed
+    from maxmodel.parallel.mesh import build_mesh
+    from maxmodel.parallel.rules import logical_rules
+
+    from .checkpoint import ITEMS, abstract_like, as_path, check_manifest
+    from .loop import run_dir_of
+    from .step import abstract_state, concrete_shardings
+
+    out_dir = Path(out).absolute()
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ConfigError("--out", f"{out_dir} exists and is not empty")
+    distributed.initialize(cfg.run.cpu_devices)
+    ckpt_dir = as_path(cfg.checkpoint.dir or run_dir_of(cfg) / "checkpoints")
+    manager = ocp.CheckpointManager(ckpt_dir, item_names=ITEMS,
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    steps = sorted(manager.all_steps())
+    if not steps:
+        raise ConfigError("checkpoint.dir", f"no checkpoints in {ckpt_dir}")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise ConfigError("--step", f"no checkpoint at step {step} in {ckpt_dir}; there are {steps}")
+    problem = check_manifest(ckpt_dir / str(step))
+    if problem not in (None, "unverified"):
+        raise ConfigError("--step", f"checkpoint {ckpt_dir / str(step)} is damaged: {problem}")
+
+    mesh = build_mesh(cfg.mesh)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(logical_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)):
+        _, abstract = abstract_state(cfg)
+        shardings = concrete_shardings(abstract, mesh)
+        params = manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_like(abstract, shardings)))).params
+        if dtype:  # cast where the shards are; the tree never gathers on one device
+            params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p), out_shardings=shardings)(params)
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(_params_dir(out_dir), params)
+    manager.close()
+    if jax.process_index() == 0:
+        from maxmodel.config.schema import to_dict
+        (out_dir / "export.json").write_text(json.dumps(
+            {"step": step, "source": str(ckpt_dir), "dtype": dtype or cfg.train.param_dtype,
+             "model": to_dict(cfg.model)}, indent=1))
+    return out_dir
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="maxmodel export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--out", required=True, help="directory to write (must be new or empty)")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="cast the weights (default: as stored)")
+    parser.add_argument("--run-dir", default=None, help="a run directory: use its config.yaml and checkpoints")
+    parser.add_argument("args", nargs="*", help="or: an optional CONFIG.yaml, then key.sub=value overrides")
+    args = parser.parse_args(argv)
+    cfg = _config(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    out = export(cfg, args.step, args.out, args.dtype)
+    print(f"exported step {json.loads((out / 'export.json').read_text())['step']} parameters to {out}")
+    return 0
