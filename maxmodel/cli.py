@@ -13,6 +13,8 @@ COMMANDS = {
     "config": ("maxmodel.config.cli", "show the resolved config and parameter counts"),
     "plan": ("maxmodel.planner.cli", "plan model size, data, layout, time and cost for a compute budget"),
     "launch": ("maxmodel.launch.cli", "launch a job: local processes, TPU VMs, GKE, Slurm"),
+    "data": ("maxmodel.data.cli", "prepare data: tokenize sources into ArrayRecord shards"),
+    "tokenizer": ("maxmodel.data.tokenizer_cli", "train a sentencepiece tokenizer; encode/decode text"),
 }
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PREEMPTED = 0, 1, 2, 3

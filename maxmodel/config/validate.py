@@ -17,12 +17,16 @@ CHOICES = {
     "optimizer.name": ("adamw", "adam", "sgd", "lion", "adafactor"),
     "optimizer.schedule": ("cosine", "linear", "wsd", "constant"),
     "data.on_bad_record": ("error", "skip"),
+    "data.format": ("text", "prompt_completion", "chat"),
+    "data.packing": ("concat", "first_fit", "none"),
 }
 POSITIVE = ("model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads", "model.max_seq_len",
             "train.steps", "train.batch_size", "train.seq_len", "train.microbatches",
             "run.log_every", "run.eval_every", "run.cpu_devices", "checkpoint.every_steps", "checkpoint.keep")
 NON_NEGATIVE = ("optimizer.lr", "optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.clip_norm",
-                "train.z_loss", "model.num_kv_heads", "model.head_dim", "model.d_ff", "run.eval_batches")
+                "train.z_loss", "model.num_kv_heads", "model.head_dim", "model.d_ff", "run.eval_batches",
+                "data.workers", "data.prefetch")
+DATA_SOURCES = ("builtin", "synthetic", "jsonl", "text", "parquet", "arrayrecord", "mixture")
 
 
 def get(cfg: Config, dotted: str):
@@ -59,6 +63,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optimizer.min_lr_ratio", f"must be in [0, 1], got {cfg.optimizer.min_lr_ratio}")
     if not 0 < cfg.data.eval_fraction < 1:
         raise ConfigError("data.eval_fraction", f"must be in (0, 1), got {cfg.data.eval_fraction}")
+    d = cfg.data
+    if d.source not in DATA_SOURCES and not (d.source.startswith("seqio:") and len(d.source) > 6):
+        raise ConfigError("data.source", f"{d.source!r} is not one of {', '.join(DATA_SOURCES)} or seqio:<task>")
+    if d.source == "mixture" and not d.mixture:
+        raise ConfigError("data.mixture", "data.source=mixture needs data.mixture: {name: {source, path, weight}}")
+    if d.chat_template.count("{content}") != 1:
+        raise ConfigError("data.chat_template", f"must contain '{{content}}' exactly once, got {d.chat_template!r}")
     for axis in ("data", "stage", "fsdp", "sequence", "tensor", "expert"):
         for prefix, node in (("mesh", cfg.mesh), ("mesh.dcn", cfg.mesh.dcn)):
             size = getattr(node, axis)
