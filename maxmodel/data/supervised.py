@@ -29,6 +29,7 @@ def encode_document(doc, fmt: str, tokenizer, chat_template: str = DEFAULT_CHAT_
                     ) -> tuple[np.ndarray, np.ndarray]:
     """(tokens int32, weights uint8) for one document, BOS first and EOS last."""
     pieces: list[tuple[list[int], int]] = [([tokenizer.bos_id], 0)]
+    end_counts = 1
     if fmt == "text":
         pieces.append((tokenizer.encode(doc), 1))
     elif fmt == "prompt_completion":
@@ -39,9 +40,10 @@ def encode_document(doc, fmt: str, tokenizer, chat_template: str = DEFAULT_CHAT_
             learn = int(m["role"] == "assistant")
             pieces += [(tokenizer.encode(header.replace("{role}", m["role"])), 0),
                        (tokenizer.encode(m["content"] + footer.replace("{role}", m["role"])), learn)]
+        end_counts = learn  # EOS is learned after an assistant turn, not after a trailing user turn
     else:
         raise ConfigError("data.format", f"{fmt!r} is not one of {', '.join(FORMATS)}")
-    pieces.append(([tokenizer.eos_id], 1))
+    pieces.append(([tokenizer.eos_id], end_counts))
     tokens = np.fromiter((t for ids, _ in pieces for t in ids), np.int32)
     weights = np.fromiter((w for ids, w in pieces for _ in ids), np.uint8, count=len(tokens))
     return tokens, weights
