@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	  f"maxmodel needs Python >= 3.12, found {v.major}.{v.minor} ({sys.executable}); run: make PYTHON=/path/to/python3.12")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,seqio]'
 	touch $(STAMP)
 
 setup: $(STAMP)

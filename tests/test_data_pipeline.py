@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import TINY
+
 from maxmodel.config import load_config
 from maxmodel.data.pipeline import make_train_data
 from maxmodel.data.prepare import prepare
@@ -52,8 +52,9 @@ def run_worker(mode: str, spec: dict, out: Path, wait: bool = True):
 
 
 def mixture_args(root):
-    return ["data.source=mixture", f"data.mixture={{a: {{source: jsonl, path: {root}/alpha.jsonl, weight: 3}}, "
-                                   f"b: {{source: arrayrecord, path: {root}/beta_shards, weight: 1}}}}"]
+    mixture = (f"{{a: {{source: jsonl, path: {root}/alpha.jsonl, weight: 3}}, "
+               f"b: {{source: arrayrecord, path: {root}/beta_shards, weight: 1}}}}")
+    return ["data.source=mixture", f"data.mixture={mixture}"]
 
 
 @pytest.mark.parametrize("case", ["first_fit", "concat", "mixture"])

@@ -4,8 +4,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import TINY
+
 from maxmodel.cli import main as cli_main
 from maxmodel.config import load_config
 from maxmodel.data.pipeline import make_train_data

@@ -215,7 +215,7 @@ def make_train_data(cfg: Config, run_dir: Path, process_index: int = 0, process_
     if len(comps) == 1 and isinstance(getattr(store, "store", None), MemoryStore):
         gather = (lambda s: np.concatenate([s.get(i)[0] for i in range(len(s))]) if len(s) else np.zeros(0, int))
         train_tokens, eval_tokens = gather(store), gather(held)
-        stats["train_tokens"], stats["eval_tokens"] = int(len(train_tokens)), int(len(eval_tokens))
+        stats["train_tokens"], stats["eval_tokens"] = len(train_tokens), len(eval_tokens)
         if len(eval_tokens):
             stats["unigram_eval_loss"] = unigram_cross_entropy(train_tokens, eval_tokens, cfg.model.vocab_size)
     log.info("data: %s", json.dumps(stats))

@@ -12,8 +12,8 @@ import gzip
 import json
 import zlib
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from maxmodel.config.errors import ConfigError
 

@@ -44,9 +44,6 @@ class MemoryStore:
         a, b = self.offsets[i], self.offsets[i + 1]
         return self.tokens[a:b], self.weights[a:b]
 
-    def subset(self, keep: np.ndarray) -> "MemoryStore":
-        return MemoryStore([self.get(int(i)) for i in keep])
-
 
 def manifest_path(entry: str) -> Path:
     p = Path(str(entry)).expanduser()

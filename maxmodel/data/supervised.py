@@ -5,7 +5,8 @@ The supervised formats train only on what the model should learn to write:
 - `prompt_completion` ({"prompt", "completion"}): BOS + prompt (weight 0) + completion + EOS (weight 1);
 - `chat` ({"messages": [{"role", "content"}, ...]}): each message rendered with `data.chat_template`,
   whose text before `{content}` (the role header) never counts; an assistant message's content and the
-  template text after it (the end-of-turn marker) count, every other message does not.
+  template text after it (the end-of-turn marker) count, every other message does not; the final EOS
+  counts when the conversation ends with an assistant turn.
 """
 from __future__ import annotations
 

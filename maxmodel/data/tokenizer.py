@@ -13,8 +13,8 @@ import hashlib
 import io
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from maxmodel.config.errors import ConfigError
 
