@@ -4,6 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
+# dev: test tools; tpu: libtpu, so `maxmodel compile` can compile for TPU topologies on this CPU host;
+# seqio: the seqio bridge (tensorflow, ~2.4 GB), whose tests run in CI.
+EXTRAS ?= dev,tpu,seqio
 
 .PHONY: setup train test lint clean
 
@@ -12,7 +15,7 @@ $(STAMP): pyproject.toml
 	  f"maxmodel needs Python >= 3.12, found {v.major}.{v.minor} ({sys.executable}); run: make PYTHON=/path/to/python3.12")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,seqio]'
+	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 setup: $(STAMP)

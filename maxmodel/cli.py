@@ -13,6 +13,8 @@ COMMANDS = {
     "config": ("maxmodel.config.cli", "show the resolved config and parameter counts"),
     "plan": ("maxmodel.planner.cli", "plan model size, data, layout, time and cost for a compute budget"),
     "launch": ("maxmodel.launch.cli", "launch a job: local processes, TPU VMs, GKE, Slurm"),
+    "shardings": ("maxmodel.parallel.shardings_cli", "per-parameter shardings and per-device memory"),
+    "compile": ("maxmodel.parallel.compile_cli", "ahead-of-time compile the train step for a TPU topology"),
     "data": ("maxmodel.data.cli", "prepare data: tokenize sources into ArrayRecord shards"),
     "tokenizer": ("maxmodel.data.tokenizer_cli", "train a sentencepiece tokenizer; encode/decode text"),
 }

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 
+# CPU only, also in subprocesses: never probe an installed libtpu (it takes a machine-wide lock file).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("MAXMODEL_CACHE", os.path.join(os.path.dirname(__file__), "..", ".cache", "maxmodel"))
 
 from maxmodel import distributed  # noqa: E402

@@ -56,3 +56,23 @@ def build_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
 
 def single_device_mesh_config() -> MeshConfig:
     return MeshConfig(data=1, dcn=MeshAxes())
+
+
+def check_layout(cfg, mesh_shape: dict[str, int]) -> None:
+    """Shapes that a layout must divide, checked before compiling so the error names the key and numbers."""
+    m, t = cfg.model, cfg.train
+    tensor, seq, stage = mesh_shape["tensor"], mesh_shape["sequence"], mesh_shape["stage"]
+    batch_shards = mesh_shape["data"] * mesh_shape["fsdp"] * mesh_shape["expert"]
+    checks = [
+        ("model.num_heads", m.num_heads, tensor, "mesh.tensor"),
+        ("model.num_kv_heads", m.num_kv_heads, tensor, "mesh.tensor"),
+        ("model.d_ff", m.d_ff, tensor, "mesh.tensor"),
+        ("model.vocab_size", m.vocab_size, tensor, "mesh.tensor"),
+        ("train.seq_len", t.seq_len, seq, "mesh.sequence"),
+        ("model.num_layers", m.num_layers, stage, "mesh.stage"),
+        ("train.batch_size", t.batch_size // t.microbatches, batch_shards,
+         "the batch axes data × fsdp × expert (per microbatch)"),
+    ]
+    for key, value, size, axis in checks:
+        if size > 1 and value % size:
+            raise ConfigError(key, f"{key.split('.')[-1]}={value} is not divisible by {axis}={size}")

@@ -45,14 +45,15 @@ class TrainResult:
 
 
 class _StopFlag:
-    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary."""
+    """SIGINT (Ctrl-C) sets a flag; the loop checkpoints at the next step boundary. SIGTERM goes through
+    `distributed.preemption_requested`, which keeps all processes stopping at the same step."""
 
     def __init__(self):
         self.signal = None
         self._old = {}
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGINT,):
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. a notebook worker): no handler
@@ -165,6 +166,8 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
                     interval_start += time.perf_counter() - t0  # eval time is not step time
                 if record:
                     writer.write(step, record)
+                if distributed.preemption_requested(step) and stop.signal is None:
+                    stop.signal = signal.SIGTERM
                 if ckpt and (ckpt.should_save(step, end) or stop.signal):
                     ckpt.save(step, {"params": params, "opt_state": opt_state}, data.train.get_state(),
                               {"step": step, "config": to_dict(cfg)}, force=bool(stop.signal))

@@ -12,6 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from maxmodel.config.schema import Config
 from maxmodel.models.transformer import Transformer
+from maxmodel.parallel.mesh import check_layout
 
 from .loss import cross_entropy_sums
 from .optimizer import learning_rate_schedule, make_optimizer
@@ -70,13 +71,17 @@ def build_train_step(cfg: Config, graphdef: nnx.GraphDef, abstract_params: nnx.S
 
     Gradient accumulation sums per-token losses and gradients over `train.microbatches` and divides once by
     the total token count, so the update equals the un-accumulated step's."""
+    check_layout(cfg, dict(mesh.shape))
     tx = make_optimizer(cfg.optimizer, cfg.train.steps)
     schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
     param_sh = concrete_shardings(abstract_params, mesh)
     opt_shapes = jax.eval_shape(tx.init, abstract_params)
     replicated = NamedSharding(mesh, PartitionSpec())
-    opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, param_sh,
-                                   transform_non_params=lambda _: replicated)
+    # tree_map_params runs tx.init on placeholders eagerly: keep that on a host device, not the step's mesh
+    # (which may be a TPU topology being compiled ahead of time from this CPU host).
+    with jax.set_mesh(jax.sharding.Mesh(jax.devices("cpu")[:1], ("host",))):
+        opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, param_sh,
+                                       transform_non_params=lambda _: replicated)
     data_sh = batch_sharding(mesh)
     micro, z_loss = cfg.train.microbatches, cfg.train.z_loss
     grad_fn = jax.value_and_grad(lambda p, b: _loss_sums(graphdef, p, b, z_loss), has_aux=True)

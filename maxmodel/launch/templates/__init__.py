@@ -1,0 +1,1 @@
+"""Templates rendered by `maxmodel launch` (a package so that setuptools ships them as package data)."""

@@ -1,0 +1,109 @@
+"""Ahead-of-time compile of the real sharded train step for a TPU topology, on a CPU host.
+
+With libtpu installed (`pip install maxmodel[tpu]`), `jax.experimental.topologies` describes the chips of a
+slice without owning them; the step lowered with abstract arrays over those devices compiles with XLA's TPU
+backend, and `memory_analysis()` gives the real per-chip memory. A layout is validated before paying for a pod.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+import jax
+from flax import nnx
+
+from maxmodel.config.errors import ConfigError
+from maxmodel.config.schema import Config
+
+GIB = 1024 ** 3
+
+
+class DoesNotFit(Exception):
+    """The TPU compiler found that the step needs more memory per chip than the chip has."""
+
+
+@dataclass
+class CompileReport:
+    topology: str
+    slices: int
+    devices: int
+    device_kind: str
+    mesh: dict
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    code_bytes: int
+    hbm_bytes_per_device: float
+
+    @property
+    def needed_bytes(self) -> int:
+        """Live bytes per device at peak: inputs + outputs (donated ones counted once) + temporaries + code."""
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.needed_bytes <= self.hbm_bytes_per_device
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "needed_bytes": self.needed_bytes, "fits": self.fits}
+
+
+def topology_devices(topology: str, slices: int):
+    """(devices, chips per slice, HBM bytes per device) of e.g. `v5p-8` × slices, via libtpu."""
+    from maxmodel.launch.catalog import tpu_slice
+    from maxmodel.launch.errors import LaunchError
+    from maxmodel.planner.hardware import get_chip
+    try:
+        tpu = tpu_slice(topology, key="--topology")
+    except LaunchError as e:
+        raise ConfigError("--topology", str(e).split(": ", 1)[-1]) from None
+    if slices < 1:
+        raise ConfigError("--slices", f"must be >= 1, got {slices}")
+    # Compiling needs no chip, so several processes (parallel test workers) may load libtpu at once.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    try:
+        from jax.experimental import topologies
+        import libtpu  # noqa: F401  (the TPU compiler; optional extra `tpu`)
+    except ImportError:
+        raise ConfigError("--topology", "ahead-of-time TPU compile needs libtpu: pip install 'maxmodel[tpu]'") from None
+    family = {"v5litepod": "v5e"}.get(tpu.family.prefix, tpu.family.prefix)
+    dims = tpu.topology.split("x")
+    bounds = tuple(int(d) for d in ([*dims, "1"] if len(dims) == 2 else dims))
+    host_bounds = (min(2, bounds[0]), min(2 if tpu.chips_per_host <= 4 else 4, bounds[1]), 1)
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=f"{family}:{tpu.topology}",
+                                        chips_per_host_bounds=host_bounds, num_slices=slices)
+    devices = list(desc.devices)
+    per_chip = len(devices) // (tpu.chips * slices)   # v4 shows each of a chip's two TensorCores
+    return devices, get_chip(family).hbm_bytes / max(per_chip, 1)
+
+
+def compile_for_topology(cfg: Config, topology: str, slices: int = 1) -> CompileReport:
+    from maxmodel.parallel.mesh import build_mesh
+    from maxmodel.parallel.rules import logical_rules
+    from maxmodel.train.checkpoint import abstract_like
+    from maxmodel.train.step import BATCH_KEYS, abstract_state, batch_sharding, build_train_step
+
+    devices, hbm = topology_devices(topology, slices)
+    mesh = build_mesh(cfg.mesh, devices)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(logical_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)):
+        graphdef, abstract = abstract_state(cfg)
+        ts = build_train_step(cfg, graphdef, abstract, mesh)
+        params = abstract_like(abstract, ts.param_shardings)
+        opt = abstract_like(ts.abstract_opt, ts.opt_shardings)
+        shape = (cfg.train.batch_size, cfg.train.seq_len)
+        sh = batch_sharding(mesh)
+        batch = {k: jax.ShapeDtypeStruct(shape, jax.numpy.float32 if k == "loss_mask" else jax.numpy.int32,
+                                         sharding=sh) for k in BATCH_KEYS}
+        lowered = ts.step_fn.lower(params, opt, batch)
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        # XLA's TPU compiler refuses programs whose buffers exceed HBM; report its figures.
+        raise DoesNotFit(f"{topology} × {slices}: {str(e).split(':', 2)[-1].split('HLO module')[0].strip()}") from None
+    mem = compiled.memory_analysis()
+    return CompileReport(topology, slices, len(devices), devices[0].device_kind, dict(mesh.shape),
+                         mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
+                         mem.temp_size_in_bytes, mem.generated_code_size_in_bytes, hbm)

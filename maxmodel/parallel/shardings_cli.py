@@ -1,0 +1,113 @@
+"""`maxmodel shardings [CONFIG.yaml] [key=value ...] [--no-compile] [--json]`
+
+Every parameter's shape, logical axes, mesh spec and bytes per device under the configured mesh and rules;
+per-device totals for parameters, gradients and optimizer state; an activation estimate for the remat
+policy; and XLA's own memory figures for the compiled step on this host's devices.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+from maxmodel.config import load_config
+
+MIB = 1024 ** 2
+
+
+def _per_device_bytes(shape, dtype, spec, mesh_shape) -> float:
+    shards = 1
+    for entry in spec:
+        for axis in (entry if isinstance(entry, tuple) else (entry,)):
+            if axis is not None:
+                shards *= mesh_shape[axis]
+    return math.prod(shape) * dtype.itemsize / shards
+
+
+def _tree_bytes(abstract, shardings, mesh_shape) -> float:
+    import jax
+    return sum(_per_device_bytes(a.shape, a.dtype, s.spec, mesh_shape)
+               for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)))
+
+
+def collect(cfg, compile_step: bool) -> dict:
+    import jax
+    from flax import nnx
+
+    from maxmodel import distributed
+    from maxmodel.planner.memory import activation_bytes
+    from maxmodel.train.step import BATCH_KEYS, abstract_state, batch_sharding, build_train_step
+
+    from .mesh import build_mesh
+    from .rules import logical_rules
+
+    distributed.initialize(cfg.run.cpu_devices)
+    mesh = build_mesh(cfg.mesh)
+    shape = dict(mesh.shape)
+    rules = logical_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)
+    out: dict = {"mesh": shape, "rules": cfg.mesh.rules, "parameters": []}
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        graphdef, abstract = abstract_state(cfg)
+        ts = build_train_step(cfg, graphdef, abstract, mesh)
+        for path, var in nnx.to_flat_state(abstract):
+            value = var.get_value()
+            spec = value.sharding.spec
+            out["parameters"].append({
+                "name": ".".join(str(p) for p in path), "shape": list(value.shape),
+                "logical": list(var.get_metadata().get("out_sharding") or ()),
+                "spec": [list(e) if isinstance(e, tuple) else e for e in spec],
+                "bytes_per_device": _per_device_bytes(value.shape, value.dtype, spec, shape)})
+        params = sum(p["bytes_per_device"] for p in out["parameters"])
+        out["per_device_bytes"] = {
+            "params": params, "grads": params,
+            "optimizer": _tree_bytes(ts.abstract_opt, ts.opt_shardings, shape)}
+        batch_shards = shape["data"] * shape["fsdp"] * shape["expert"]
+        micro_batch = max(1, cfg.train.batch_size // (cfg.train.microbatches * batch_shards))
+        out["per_device_bytes"]["activations_estimate"] = activation_bytes(
+            cfg.model, cfg.train.seq_len // shape["sequence"], micro_batch, tensor=shape["tensor"],
+            sequence_parallel=cfg.mesh.rules == "tp_sp", remat=cfg.train.remat, flash=False,
+            act_bytes=2 if cfg.train.dtype in ("bfloat16", "float16") else 4)
+        if compile_step:
+            from maxmodel.train.checkpoint import abstract_like
+            sh = batch_sharding(mesh)
+            batch = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.train.seq_len),
+                                             jax.numpy.float32 if k == "loss_mask" else jax.numpy.int32, sharding=sh)
+                     for k in BATCH_KEYS}
+            compiled = ts.step_fn.lower(abstract_like(abstract, ts.param_shardings),
+                                        abstract_like(ts.abstract_opt, ts.opt_shardings), batch).compile()
+            mem = compiled.memory_analysis()
+            out["xla_memory_analysis"] = {
+                "argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
+                "alias_bytes": mem.alias_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes,
+                "code_bytes": mem.generated_code_size_in_bytes}
+    return out
+
+
+def print_table(out: dict) -> None:
+    mesh = " × ".join(f"{k}={v}" for k, v in out["mesh"].items() if v > 1) or "1 device"
+    print(f"mesh {mesh}, rules '{out['rules']}'")
+    rows = [(p["name"], "×".join(map(str, p["shape"])), ",".join(str(a) for a in p["logical"]),
+             str(tuple(p["spec"])), f"{p['bytes_per_device'] / MIB:.3f}") for p in out["parameters"]]
+    header = ("parameter", "shape", "logical axes", "mesh spec", "MiB/device")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(5)]
+    for r in [header] + rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    print()
+    for k, v in out["per_device_bytes"].items():
+        print(f"{k:<22} {v / MIB:12.3f} MiB per device")
+    for k, v in out.get("xla_memory_analysis", {}).items():
+        print(f"xla {k:<18} {v / MIB:12.3f} MiB per device")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="maxmodel shardings", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("args", nargs="*", help="an optional CONFIG.yaml, then key.sub=value overrides")
+    parser.add_argument("--no-compile", action="store_true", help="skip compiling the step")
+    parser.add_argument("--json", action="store_true")
+    ns = parser.parse_args(argv)
+    config_file = ns.args[0] if ns.args and "=" not in ns.args[0] else None
+    cfg = load_config(config_file, ns.args[1:] if config_file else ns.args)
+    out = collect(cfg, not ns.no_compile)
+    print(json.dumps(out)) if ns.json else print_table(out)
+    return 0
