@@ -4,8 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
-# dev: test tools; tpu: libtpu, so `maxmodel compile` can compile for TPU topologies on this CPU host.
-EXTRAS ?= dev,tpu
+# dev: test tools; tpu: libtpu, so `maxmodel compile` can compile for TPU topologies on this CPU host;
+# seqio: the seqio bridge (tensorflow, ~2.4 GB), whose tests run in CI.
+EXTRAS ?= dev,tpu,seqio
 
 .PHONY: setup train test lint clean
 

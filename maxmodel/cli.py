@@ -16,6 +16,8 @@ COMMANDS = {
     "launch": ("maxmodel.launch.cli", "launch a job: local processes, TPU VMs, GKE, Slurm"),
     "shardings": ("maxmodel.parallel.shardings_cli", "per-parameter shardings and per-device memory"),
     "compile": ("maxmodel.parallel.compile_cli", "ahead-of-time compile the train step for a TPU topology"),
+    "data": ("maxmodel.data.cli", "prepare data: tokenize sources into ArrayRecord shards"),
+    "tokenizer": ("maxmodel.data.tokenizer_cli", "train a sentencepiece tokenizer; encode/decode text"),
 }
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PREEMPTED = 0, 1, 2, 3

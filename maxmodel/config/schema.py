@@ -139,8 +139,16 @@ class DataConfig:
     text_field: str = "text"
     tokenizer: str = "spm"                # spm (trained on the data, cached) | bytes | path to a tokenizer file
     on_bad_record: str = "error"          # error | skip
-    eval_fraction: float = 0.05
+    eval_fraction: float = 0.05           # documents held out when eval_path is not set
+    eval_path: Any = None                 # held-out data of the same source type (file, glob, list, directory)
     shuffle: bool = True
+    format: str = "text"                  # text | prompt_completion | chat (supervised: loss on completions only)
+    chat_template: str = "<|{role}|>\n{content}<|end|>\n"  # text before {content} never counts in the loss
+    packing: str = "concat"               # concat | first_fit | none
+    mixture: dict[str, Any] = field(default_factory=dict)  # name -> {source, path, weight, text_field, format, eval_path}
+    workers: int = 0                      # grain worker processes (0 = background threads in the trainer)
+    prefetch: int = 4                     # batches prefetched (per worker when workers > 0)
+    seqio_module: str = "maxmodel.data.seqio_tasks"  # imported to register seqio tasks for source=seqio:<task>
 
 
 @dataclass

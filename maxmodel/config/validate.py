@@ -18,6 +18,8 @@ CHOICES = {
     "optimizer.schedule": ("cosine", "linear", "wsd", "constant"),
     "data.on_bad_record": ("error", "skip"),
     "train.on_nonfinite": ("skip", "stop"),
+    "data.format": ("text", "prompt_completion", "chat"),
+    "data.packing": ("concat", "first_fit", "none"),
 }
 POSITIVE = ("pipeline.repeats", "model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads", "model.max_seq_len",
             "train.steps", "train.batch_size", "train.seq_len", "train.microbatches",
@@ -25,7 +27,9 @@ POSITIVE = ("pipeline.repeats", "model.vocab_size", "model.d_model", "model.num_
 NON_NEGATIVE = ("pipeline.microbatches", "optimizer.lr", "optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.clip_norm",
                 "train.z_loss", "model.num_kv_heads", "model.head_dim", "model.d_ff", "run.eval_batches",
                 "checkpoint.every_steps", "checkpoint.every_minutes", "checkpoint.keep_every",
-                "checkpoint.local_every_steps", "train.spike_sigma", "train.spike_warmup")
+                "checkpoint.local_every_steps", "train.spike_sigma", "train.spike_warmup",
+                "data.workers", "data.prefetch")
+DATA_SOURCES = ("builtin", "synthetic", "jsonl", "text", "parquet", "arrayrecord", "mixture")
 
 
 def get(cfg: Config, dotted: str):
@@ -65,6 +69,13 @@ def validate(cfg: Config) -> None:
     _validate_checkpoint(cfg)
     if not 0 < cfg.data.eval_fraction < 1:
         raise ConfigError("data.eval_fraction", f"must be in (0, 1), got {cfg.data.eval_fraction}")
+    d = cfg.data
+    if d.source not in DATA_SOURCES and not (d.source.startswith("seqio:") and len(d.source) > 6):
+        raise ConfigError("data.source", f"{d.source!r} is not one of {', '.join(DATA_SOURCES)} or seqio:<task>")
+    if d.source == "mixture" and not d.mixture:
+        raise ConfigError("data.mixture", "data.source=mixture needs data.mixture: {name: {source, path, weight}}")
+    if d.chat_template.count("{content}") != 1:
+        raise ConfigError("data.chat_template", f"must contain '{{content}}' exactly once, got {d.chat_template!r}")
     for axis in ("data", "stage", "fsdp", "sequence", "tensor", "expert"):
         for prefix, node in (("mesh", cfg.mesh), ("mesh.dcn", cfg.mesh.dcn)):
             size = getattr(node, axis)

@@ -113,11 +113,15 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
         bar = tqdm(total=cfg.train.steps, initial=start, disable=not (main and cfg.run.progress),
                    desc=cfg.run.name, unit="step", dynamic_ncols=True)
         interval_start, interval_steps, compile_seconds = time.perf_counter(), 0, None
+        data_wait = 0.0  # seconds spent waiting in next(data.train) during the interval
         step, last_record = start, {}
         end = cfg.train.steps if stop_at_step is None else min(stop_at_step, cfg.train.steps)
         try:
             while step < end:
-                batch = global_batch(next(data.train), mesh)
+                wait_start = time.perf_counter()
+                local = next(data.train)
+                data_wait += time.perf_counter() - wait_start
+                batch = global_batch(local, mesh)
                 params, opt_state, metrics = ts.step_fn(params, opt_state, batch)
                 step += 1
                 interval_steps += 1
@@ -125,7 +129,7 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
                 if compile_seconds is None:  # the first step includes compilation: time it apart
                     jax.block_until_ready(metrics)
                     compile_seconds = time.perf_counter() - interval_start
-                    interval_start, interval_steps = time.perf_counter(), 0
+                    interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
                     result.stats["compile_seconds"] = compile_seconds
                 record = {}
                 logging_now = step % cfg.run.log_every == 0 or step == end
@@ -137,11 +141,15 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
                     record = {"loss": float(m["loss"]), "lr": float(ts.schedule(step - 1)),
                               "grad_norm": float(m["grad_norm"]), "tokens_per_sec": tps,
                               "step_time": step_time, "mfu": tps * flops_tok / peak_total,
-                              "skipped_steps": int(m["skipped_steps"]), "spike_skips": int(m["spike_skips"])}
+                              "skipped_steps": int(m["skipped_steps"]), "spike_skips": int(m["spike_skips"]),
+                              "data_wait": data_wait / elapsed if interval_steps else 0.0}
                     last_record = record
+                    if record["data_wait"] > 0.05:
+                        log.warning("step %d: %.0f%% of step time spent waiting for data (raise data.prefetch "
+                                    "or data.workers, or prepare shards)", step, 100 * record["data_wait"])
                     result.losses[step] = record["loss"]
                     bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{record['mfu']:.1%}")
-                    interval_start, interval_steps = time.perf_counter(), 0
+                    interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
                 if step % cfg.run.eval_every == 0 or step == cfg.train.steps:
                     t0 = time.perf_counter()
                     record["eval_loss"] = result.eval_loss = evaluate(ts, params, data, mesh, cfg.run.eval_batches)
