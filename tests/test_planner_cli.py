@@ -137,15 +137,3 @@ def test_emitted_config_trains_for_a_step(tmp_path):
                           "checkpoint.enabled=false"], env=ENV, capture_output=True, text=True, timeout=600,
                          check=False)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-
-
-def test_compile_flag_without_aot_is_a_clear_exit_2(capsys, tmp_path):
-    try:
-        import maxmodel.parallel.aot  # noqa: F401
-        pytest.skip("maxmodel.parallel.aot exists: the compile path is tested by the parallelism issue")
-    except ImportError:
-        pass
-    assert cli_main(["plan", "--chip", "v5p", "--chips", "8", "--days", "1", "--compile"]) == 2
-    assert "AOT compile is not available yet" in capsys.readouterr().err
-    assert cli_main(["plan", "--flops", "1e21", "--compile"]) == 2
-    assert "--compile" in capsys.readouterr().err
