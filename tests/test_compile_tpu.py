@@ -2,8 +2,8 @@
 import json
 
 import pytest
-
 from conftest import TINY
+
 from maxmodel.cli import main as cli_main
 
 pytest.importorskip("libtpu", reason="libtpu not installed (pip install 'maxmodel[tpu]'): TPU AOT compile unavailable")
