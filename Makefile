@@ -24,7 +24,7 @@ train: $(STAMP)
 	$(BIN)/maxmodel train
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --timeout=900 tests
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup --timeout=900 tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check maxmodel tests

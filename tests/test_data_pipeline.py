@@ -105,6 +105,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.xdist_group("multiprocess")
 def test_two_processes_read_disjoint_halves_of_the_global_batch(inputs, tmp_path):
     ovr = overrides(inputs, tmp_path, *mixture_args(inputs), "data.packing=first_fit")
     single = make_train_data(load_config(overrides=ovr), tmp_path)

@@ -13,6 +13,8 @@ import pytest
 from maxmodel.launch import cli
 from maxmodel.launch.local import child_env
 
+pytestmark = pytest.mark.xdist_group("multiprocess")  # see tests/test_launch_train.py
+
 ROOT = Path(__file__).resolve().parents[1]
 
 COLLECTIVES = """

@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 
 pytest.importorskip("maxmodel.train.loop", reason="the trainer is not on this branch yet")
-pytestmark = pytest.mark.slow   # five short trainings: about 1-2 minutes on 2 idle cores
+# Five short trainings: about 1-2 minutes on 2 idle cores. Multi-process tests share one xdist worker
+# (`--dist loadgroup`) so two of them never compete for the 2 cores, which can time out gloo's connect.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multiprocess")]
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small and fast: bytes tokenizer (nothing to train), 2 layers, 4 devices, a schedule fixed by warmup_steps and
