@@ -147,7 +147,7 @@ def update_router_bias(graphdef, params, load, rate: float):
     already [num_moe_layers, E], an unrolled one holds one module per MoE layer."""
     model = nnx.merge(graphdef, params)
     found = sorted(((tuple(int(p) if str(p).isdigit() else -1 for p in path), m)
-                    for path, m in model.iter_modules() if isinstance(m, MoE) and m.bias is not None),
+                    for path, m in nnx.iter_modules(model) if isinstance(m, MoE) and m.bias is not None),
                    key=lambda item: item[0])
     biases = [m for _, m in found]
     step = rate * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
