@@ -40,6 +40,8 @@ class MoEConfig:
     renormalize: bool = True
     aux_loss_weight: float = 0.01
     z_loss_weight: float = 0.001
+    bias_balancing: bool = False          # DeepSeek-V3 aux-loss-free balancing (a per-expert routing bias)
+    bias_update_rate: float = 0.001       # the bias moves by this much per step, towards the mean load
 
 
 @dataclass

@@ -81,9 +81,30 @@ def validate(cfg: Config) -> None:
             size = getattr(node, axis)
             if size == 0 or size < -1:
                 raise ConfigError(f"{prefix}.{axis}", f"must be a positive size or -1, got {size}")
-    if m.moe.num_experts and not 0 < m.moe.top_k <= m.moe.num_experts:
-        raise ConfigError("model.moe.top_k", f"must be in [1, num_experts={m.moe.num_experts}], "
-                                             f"got {m.moe.top_k}")
+    _validate_moe(cfg)
+
+
+def _validate_moe(cfg: Config) -> None:
+    m, moe = cfg.model, cfg.model.moe
+    for key in ("num_experts", "first_dense_layers", "d_ff", "shared_experts", "capacity_factor",
+                "aux_loss_weight", "z_loss_weight", "bias_update_rate"):
+        if getattr(moe, key) < 0:
+            raise ConfigError(f"model.moe.{key}", f"must be >= 0, got {getattr(moe, key)}")
+    if not moe.num_experts:
+        return
+    if not 0 < moe.top_k <= moe.num_experts:
+        raise ConfigError("model.moe.top_k", f"must be in [1, num_experts={moe.num_experts}], got {moe.top_k}")
+    if moe.every < 1:
+        raise ConfigError("model.moe.every", f"must be >= 1, got {moe.every}")
+    if moe.first_dense_layers >= m.num_layers:
+        raise ConfigError("model.moe.first_dense_layers", f"{moe.first_dense_layers} leaves no MoE layer of "
+                                                          f"num_layers={m.num_layers}")
+    if (m.num_layers - moe.first_dense_layers) % moe.every:
+        raise ConfigError("model.moe.every", f"num_layers - first_dense_layers = "
+                                             f"{m.num_layers - moe.first_dense_layers} is not a multiple of "
+                                             f"every={moe.every}")
+    if m.parallel_block:
+        raise ConfigError("model.parallel_block", "is not supported with MoE layers (model.moe.num_experts > 0)")
 
 
 def _validate_checkpoint(cfg: Config) -> None:

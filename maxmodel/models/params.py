@@ -13,7 +13,7 @@ def _named_sizes(cfg: Config) -> list[tuple[tuple[str, ...], int]]:
     from .transformer import Transformer
     with nnx.use_eager_sharding(False):  # shapes only: no mesh is needed
         abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
-    _, state = nnx.split(abstract)
+    state = nnx.state(abstract, nnx.Param)  # parameters only (not e.g. MoE routing-bias state)
     out = []
     for path, leaf in jax.tree_util.tree_leaves_with_path(state):
         names = tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
@@ -23,8 +23,12 @@ def _named_sizes(cfg: Config) -> list[tuple[tuple[str, ...], int]]:
 
 def count_params(cfg: Config) -> dict[str, int]:
     """total; non_embedding (without token/position tables and the untied output head, as in Kaplan et al.);
-    active (parameters used per token: equals total for dense models)."""
+    active (parameters used per token: the routed experts count top_k of num_experts; equals total for
+    dense models)."""
     sizes = _named_sizes(cfg)
     total = sum(n for _, n in sizes)
     embedding = sum(n for names, n in sizes if names[:1] in (("embed",), ("head",)))
-    return {"total": total, "non_embedding": total - embedding, "embedding": embedding, "active": total}
+    moe = cfg.model.moe
+    experts = sum(n for names, n in sizes if names[-1].startswith("expert_"))  # routed experts' weights
+    active = total - experts + experts * moe.top_k // max(moe.num_experts, 1)
+    return {"total": total, "non_embedding": total - embedding, "embedding": embedding, "active": active}

@@ -9,6 +9,7 @@ from maxmodel.config.schema import Config, ModelConfig
 
 from .attention import Attention
 from .layers import MLP, Embed, make_norm
+from .moe import MoE
 from .sharding import constrain, param
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -20,22 +21,62 @@ ACT = ("activation_batch", "activation_length", "activation_embed")
 
 
 class Block(nnx.Module):
-    """x + attn(norm(x)) then x + mlp(norm(x)); or, PaLM's parallel form, x + attn(norm(x)) + mlp(norm(x))."""
+    """x + attn(norm(x)) then x + ffn(norm(x)); or, PaLM's parallel form, x + attn(norm(x)) + mlp(norm(x)).
+    The feed-forward part is a dense MLP or, with `moe`, a Mixture of Experts. Returns (x, MoE stats)."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, param_dtype=jnp.float32):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, param_dtype=jnp.float32, moe: bool = False):
         self.parallel = cfg.parallel_block
+        self.is_moe = moe
         self.attn_norm = make_norm(cfg, param_dtype)
         self.attn = Attention(cfg, rngs, param_dtype, window=cfg.attention.sliding_window)
         if not self.parallel:
             self.mlp_norm = make_norm(cfg, param_dtype)
-        self.mlp = MLP(cfg, rngs, param_dtype)
+        self.mlp = MoE(cfg, rngs, param_dtype) if moe else MLP(cfg, rngs, param_dtype)
 
     def __call__(self, x, segment_ids, positions):
         h = self.attn_norm(x)
         if self.parallel:
-            return constrain(x + self.attn(h, segment_ids, positions) + self.mlp(h), ACT)
+            return constrain(x + self.attn(h, segment_ids, positions) + self.mlp(h), ACT), {}
         x = constrain(x + self.attn(h, segment_ids, positions), ACT)
-        return constrain(x + self.mlp(self.mlp_norm(x)), ACT)
+        if self.is_moe:
+            y, stats = self.mlp(self.mlp_norm(x))
+            return constrain(x + y, ACT), stats
+        return constrain(x + self.mlp(self.mlp_norm(x)), ACT), {}
+
+
+class BlockGroup(nnx.Module):
+    """`every` consecutive layers, the last one MoE (GLaM's alternating stack): the unit that is scanned."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, param_dtype=jnp.float32):
+        every = cfg.moe.every
+        self.blocks = nnx.List([Block(cfg, rngs, param_dtype, moe=i == every - 1) for i in range(every)])
+
+    def __call__(self, x, segment_ids, positions):
+        stats = {}
+        for block in self.blocks:
+            x, s = block(x, segment_ids, positions)
+            stats = stats or s
+        return x, stats
+
+
+def is_moe_layer(cfg: ModelConfig, i: int) -> bool:
+    """Layer i (from 0) is MoE: past the first dense layers, every `every`-th one (the last of each group)."""
+    moe = cfg.moe
+    return bool(moe.num_experts) and i >= moe.first_dense_layers and (i - moe.first_dense_layers + 1) % moe.every == 0
+
+
+def _stack(make, n: int, rngs: nnx.Rngs):
+    """n copies of a module with their parameters stacked on a leading `layers` axis (for nnx.scan)."""
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make_stack(rngs):
+        return make(rngs)
+    return make_stack(rngs)
+
+
+def _stack_stats(per_layer: list[dict]) -> dict:
+    per_layer = [s for s in per_layer if s]
+    return {k: jnp.stack([s[k] for s in per_layer]) for k in per_layer[0]} if per_layer else {}
 
 
 class Transformer(nnx.Module):
@@ -45,14 +86,17 @@ class Transformer(nnx.Module):
         self.dtype = DTYPES[cfg.train.dtype]
         param_dtype = DTYPES[cfg.train.param_dtype]
         self.embed = Embed(m, rngs, param_dtype)
-        if cfg.train.scan_layers:
-            @nnx.split_rngs(splits=m.num_layers)
-            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-            def make_stack(rngs):
-                return Block(m, rngs, param_dtype)
-            self.layers = make_stack(rngs)
-        else:
-            self.layers = nnx.List([Block(m, rngs, param_dtype) for _ in range(m.num_layers)])
+        moe = m.moe
+        if not cfg.train.scan_layers:
+            self.layers = nnx.List([Block(m, rngs, param_dtype, moe=is_moe_layer(m, i)) for i in range(m.num_layers)])
+        elif not moe.num_experts:
+            self.layers = _stack(lambda r: Block(m, r, param_dtype), m.num_layers, rngs)
+        else:  # scanned MoE stack: the first dense layers, then repeated units ending in an MoE layer
+            if moe.first_dense_layers:
+                self.first_layers = _stack(lambda r: Block(m, r, param_dtype), moe.first_dense_layers, rngs)
+            unit = (lambda r: Block(m, r, param_dtype, moe=True)) if moe.every == 1 else (
+                lambda r: BlockGroup(m, r, param_dtype))
+            self.layers = _stack(unit, (m.num_layers - moe.first_dense_layers) // moe.every, rngs)
         self.final_norm = make_norm(m, param_dtype)
         if not m.tie_embeddings:
             self.head = param(rngs, (m.d_model, m.vocab_size), ("embed", "vocab"), std=m.init_std,
@@ -68,23 +112,29 @@ class Transformer(nnx.Module):
         return nnx.remat(run, policy=REMAT_POLICIES[policy], prevent_cse=not self.cfg.train.scan_layers)
 
     def hidden(self, tokens, segment_ids, positions):
-        """Final-norm hidden states [B, L, d_model]."""
+        """Final-norm hidden states [B, L, d_model] and the MoE layers' stats (each [num_moe_layers, ...])."""
         x = self.embed(tokens, positions, self.dtype)
         block_fn = self._block_fn()
         mesh = jax.sharding.get_abstract_mesh()
         stages = 1 if mesh.empty else mesh.shape.get("stage", 1)
+        stats = {}
         if stages > 1:
             x = self._pipeline(x, segment_ids, positions, block_fn, stages, mesh)
         elif self.cfg.train.scan_layers:
-            @nnx.scan(in_axes=(nnx.Carry, 0, None, None), out_axes=nnx.Carry,
+            @nnx.scan(in_axes=(nnx.Carry, 0, None, None), out_axes=(nnx.Carry, 0),
                       transform_metadata={nnx.PARTITION_NAME: "layers"})
             def body(x, block, segment_ids, positions):
                 return block_fn(block, x, segment_ids, positions)
-            x = body(x, self.layers, segment_ids, positions)
+            if hasattr(self, "first_layers"):
+                x, _ = body(x, self.first_layers, segment_ids, positions)
+            x, stats = body(x, self.layers, segment_ids, positions)
         else:
+            per_layer = []
             for block in self.layers:
-                x = block_fn(block, x, segment_ids, positions)
-        return self.final_norm(x)
+                x, s = block_fn(block, x, segment_ids, positions)
+                per_layer.append(s)
+            stats = _stack_stats(per_layer)
+        return self.final_norm(x), stats
 
     def _pipeline(self, x, segment_ids, positions, block_fn, stages, mesh):
         """The stacked layers as a pipeline over `stage` (GPipe, or circular when pipeline.repeats > 1)."""
@@ -92,7 +142,7 @@ class Transformer(nnx.Module):
         graphdef, stacked = nnx.split(self.layers)
 
         def layer_fn(layer_params, x, aux):
-            return block_fn(nnx.merge(graphdef, layer_params), x, aux["segment_ids"], aux["positions"])
+            return block_fn(nnx.merge(graphdef, layer_params), x, aux["segment_ids"], aux["positions"])[0]
         pipe = self.cfg.pipeline
         return pipeline_apply(layer_fn, stacked, x, num_stages=stages,
                               num_microbatches=pipe.microbatches or stages, repeats=pipe.repeats,
@@ -106,9 +156,12 @@ class Transformer(nnx.Module):
             out = m.final_logit_softcap * jnp.tanh(out / m.final_logit_softcap)
         return constrain(out, ("activation_batch", "activation_length", "activation_vocab"))
 
-    def __call__(self, tokens, segment_ids=None, positions=None):
+    def __call__(self, tokens, segment_ids=None, positions=None, return_stats: bool = False):
+        """Logits [B, L, vocab]; with return_stats, also the MoE stats (load, dropped, aux_loss, z_loss)."""
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        return self.logits(self.hidden(tokens, segment_ids, positions))
+        x, stats = self.hidden(tokens, segment_ids, positions)
+        logits = self.logits(x)
+        return (logits, stats) if return_stats else logits

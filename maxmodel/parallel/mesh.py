@@ -73,6 +73,12 @@ def check_layout(cfg, mesh_shape: dict[str, int]) -> None:
         ("train.batch_size", t.batch_size // t.microbatches, batch_shards,
          "the batch axes data × fsdp × expert (per microbatch)"),
     ]
+    if m.moe.num_experts:
+        checks += [("model.moe.num_experts", m.moe.num_experts, mesh_shape["expert"], "mesh.expert"),
+                   ("model.moe.d_ff", m.moe.d_ff, tensor, "mesh.tensor")]
+        if stage > 1:
+            raise ConfigError("mesh.stage", f"pipeline parallelism (mesh.stage={stage}) does not support MoE "
+                                            f"layers yet (model.moe.num_experts={m.moe.num_experts})")
     if stage > 1:
         pipe = cfg.pipeline
         micro = pipe.microbatches or stage

@@ -21,7 +21,7 @@ from maxmodel.parallel.rules import logical_rules
 from . import guards
 from .checkpoint import Checkpointer, abstract_like
 from .export import load_params
-from .metrics import MetricsWriter, flops_per_token, matmul_params, peak_flops_per_device
+from .metrics import MetricsWriter, flops_per_token, matmul_params, moe_record, peak_flops_per_device
 from .preemption import PreemptionWatch
 from .step import abstract_state, build_train_step, create_params, global_batch
 
@@ -106,8 +106,9 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
         result.start_step = start
 
         tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
-        flops_tok = flops_per_token(cfg.model, matmul_params(abstract), cfg.train.seq_len,
-                                    cfg.model.tie_embeddings)
+        moe = cfg.model.moe
+        flops_tok = flops_per_token(cfg.model, matmul_params(abstract, moe.top_k / max(moe.num_experts, 1)),
+                                    cfg.train.seq_len, cfg.model.tie_embeddings)
         peak_total = peak * jax.device_count()
         result.stats.update(flops_per_token=flops_tok, peak_flops=peak_total, peak_source=peak_source)
         bar = tqdm(total=cfg.train.steps, initial=start, disable=not (main and cfg.run.progress),
@@ -143,6 +144,8 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
                               "step_time": step_time, "mfu": tps * flops_tok / peak_total,
                               "skipped_steps": int(m["skipped_steps"]), "spike_skips": int(m["spike_skips"]),
                               "data_wait": data_wait / elapsed if interval_steps else 0.0}
+                    if "moe" in m:
+                        record.update(moe_record(m["moe"]))
                     last_record = record
                     if record["data_wait"] > 0.05:
                         log.warning("step %d: %.0f%% of step time spent waiting for data (raise data.prefetch "

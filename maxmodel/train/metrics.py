@@ -20,15 +20,32 @@ CHIP_PEAK_FLOPS = {
 }
 
 
-def matmul_params(params) -> int:
-    """Parameters that take part in matmuls: all but lookup-only embedding tables (token, position)."""
+def matmul_params(params, expert_fraction: float = 1.0) -> int:
+    """Parameters that take part in matmuls: all but lookup-only embedding tables (token, position).
+    MoE expert weights (`expert_*`) count with `expert_fraction` = top_k / num_experts: each token uses
+    only its k experts, so model FLOPs (and MFU) follow the active parameters."""
     total = 0
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         names = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
         if names[-2:] == ["embed", "pos_table"]:
             continue
-        total += math.prod(leaf.shape)
-    return total
+        n = math.prod(leaf.shape)
+        total += n * expert_fraction if names and names[-1].startswith("expert_") else n
+    return int(round(total))
+
+
+def moe_record(stats) -> dict:
+    """Flat metrics of the MoE layers: per layer the load of each expert (fraction of token copies), the
+    dropped fraction and the aux losses; plus the worst load imbalance (max load · E, 1 = balanced)."""
+    load = np.asarray(stats["load"])
+    out = {"moe/max_load_ratio": float(load.max() * load.shape[-1]), "moe/dropped": float(np.mean(stats["dropped"])),
+           "moe/aux_loss": float(np.mean(stats["aux_loss"])), "moe/z_loss": float(np.mean(stats["z_loss"]))}
+    for i in range(load.shape[0]):
+        out[f"moe/layer{i}/dropped"] = float(stats["dropped"][i])
+        out[f"moe/layer{i}/aux_loss"] = float(stats["aux_loss"][i])
+        out[f"moe/layer{i}/z_loss"] = float(stats["z_loss"][i])
+        out.update({f"moe/layer{i}/load/expert{e}": float(v) for e, v in enumerate(load[i])})
+    return out
 
 
 def flops_per_token(cfg: ModelConfig, n_matmul: int, seq_len: int, tied: bool) -> float:

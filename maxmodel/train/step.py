@@ -12,6 +12,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from maxmodel.config.schema import Config
+from maxmodel.models.moe import update_router_bias
 from maxmodel.models.transformer import Transformer
 from maxmodel.parallel.mesh import check_layout
 
@@ -74,13 +75,19 @@ class TrainStep:
     abstract_opt: Any
 
 
-def _loss_sums(graphdef, params, batch, z_loss, order=None):
+def _loss_sums(graphdef, params, batch, z_loss, order=None, moe=None):
+    """(objective, (nll, token count, MoE stats)). MoE aux losses are per-token means, so they enter the
+    summed objective multiplied by the token count: after the step's division by the total count (also
+    across microbatches) they carry their configured weight."""
     if order is not None:  # causal load balancing for ring attention: every token's mask uses its position
         batch = {k: v[:, order] for k, v in batch.items()}
     model = nnx.merge(graphdef, params)
-    logits = model(batch["inputs"], batch["segment_ids"], batch["positions"])
+    logits, stats = model(batch["inputs"], batch["segment_ids"], batch["positions"], return_stats=True)
     nll, z, count = cross_entropy_sums(logits, batch["targets"], batch["loss_mask"], z_loss)
-    return nll + z, (nll, count)
+    aux = 0.0
+    if stats and moe is not None:
+        aux = (moe.aux_loss_weight * jnp.sum(stats["aux_loss"]) + moe.z_loss_weight * jnp.sum(stats["z_loss"]))
+    return nll + z + aux * count, (nll, count, stats)
 
 
 def build_train_step(cfg: Config, graphdef: nnx.GraphDef, abstract_params: nnx.State, mesh) -> TrainStep:
@@ -106,36 +113,39 @@ def build_train_step(cfg: Config, graphdef: nnx.GraphDef, abstract_params: nnx.S
     if cfg.model.attention.context_parallel == "ring" and mesh.shape["sequence"] > 1:
         from maxmodel.parallel.ring_attention import load_balance_permutation
         order = load_balance_permutation(cfg.train.seq_len, mesh.shape["sequence"])
-    grad_fn = jax.value_and_grad(lambda p, b: _loss_sums(graphdef, p, b, z_loss, order), has_aux=True)
+    moe = cfg.model.moe if cfg.model.moe.num_experts else None
+    grad_fn = jax.value_and_grad(lambda p, b: _loss_sums(graphdef, p, b, z_loss, order, moe), has_aux=True)
 
     def gradients(params, batch):
         if micro == 1:
-            (_, (nll, count)), grads = grad_fn(params, batch)
-            return grads, nll, count
+            (_, (nll, count, stats)), grads = grad_fn(params, batch)
+            return grads, nll, count, stats
 
         def split(x):  # [B, L] -> [M, B/M, L]: microbatch i takes rows i, i+M, ... (stays evenly sharded)
             return x.reshape(x.shape[0] // micro, micro, *x.shape[1:]).swapaxes(0, 1)
 
         def body(carry, mb):
             acc, nll_acc, count_acc = carry
-            (_, (nll, count)), grads = grad_fn(params, mb)
-            return (jax.tree.map(jnp.add, acc, grads), nll_acc + nll, count_acc + count), None
+            (_, (nll, count, stats)), grads = grad_fn(params, mb)
+            return (jax.tree.map(jnp.add, acc, grads), nll_acc + nll, count_acc + count), stats
         zeros = jax.tree.map(jnp.zeros_like, params)
-        (grads, nll, count), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), jax.tree.map(split, batch))
-        return grads, nll, count
+        (grads, nll, count), stats = jax.lax.scan(body, (zeros, 0.0, 0.0), jax.tree.map(split, batch))
+        return grads, nll, count, jax.tree.map(lambda s: jnp.mean(s, axis=0), stats)  # MoE stats: mean
 
     def step(params, opt_state, batch):
-        grads, nll, count = gradients(params, batch)
+        grads, nll, count, stats = gradients(params, batch)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         loss = nll / denom
         updates, opt_state = tx.update(grads, opt_state, params, loss=loss)  # skips non-finite / spiking steps
         params = optax.apply_updates(params, updates)
+        if moe is not None and moe.bias_balancing:  # DeepSeek-V3: routing biases follow the load, not gradients
+            params = update_router_bias(graphdef, params, stats["load"], moe.bias_update_rate)
         return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": count,
-                                   **guards.metrics(opt_state)}
+                                   **guards.metrics(opt_state), **({"moe": stats} if stats else {})}
 
     def evaluate(params, batch):
-        _, (nll, count) = _loss_sums(graphdef, params, batch, 0.0, order)
+        _, (nll, count, _) = _loss_sums(graphdef, params, batch, 0.0, order)
         return nll, count
 
     batch_sh = {k: data_sh for k in BATCH_KEYS}

@@ -1,0 +1,154 @@
+"""Expert parallelism: the MoE expert computation per device, tokens exchanged with `all_to_all` over `expert`.
+
+The routed tokens are split over the batch axes (data, fsdp, expert) and the expert weights over `expert`
+(axis 0). Inside `jax.shard_map` the mesh axes that split tokens, and `expert`, are manual: each device sorts
+or dispatches only its own tokens, and the token exchange is explicit. Other axes (tensor on the experts'
+hidden dimension) stay with the compiler. A weight dimension sharded over a manual axis other than `expert`
+(fsdp on `embed`) is all-gathered here, whose transpose reduce-scatters the gradient, as FSDP does.
+
+Exchange, with n = mesh.expert devices and E/n experts per device:
+* capacity: the [E, B, C, D] dispatch buffer is cut along E into n parts, one per device (all_to_all);
+  each device runs its E/n experts on [E/n, n·B, C, D] and sends the results back the same way.
+* dropless: token copies sorted by expert are contiguous per destination device; each device sends a
+  buffer of N = tokens·k rows per destination (room for the worst case, in which every copy goes to one
+  device; this is the all-gather's volume, and `ragged_all_to_all` could trim it), with the per-expert
+  counts; the receiver sorts what it got by local expert and runs `ragged_dot` over the groups; rows past
+  the counts are padding, which ragged_dot leaves as zeros.
+Without a mesh, or with every relevant axis of size 1, the same per-device code runs on the whole arrays.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax.core import spmd
+from jax.sharding import PartitionSpec as P
+
+from .manual_axes import resolve_mesh
+
+AXIS = "expert"
+W_AXES = (("exp", "embed", "exp_mlp"), ("exp", "embed", "exp_mlp"), ("exp", "exp_mlp", "embed"))
+
+
+def _names(entry) -> tuple[str, ...]:
+    return tuple(a for a in (entry if isinstance(entry, tuple) else (entry,)) if a)
+
+
+def _spec(axes) -> P:
+    return spmd.apply_rules(P(*axes), None) if spmd.get_logical_axis_rules() else P(*([None] * len(axes)))
+
+
+def _only(spec: P, manual: set) -> P:
+    def keep(entry):
+        names = tuple(a for a in _names(entry) if a in manual)
+        return names if len(names) > 1 else (names[0] if names else None)
+    return P(*(keep(e) for e in spec))
+
+
+def _layout():
+    """(mesh, manual axes, token spec [B, L, D]) or None when no exchange is needed."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    tokens = _spec(("activation_batch", "activation_length", "activation_embed"))
+    manual = {a for e in tokens for a in _names(e) if mesh.shape[a] > 1}
+    if mesh.shape.get(AXIS, 1) > 1:
+        if AXIS not in _names(tokens[0]):
+            raise ValueError("mesh.expert > 1 needs the batch split over `expert` (activation_batch rule)")
+        manual.add(AXIS)
+    return (resolve_mesh(None), manual, tokens) if manual else None
+
+
+def _gather_weights(weights, specs, manual):
+    """All-gather the non-expert dims of the local expert weights over manual axes (FSDP)."""
+    out = []
+    for w, spec in zip(weights, specs):
+        if w is not None:
+            for dim, entry in enumerate(spec):
+                for axis in reversed(_names(entry)) if dim else ():
+                    w = jax.lax.all_gather(w, axis, axis=dim, tiled=True)
+        out.append(w)
+    return out
+
+
+def _run(body, x, token_args, weights, act):
+    """Call body(x, *token_args, weights, act, n) per device (shard_map) or on whole arrays."""
+    layout = _layout()
+    if layout is None:
+        return body(x, *token_args, weights, act, 1)
+    mesh, manual, tokens = layout
+    n = mesh.shape[AXIS] if AXIS in manual else 1
+    w_specs = [_only(_spec(a), manual) for a in W_AXES]
+    x_spec = _only(tokens, manual)
+    arg_specs = [P(*x_spec[:2], *([None] * (a.ndim - 2))) for a in token_args]
+    present = [w is not None for w in weights]
+
+    def per_device(x, args, ws):
+        it = iter(ws)
+        full = _gather_weights([next(it) if p else None for p in present], w_specs, manual)
+        return body(x, *args, full, act, n)
+    ws = [w for w in weights if w is not None]
+    specs = [s for s, p in zip(w_specs, present) if p]
+    return jax.shard_map(per_device, mesh=mesh, in_specs=(x_spec, arg_specs, specs), out_specs=x_spec,
+                         axis_names=manual)(x, list(token_args), ws)
+
+
+def _capacity_body(x, dispatch, combine, weights, act, n):
+    from maxmodel.models.moe import expert_ffn
+    ein = jnp.einsum("blec,bld->ebcd", dispatch, x)
+    if n > 1:  # [E, B, C, D] -> [E/n, n·B, C, D]: my experts, everyone's tokens
+        ein = jax.lax.all_to_all(ein, AXIS, split_axis=0, concat_axis=1, tiled=True)
+    out = expert_ffn(ein, *weights, act)
+    if n > 1:
+        out = jax.lax.all_to_all(out, AXIS, split_axis=1, concat_axis=0, tiled=True)
+    return jnp.einsum("blec,ebcd->bld", combine, out)
+
+
+def _exchange_ffn(xs, sorted_ids, counts, weights, act, n):
+    """Expert outputs for token copies `xs` sorted by expert, when the experts live on n devices."""
+    from maxmodel.models.moe import expert_ffn
+    rows, d = xs.shape
+    e_local = counts.shape[0] // n
+    per_dest = counts.reshape(n, e_local)
+    dest_total = jnp.sum(per_dest, axis=1)
+    starts = jnp.cumsum(dest_total) - dest_total
+    j = jnp.arange(rows)
+    valid = j[None, :] < dest_total[:, None]                                      # [n, rows]
+    send = jnp.where(valid[..., None], xs[jnp.clip(starts[:, None] + j[None, :], 0, rows - 1)], 0)
+    recv = jax.lax.all_to_all(send, AXIS, 0, 0, tiled=True)                        # [n sources, rows, D]
+    recv_counts = jax.lax.all_to_all(per_dest, AXIS, 0, 0, tiled=True)             # [n sources, E/n]
+    ends = jnp.cumsum(recv_counts, axis=1)
+    local_id = jnp.sum(j[None, :, None] >= ends[:, None, :], axis=-1).reshape(-1)  # E/n marks padding
+    order = jnp.argsort(local_id, stable=True)
+    out = expert_ffn(recv.reshape(n * rows, d)[order], *weights, act, group_sizes=jnp.sum(recv_counts, axis=0))
+    back = jnp.zeros_like(out).at[order].set(out).reshape(n, rows, d)
+    back = jax.lax.all_to_all(back, AXIS, 0, 0, tiled=True)                        # [n destinations, rows, D]
+    dest = sorted_ids // e_local
+    return back[dest, j - starts[dest]]
+
+
+def _dropless_body(x, ids, weights_k, weights, act, n):
+    from maxmodel.models.moe import expert_ffn
+    b, l, d = x.shape
+    k = ids.shape[-1]
+    flat = ids.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    sorted_ids = flat[order]
+    xs = x.reshape(b * l, d)[order // k]
+    counts = jnp.bincount(flat, length=weights[0].shape[0] * n)
+    if n > 1:
+        ys = _exchange_ffn(xs, sorted_ids, counts, weights, act, n)
+    else:
+        ys = expert_ffn(xs, *weights, act, group_sizes=counts)
+    copies = jnp.zeros_like(ys).at[order].set(ys).reshape(b * l, k, d)
+    return jnp.einsum("tkd,tk->td", copies, weights_k.reshape(b * l, k)).reshape(b, l, d)
+
+
+def dropless_experts(x, ids, weights_k, weights, act):
+    """x [B, L, D], ids / weights_k [B, L, k], weights (wi, wg or None, wo) -> [B, L, D]."""
+    return _run(_dropless_body, x, (ids, weights_k), weights, act)
+
+
+def capacity_experts(x, dispatch, combine, weights, act):
+    """x [B, L, D], dispatch / combine [B, L, E, C] -> [B, L, D]."""
+    return _run(_capacity_body, x, (dispatch, combine), weights, act)
+

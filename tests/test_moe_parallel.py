@@ -1,0 +1,81 @@
+"""Expert parallelism on 8 emulated devices equals one device; moe-tiny learns the built-in corpus."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from maxmodel.config import load_config
+from maxmodel.models.moe import MoE
+from maxmodel.parallel.mesh import build_mesh
+from maxmodel.parallel.rules import logical_rules
+from maxmodel.train.loop import train
+from test_train_step import run_steps
+
+MOE = ["model.moe.num_experts=4", "model.moe.top_k=2"]
+LAYOUTS = {
+    "expert=4 x data=2": ["mesh.data=2", "mesh.expert=4"],
+    "expert=2 x fsdp=2 x tensor=2": ["mesh.data=1", "mesh.expert=2", "mesh.fsdp=2", "mesh.tensor=2"],
+}
+
+
+@pytest.fixture(scope="module")
+def single_device():
+    return run_steps(MOE + ["mesh.data=1"], jax.devices()[:1])
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_expert_parallel_training_equals_single_device(layout, single_device):
+    result = run_steps(MOE + LAYOUTS[layout], jax.devices())
+    np.testing.assert_allclose(result, single_device, rtol=1e-5)  # [3 steps] × (loss, grad norm)
+    assert single_device[-1, 0] < single_device[0, 0]
+
+
+@pytest.mark.parametrize("capacity_factor", [0.0, 1.0])
+def test_layer_and_gradients_under_expert_parallelism(capacity_factor):
+    """Both dispatch modes, forward and weight gradients, on expert=4 × data=2 against no mesh at all."""
+    cfg = load_config(overrides=MOE + ["model.d_model=16", "model.num_heads=2", "model.moe.d_ff=8",
+                                       f"model.moe.capacity_factor={capacity_factor}", "mesh.data=2",
+                                       "mesh.expert=4"])
+    with nnx.use_eager_sharding(False):
+        graphdef, state = nnx.split(MoE(cfg.model, nnx.Rngs(0)))
+    x = jax.random.normal(jax.random.key(1), (8, 12, 16))
+
+    def loss(state, x):
+        y, stats = nnx.merge(graphdef, state)(x)
+        return jnp.sum(y * jnp.cos(x)), (y, stats["dropped"])
+    grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    (_, (y_ref, dropped_ref)), g_ref = grad_fn(state, x)
+    mesh = build_mesh(cfg.mesh, jax.devices())
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(logical_rules()):
+        (_, (y, dropped)), g = grad_fn(state, x)
+    np.testing.assert_allclose(y, y_ref, atol=1e-5)
+    assert float(dropped) == pytest.approx(float(dropped_ref))
+    assert (float(dropped) > 0) == (capacity_factor == 1.0)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_moe_tiny_learns_with_balanced_load(tmp_path):
+    """moe-tiny on the built-in corpus (expert=4 × data=2): the loss falls; the load-balancing loss
+    E·Σ f_i·P_i (1 = uniform) stays below 1.4 in every layer at every step.
+
+    (The top-2 choice itself can concentrate for a few steps in this phase: while the model sits on the
+    unigram plateau, around steps 5-15, up to 50% of token copies in a layer went to one expert.)"""
+    cfg = load_config(overrides=["model.name=moe-tiny", "train.steps=20", "train.seq_len=64", "train.batch_size=8",
+                                 "mesh.data=2", "mesh.expert=4", "run.log_every=1", "run.eval_every=1000",
+                                 "run.eval_batches=1", "checkpoint.enabled=false", "run.progress=false",
+                                 f"run.output_dir={tmp_path}", "optimizer.warmup_steps=5"])
+    result = train(cfg)
+    records = [json.loads(line) for line in (tmp_path / "default" / "metrics.jsonl").read_text().splitlines()]
+    first, last = records[0], records[-1]
+    assert last["loss"] < first["loss"] - 1.0, (first["loss"], last["loss"])  # from ~ln(1024) = 6.9
+    for r in records:
+        for layer in range(4):
+            loads = [r[f"moe/layer{layer}/load/expert{e}"] for e in range(8)]
+            assert sum(loads) == pytest.approx(1.0, abs=1e-4) and r[f"moe/layer{layer}/dropped"] == 0.0
+            assert 0.9 < r[f"moe/layer{layer}/aux_loss"] < 1.4, (r["step"], layer)
+            assert r[f"moe/layer{layer}/z_loss"] > 0
+    assert result.stats["flops_per_token"] > 0
