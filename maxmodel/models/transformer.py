@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from maxmodel.config.errors import ConfigError
 from maxmodel.config.schema import Config, ModelConfig
 
 from .attention import Attention
@@ -19,8 +21,19 @@ REMAT_POLICIES = {
 ACT = ("activation_batch", "activation_length", "activation_embed")
 
 
+def layer_windows(m: ModelConfig) -> np.ndarray | None:
+    """Per-layer sliding windows when local and global layers alternate (0 = global), else None.
+    Gemma 2 (global_every=2): layers 0, 2, ... local; 1, 3, ... global."""
+    every = m.attention.global_every
+    if not every:
+        return None
+    return np.array([0 if (i + 1) % every == 0 else m.attention.sliding_window for i in range(m.num_layers)],
+                    np.int32)
+
+
 class Block(nnx.Module):
-    """x + attn(norm(x)) then x + mlp(norm(x)); or, PaLM's parallel form, x + attn(norm(x)) + mlp(norm(x))."""
+    """x + attn(norm(x)) then x + mlp(norm(x)); or, PaLM's parallel form, x + attn(norm(x)) + mlp(norm(x)).
+    With post_norms (Gemma 2) each branch's output is normalised again before it is added."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, param_dtype=jnp.float32):
         self.parallel = cfg.parallel_block
@@ -29,13 +42,22 @@ class Block(nnx.Module):
         if not self.parallel:
             self.mlp_norm = make_norm(cfg, param_dtype)
         self.mlp = MLP(cfg, rngs, param_dtype)
+        if cfg.post_norms:
+            self.attn_post_norm = make_norm(cfg, param_dtype)
+            self.mlp_post_norm = make_norm(cfg, param_dtype)
+        self.post_norms = cfg.post_norms
 
-    def __call__(self, x, segment_ids, positions):
+    def __call__(self, x, segment_ids, positions, window=None):
         h = self.attn_norm(x)
+        a = self.attn(h, segment_ids, positions, window)
+        if self.post_norms:
+            a = self.attn_post_norm(a)
         if self.parallel:
-            return constrain(x + self.attn(h, segment_ids, positions) + self.mlp(h), ACT)
-        x = constrain(x + self.attn(h, segment_ids, positions), ACT)
-        return constrain(x + self.mlp(self.mlp_norm(x)), ACT)
+            m = self.mlp(h)
+            return constrain(x + a + (self.mlp_post_norm(m) if self.post_norms else m), ACT)
+        x = constrain(x + a, ACT)
+        m = self.mlp(self.mlp_norm(x))
+        return constrain(x + (self.mlp_post_norm(m) if self.post_norms else m), ACT)
 
 
 class Transformer(nnx.Module):
@@ -61,8 +83,8 @@ class Transformer(nnx.Module):
     def _block_fn(self):
         policy = self.cfg.train.remat
 
-        def run(block, x, segment_ids, positions):
-            return block(x, segment_ids, positions)
+        def run(block, x, segment_ids, positions, window=None):
+            return block(x, segment_ids, positions, window)
         if policy == "none":
             return run
         return nnx.remat(run, policy=REMAT_POLICIES[policy], prevent_cse=not self.cfg.train.scan_layers)
@@ -73,8 +95,18 @@ class Transformer(nnx.Module):
         block_fn = self._block_fn()
         mesh = jax.sharding.get_abstract_mesh()
         stages = 1 if mesh.empty else mesh.shape.get("stage", 1)
+        windows = layer_windows(self.cfg.model)
+        if windows is not None and (stages > 1 or (not mesh.empty and mesh.shape.get("sequence", 1) > 1)):
+            raise ConfigError("model.attention.global_every", "alternating local/global attention is not "
+                                                              "supported with mesh.stage > 1 or mesh.sequence > 1")
         if stages > 1:
             x = self._pipeline(x, segment_ids, positions, block_fn, stages, mesh)
+        elif self.cfg.train.scan_layers and windows is not None:
+            @nnx.scan(in_axes=(nnx.Carry, 0, None, None, 0), out_axes=nnx.Carry,
+                      transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def body_windowed(x, block, segment_ids, positions, window):
+                return block_fn(block, x, segment_ids, positions, window)
+            x = body_windowed(x, self.layers, segment_ids, positions, jnp.asarray(windows))
         elif self.cfg.train.scan_layers:
             @nnx.scan(in_axes=(nnx.Carry, 0, None, None), out_axes=nnx.Carry,
                       transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -82,8 +114,8 @@ class Transformer(nnx.Module):
                 return block_fn(block, x, segment_ids, positions)
             x = body(x, self.layers, segment_ids, positions)
         else:
-            for block in self.layers:
-                x = block_fn(block, x, segment_ids, positions)
+            for i, block in enumerate(self.layers):
+                x = block_fn(block, x, segment_ids, positions, None if windows is None else int(windows[i]))
         return self.final_norm(x)
 
     def _pipeline(self, x, segment_ids, positions, block_fn, stages, mesh):
