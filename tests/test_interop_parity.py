@@ -26,7 +26,8 @@ from maxmodel.train.step import abstract_state, concrete_shardings  # noqa: E402
 SMALL = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
              max_position_embeddings=64)
 CASES = {
-    "gpt2": ("GPT2Config", dict(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64)),
+    "gpt2": ("GPT2Config", dict(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                  bos_token_id=0, eos_token_id=0)),
     "llama_gqa": ("LlamaConfig", dict(SMALL, num_key_value_heads=2, tie_word_embeddings=False)),
     "llama3_rope_scaling": ("LlamaConfig", dict(SMALL, num_key_value_heads=2, max_position_embeddings=128,
                                                 rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0,

@@ -146,7 +146,8 @@ def _load_params(init_dir: Path, cfg: Config) -> dict[str, np.ndarray]:
         restored = ckptr.restore(init_dir / "params", args=ocp.args.PyTreeRestore(restore_args=restore_args))
     out = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(restored):
-        out[".".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))] = np.asarray(leaf)
+        names = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+        out[".".join(names[:-1] if names[-1] == "value" else names)] = np.asarray(leaf)  # nnx.Variable's value
     missing = set(leaves) - set(out)
     if missing:
         raise ConfigError("INIT", f"{init_dir} lacks parameters {sorted(missing)} of its export.json model")
@@ -171,7 +172,7 @@ def to_hf(init: str, out: str, model_type: str | None = None, max_shard_bytes: i
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ConfigError("--out", f"{out_dir} exists and is not empty")
     info = json.loads((init_dir / "export.json").read_text())
-    cfg = config_from_dict({"model": info["model"]})
+    cfg = config_from_dict({"model": info["model"], "train": {"seq_len": min(128, info["model"]["max_seq_len"])}})
     cfg.train.scan_layers = _scan_layout(init_dir, info)
     model = cfg.model
     family = model_type or info.get("hf_model_type") or hf_config.guess_family(model)

@@ -140,7 +140,10 @@ def to_hf(m: ModelConfig, family: str) -> dict:
         out["sliding_window"] = m.attention.sliding_window
     if family == "gemma2":
         a = m.attention
-        out.update(sliding_window=a.sliding_window, query_pre_attn_scalar=a.query_pre_attn_scalar or m.head_dim,
+        if a.global_every != 2 or a.query_pre_attn_scalar != int(a.query_pre_attn_scalar):
+            raise ConfigError("model.attention.global_every", "Gemma 2 alternates local/global layers "
+                                                              "(global_every=2) with an integer query_pre_attn_scalar")
+        out.update(sliding_window=a.sliding_window, query_pre_attn_scalar=int(a.query_pre_attn_scalar or m.head_dim),
                    attn_logit_softcapping=a.logit_softcap or None,
                    final_logit_softcapping=m.final_logit_softcap or None,
                    layer_types=["sliding_attention" if (i + 1) % 2 else "full_attention"

@@ -87,9 +87,9 @@ class Attention(nnx.Module):
             from maxmodel.parallel.ring_attention import allgather_attention, ring_attention
             attend = ring_attention if self.cfg.attention.context_parallel == "ring" else allgather_attention
             out = attend(q, k, v, segment_ids, segment_ids, positions, positions, causal=True,
-                         sliding_window=self.window, logit_softcap=softcap)
+                         sliding_window=window, logit_softcap=softcap)
         else:
-            mask = attention_mask(segment_ids, segment_ids, positions, positions, True, self.window)
+            mask = attention_mask(segment_ids, segment_ids, positions, positions, True, window)
             out = dot_product_attention(q, k, v, mask, softcap)
         out = constrain(out, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
         y = jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(x.dtype))
