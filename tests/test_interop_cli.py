@@ -8,8 +8,8 @@ import pytest
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("torch")
 
-from maxmodel.cli import main  # noqa: E402
-from maxmodel.data.tokenizer import load_tokenizer  # noqa: E402
+from maxmodel.cli import main
+from maxmodel.data.tokenizer import load_tokenizer
 
 
 def _tokenizer_json(path):

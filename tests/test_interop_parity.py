@@ -14,20 +14,19 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from maxmodel.config.loader import config_from_dict  # noqa: E402
-from maxmodel.interop import convert  # noqa: E402
-from maxmodel.models.transformer import Transformer  # noqa: E402
-from maxmodel.parallel.mesh import build_mesh  # noqa: E402
-from maxmodel.parallel.rules import logical_rules  # noqa: E402
-from maxmodel.train.checkpoint import abstract_like  # noqa: E402
-from maxmodel.train.export import load_params  # noqa: E402
-from maxmodel.train.step import abstract_state, concrete_shardings  # noqa: E402
+from maxmodel.config.loader import config_from_dict
+from maxmodel.interop import convert
+from maxmodel.parallel.mesh import build_mesh
+from maxmodel.parallel.rules import logical_rules
+from maxmodel.train.checkpoint import abstract_like
+from maxmodel.train.export import load_params
+from maxmodel.train.step import abstract_state, concrete_shardings
 
-SMALL = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-             max_position_embeddings=64)
+SMALL = {"vocab_size": 97, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "max_position_embeddings": 64}
 CASES = {
-    "gpt2": ("GPT2Config", dict(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                  bos_token_id=0, eos_token_id=0)),
+    "gpt2": ("GPT2Config", {"vocab_size": 97, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64,
+                                  "bos_token_id": 0, "eos_token_id": 0}),
     "llama_gqa": ("LlamaConfig", dict(SMALL, num_key_value_heads=2, tie_word_embeddings=False)),
     "llama3_rope_scaling": ("LlamaConfig", dict(SMALL, num_key_value_heads=2, max_position_embeddings=128,
                                                 rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0,

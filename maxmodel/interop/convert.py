@@ -17,22 +17,19 @@ from maxmodel.config.errors import ConfigError
 from maxmodel.config.schema import Config, ModelConfig, to_dict
 
 from . import hf_config
-from .safetensors_io import ShardedWriter, Reader
+from .safetensors_io import Reader, ShardedWriter
 from .weights import rules_for
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
-NP_DTYPES = {"float32": np.float32, "bfloat16": "bfloat16", "float16": np.float16}
 
 
 def _np_dtype(name: str):
-    if name == "bfloat16":
-        import ml_dtypes
-        return ml_dtypes.bfloat16
-    return NP_DTYPES[name]
+    import ml_dtypes  # numpy has no bfloat16; jax's ml_dtypes provides it
+    return {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[name]
 
 
-def _abstract_leaves(cfg: Config) -> dict[str, object]:
-    """Dotted parameter path -> ShapeDtypeStruct, for this config's layout."""
+def _abstract_leaves(cfg: Config):
+    """({dotted parameter path: ShapeDtypeStruct}, the abstract nnx.State) for this config's layout."""
     import jax
     from flax import nnx
 
@@ -85,7 +82,7 @@ def from_hf(hf_dir: str, out: str, scan_layers: bool = True, dtype: str = "float
                                               shape=leaf.shape) for name, leaf in leaves.items()}
     filled = set()
     reader = Reader(hf_path)
-    try:
+    try:  # on any failure the half-written staging files go, so the same --out can be retried
         top, per_layer = rules_for(model, family)
         jobs = [(r, None) for r in top] + [(r, i) for i in range(model.num_layers) for r in per_layer]
         for rule, layer in jobs:
@@ -100,13 +97,13 @@ def from_hf(hf_dir: str, out: str, scan_layers: bool = True, dtype: str = "float
                 else:
                     target[index] = value
                 filled.add(name)
+        missing = sorted(set(arrays) - filled)
+        if missing:
+            raise ConfigError("DIR", f"no Hugging Face tensors map to {missing}")
+        _save_params(out_dir, _state_from(state, arrays))
     finally:
         reader.close()
-    missing = sorted(set(arrays) - filled)
-    if missing:
-        raise ConfigError("DIR", f"no Hugging Face tensors map to {missing}")
-    _save_params(out_dir, _state_from(state, arrays))
-    shutil.rmtree(staging)
+        shutil.rmtree(staging, ignore_errors=True)
     for f in TOKENIZER_FILES:
         if (hf_path / f).is_file():
             shutil.copy(hf_path / f, out_dir / f)

@@ -36,7 +36,7 @@ class Reader:
         self._stack = ExitStack()
         self._handles = {f: self._stack.enter_context(safe_open(self.dir / f, framework="numpy")) for f in files}
         if weight_map is None:
-            weight_map = {name: SINGLE for name in self._handles[SINGLE].keys()}
+            weight_map = {name: SINGLE for name in self._handles[SINGLE].keys()}  # noqa: SIM118 (a safe_open handle)
         self.weight_map = weight_map
 
     def __contains__(self, name: str) -> bool:

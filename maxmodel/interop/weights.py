@@ -6,8 +6,8 @@ use HF names with `{i}` and our names relative to one block.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
