@@ -72,3 +72,51 @@ def test_every_tiny_variant_takes_a_train_step():
         assert np.isfinite(loss) and abs(loss - np.log(cfg.model.vocab_size)) < 1.5, (name, loss)
         moved = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), before, params))
         assert all(moved), f"{name}: some parameters did not change"
+
+
+@pytest.mark.parametrize("override, key", [
+    (["model.attention.global_every=2"], "model.attention.global_every"),          # no sliding_window to alternate
+    (["model.norm=layernorm", "model.norm_plus_one=true"], "model.norm_plus_one"),
+    (["model.attention.query_pre_attn_scalar=-1"], "model.attention.query_pre_attn_scalar"),
+])
+def test_new_model_keys_are_validated(override, key):
+    from maxmodel.config import ConfigError
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(overrides=override)
+
+
+def test_alternating_windows_scanned_equals_unscanned_and_differs_from_all_local():
+    """Gemma 2's local/global alternation gives the same logits scanned (traced per-layer window) and unrolled,
+    and differs from every layer being local: the global layers really see past the window."""
+    import jax.numpy as jnp
+
+    from maxmodel.models.transformer import Transformer
+    base = ["model.name=gemma2-tiny", "train.seq_len=32", "model.attention.sliding_window=4"]
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, size=(2, 32)))
+
+    def model(*extra):
+        cfg = load_config(overrides=base + list(extra))
+        with nnx.use_eager_sharding(False):
+            return Transformer(cfg, nnx.Rngs(0)), cfg
+
+    scanned_model, _ = model()
+    stacked = nnx.state(scanned_model)
+    unrolled_model, cfg = model("train.scan_layers=false")
+    graphdef, state = nnx.split(unrolled_model)
+
+    def from_stack(path, leaf):  # layers.<i>.<rest> takes row i of the scanned layers.<rest>
+        keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        node = stacked
+        for k in (keys[:1] + keys[2:] if keys[0] == "layers" else keys):
+            node = node[k]
+        value = node[...]
+        return value[keys[1]] if keys[0] == "layers" else value
+    unrolled_model = nnx.merge(graphdef, jax.tree_util.tree_map_with_path(from_stack, state))
+    assert cfg.model.attention.global_every == 2
+    scanned, unrolled = np.asarray(scanned_model(tokens)), np.asarray(unrolled_model(tokens))
+    np.testing.assert_allclose(scanned, unrolled, atol=1e-5)
+    local_model, _ = model("model.attention.global_every=0")
+    nnx.update(local_model, stacked)
+    all_local = np.asarray(local_model(tokens))
+    assert np.abs(all_local - scanned)[:, 4:].max() > 1e-3    # beyond the window the global layer matters
+    np.testing.assert_allclose(all_local[:, :4], scanned[:, :4], atol=1e-5)  # within it, nothing differs
