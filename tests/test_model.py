@@ -2,10 +2,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from conftest import TINY
 from maxmodel.config import load_config
 from maxmodel.models.layers import rope_frequencies
 from maxmodel.parallel.mesh import build_mesh

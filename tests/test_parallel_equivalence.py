@@ -2,7 +2,6 @@
 import jax
 import numpy as np
 import pytest
-
 from test_train_step import run_steps
 
 # 4 layers (divisible by 4 stages), 8 query / 4 kv heads (GQA, divisible by tensor=4).
@@ -11,6 +10,7 @@ PIPE = ["mesh.rules=pipeline"]
 LAYOUTS = {
     "data=8": ["mesh.data=8"],
     "fsdp=8": ["mesh.data=1", "mesh.fsdp=8", "mesh.rules=fsdp"],
+    "data=8 zero1": ["mesh.data=8", "mesh.zero1=true"],
     "tensor=4 x data=2": ["mesh.data=2", "mesh.tensor=4"],
     "sequence=4 allgather": ["mesh.data=2", "mesh.sequence=4", "model.attention.context_parallel=allgather"],
     "sequence=4 ring": ["mesh.data=2", "mesh.sequence=4", "model.attention.context_parallel=ring"],

@@ -1,9 +1,9 @@
 """Per-device memory accounting and the collectives the compiler inserts for a layout."""
 import jax
 import numpy as np
+from conftest import TINY
 from flax import nnx
 
-from conftest import TINY
 from maxmodel.cli import main as cli_main
 from maxmodel.config import load_config
 from maxmodel.parallel.mesh import build_mesh
@@ -54,3 +54,11 @@ def test_layout_errors_name_the_key_and_numbers(capsys):
     assert "model.num_kv_heads" in capsys.readouterr().err  # 2 kv heads over tensor=4
     assert cli_main(["shardings", *TINY, "mesh.data=3", "--no-compile"]) == 2
     assert "does not match 8 devices" in capsys.readouterr().err
+
+
+def test_zero1_shards_optimizer_state_over_data():
+    plain = collect(load_config(overrides=TINY + ["mesh.data=8"]), compile_step=False)["per_device_bytes"]
+    zero1 = collect(load_config(overrides=TINY + ["mesh.data=8", "mesh.zero1=true"]), compile_step=False)
+    zero1 = zero1["per_device_bytes"]
+    assert zero1["params"] == plain["params"]           # parameters stay replicated over data
+    assert zero1["optimizer"] < plain["optimizer"] / 7   # moments split 8 ways (norm scales of 64 also divide)

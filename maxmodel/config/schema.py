@@ -92,6 +92,7 @@ class MeshConfig(MeshAxes):
     dcn: MeshAxes = field(default_factory=MeshAxes)
     rules: str = "default"                # a preset from maxmodel/parallel/rules.py
     rule_overrides: dict[str, Any] = field(default_factory=dict)  # logical name -> mesh axis / list / null
+    zero1: bool = False                   # also shard optimizer state over `data` (ZeRO stage 1)
 
 
 @dataclass

@@ -87,10 +87,9 @@ def validate(cfg: Config) -> None:
                                                           f"layers but model.attention.sliding_window is 0")
     if m.norm_plus_one and m.norm != "rmsnorm":
         raise ConfigError("model.norm_plus_one", f"applies to rmsnorm only, but model.norm={m.norm!r}")
-    if m.moe.num_experts:
-        if not 0 < m.moe.top_k <= m.moe.num_experts:
-            raise ConfigError("model.moe.top_k", f"must be in [1, num_experts={m.moe.num_experts}], "
-                                                 f"got {m.moe.top_k}")
+    if m.moe.num_experts and not 0 < m.moe.top_k <= m.moe.num_experts:
+        raise ConfigError("model.moe.top_k", f"must be in [1, num_experts={m.moe.num_experts}], "
+                                             f"got {m.moe.top_k}")
 
 
 def _validate_checkpoint(cfg: Config) -> None:

@@ -1,8 +1,9 @@
 """Model state creation and the one jitted train step (explicit shardings, donated state)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,19 @@ def abstract_state(cfg: Config) -> tuple[nnx.GraphDef, nnx.State]:
 def concrete_shardings(abstract, mesh) -> Any:
     """The abstract tree's shardings (specs from the logical rules) on the concrete mesh."""
     return jax.tree.map(lambda x: NamedSharding(mesh, x.sharding.spec), abstract)
+
+
+def zero1_sharding(sharding: NamedSharding, shape, mesh) -> NamedSharding:
+    """ZeRO-1: an optimizer moment additionally split over `data` along its first unsharded dimension that
+    divides evenly (parameters and gradients stay as they are; the compiler gathers the update)."""
+    n = mesh.shape["data"]
+    spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+    for i, (entry, dim) in enumerate(zip(spec, shape)):
+        axes = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
+        if n > 1 and all(mesh.shape[a] == 1 for a in axes) and dim % n == 0:  # size-1 axes split nothing
+            spec[i] = ("data", *axes) if axes else "data"
+            return NamedSharding(mesh, PartitionSpec(*spec))
+    return sharding
 
 
 def create_params(cfg: Config, param_sh) -> nnx.State:
@@ -82,8 +96,9 @@ def build_train_step(cfg: Config, graphdef: nnx.GraphDef, abstract_params: nnx.S
     replicated = NamedSharding(mesh, PartitionSpec())
     # tree_map_params runs tx.init on placeholders eagerly: keep that on a host device, not the step's mesh
     # (which may be a TPU topology being compiled ahead of time from this CPU host).
+    moment_sharding = (lambda leaf, s: zero1_sharding(s, leaf.shape, mesh)) if cfg.mesh.zero1 else (lambda _, s: s)
     with jax.set_mesh(jax.sharding.Mesh(jax.devices("cpu")[:1], ("host",))):
-        opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, param_sh,
+        opt_sh = optax.tree_map_params(tx, moment_sharding, opt_shapes, param_sh,
                                        transform_non_params=lambda _: replicated)
     data_sh = batch_sharding(mesh)
     micro, z_loss = cfg.train.microbatches, cfg.train.z_loss
