@@ -18,6 +18,7 @@ COMMANDS = {
     "compile": ("maxmodel.parallel.compile_cli", "ahead-of-time compile the train step for a TPU topology"),
     "data": ("maxmodel.data.cli", "prepare data: tokenize sources into ArrayRecord shards"),
     "tokenizer": ("maxmodel.data.tokenizer_cli", "train a sentencepiece tokenizer; encode/decode text"),
+    "convert": ("maxmodel.interop.cli", "convert Hugging Face checkpoints to and from maxmodel (from-hf, to-hf)"),
 }
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PREEMPTED = 0, 1, 2, 3

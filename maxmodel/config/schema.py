@@ -25,6 +25,8 @@ class AttentionConfig:
     sliding_window: int = 0               # 0 = full causal attention
     logit_softcap: float = 0.0            # 0 = off (Gemma 2 uses 50)
     qkv_bias: bool = False
+    global_every: int = 0                 # > 0: only every N-th layer attends globally, the rest use sliding_window (Gemma 2: 2)
+    query_pre_attn_scalar: float = 0.0    # queries scaled by this ** -0.5; 0 = head_dim (Gemma 2 sets it apart)
 
 
 @dataclass
@@ -68,6 +70,8 @@ class ModelConfig:
     parallel_block: bool = False          # PaLM: x + attn(norm(x)) + mlp(norm(x))
     embed_scale: bool = False             # Gemma: multiply embeddings by sqrt(d_model)
     final_logit_softcap: float = 0.0
+    norm_plus_one: bool = False           # Gemma: RMSNorm multiplies by (1 + scale), scale starting at 0
+    post_norms: bool = False              # Gemma 2: also normalise the attention and MLP outputs before the residual add
     init_std: float = 0.02
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)

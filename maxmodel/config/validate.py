@@ -28,7 +28,8 @@ NON_NEGATIVE = ("pipeline.microbatches", "optimizer.lr", "optimizer.warmup_steps
                 "train.z_loss", "model.num_kv_heads", "model.head_dim", "model.d_ff", "run.eval_batches",
                 "checkpoint.every_steps", "checkpoint.every_minutes", "checkpoint.keep_every",
                 "checkpoint.local_every_steps", "train.spike_sigma", "train.spike_warmup",
-                "data.workers", "data.prefetch")
+                "data.workers", "data.prefetch",
+                "model.attention.global_every", "model.attention.query_pre_attn_scalar")
 DATA_SOURCES = ("builtin", "synthetic", "jsonl", "text", "parquet", "arrayrecord", "mixture")
 
 
@@ -81,6 +82,14 @@ def validate(cfg: Config) -> None:
             size = getattr(node, axis)
             if size == 0 or size < -1:
                 raise ConfigError(f"{prefix}.{axis}", f"must be a positive size or -1, got {size}")
+    if m.attention.global_every and not m.attention.sliding_window:
+        raise ConfigError("model.attention.global_every", f"{m.attention.global_every} alternates local and global "
+                                                          f"layers but model.attention.sliding_window is 0")
+    if m.attention.global_every and m.moe.num_experts:
+        raise ConfigError("model.attention.global_every", "alternating local/global attention is not supported "
+                                                          "with MoE layers (model.moe.num_experts > 0)")
+    if m.norm_plus_one and m.norm != "rmsnorm":
+        raise ConfigError("model.norm_plus_one", f"applies to rmsnorm only, but model.norm={m.norm!r}")
     _validate_moe(cfg)
 
 

@@ -16,13 +16,16 @@ NEG_INF = -1e30  # finite, so fully-masked (padding) rows give a uniform softmax
 
 
 def attention_mask(q_segments, kv_segments, q_positions, kv_positions, causal: bool = True,
-                   window: int = 0) -> jax.Array:
+                   window=0) -> jax.Array:
     """[B, 1, 1, Lq, Lk] boolean: same document, and (causal) not in the future, and within the window.
-    Built from positions rather than indices so it holds for any token order (e.g. load-balanced chunks)."""
+    Built from positions rather than indices so it holds for any token order (e.g. load-balanced chunks).
+    `window` may be a traced scalar (layers scanned with alternating local/global attention); <= 0 = global."""
     mask = q_segments[:, :, None] == kv_segments[:, None, :]
     if causal:
         mask &= q_positions[:, :, None] >= kv_positions[:, None, :]
-    if window:
+    if isinstance(window, jax.Array):
+        mask &= (window <= 0) | (q_positions[:, :, None] - kv_positions[:, None, :] < window)
+    elif window:
         mask &= q_positions[:, :, None] - kv_positions[:, None, :] < window
     return mask[:, None, None]
 
@@ -62,7 +65,9 @@ class Attention(nnx.Module):
         y = jnp.einsum("bld,dhk->blhk", x, w[...].astype(x.dtype))
         return y + b[...].astype(x.dtype) if b is not None else y
 
-    def __call__(self, x, segment_ids, positions):
+    def __call__(self, x, segment_ids, positions, window=None):
+        """window: this layer's sliding window when it varies by layer (a traced scalar; <= 0 = global)."""
+        window = self.window if window is None else window
         q = self._project(x, self.wq, self.q_bias)
         k = self._project(x, self.wk, self.k_bias)
         v = self._project(x, self.wv, self.v_bias)
@@ -73,15 +78,18 @@ class Attention(nnx.Module):
         k = constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim"))
         v = constrain(v, ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim"))
         softcap = self.cfg.attention.logit_softcap
+        scale_dim = self.cfg.attention.query_pre_attn_scalar
+        if scale_dim:  # every attention path scales by head_dim ** -0.5: fold the difference into q
+            q = q * jnp.asarray(math.sqrt(self.cfg.head_dim / scale_dim), q.dtype)
         mesh = jax.sharding.get_abstract_mesh()
         if not mesh.empty and mesh.shape.get("sequence", 1) > 1:
             # Context parallelism: the sequence is split over `sequence`; K/V travel (ring) or are gathered.
             from maxmodel.parallel.ring_attention import allgather_attention, ring_attention
             attend = ring_attention if self.cfg.attention.context_parallel == "ring" else allgather_attention
             out = attend(q, k, v, segment_ids, segment_ids, positions, positions, causal=True,
-                         sliding_window=self.window, logit_softcap=softcap)
+                         sliding_window=window, logit_softcap=softcap)
         else:
-            mask = attention_mask(segment_ids, segment_ids, positions, positions, True, self.window)
+            mask = attention_mask(segment_ids, segment_ids, positions, positions, True, window)
             out = dot_product_attention(q, k, v, mask, softcap)
         out = constrain(out, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
         y = jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(x.dtype))

@@ -14,14 +14,18 @@ from .sharding import constant_param, constrain, param
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, param_dtype=jnp.float32):
+    """y = x / rms(x) * scale; with plus_one (Gemma) the stored scale starts at 0 and y uses (1 + scale)."""
+
+    def __init__(self, dim: int, eps: float, param_dtype=jnp.float32, plus_one: bool = False):
         self.eps = eps
-        self.scale = constant_param((dim,), ("norm",), 1.0, param_dtype)
+        self.plus_one = plus_one
+        self.scale = constant_param((dim,), ("norm",), 0.0 if plus_one else 1.0, param_dtype)
 
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+        scale = self.scale[...].astype(jnp.float32)
+        return (y * (1.0 + scale if self.plus_one else scale)).astype(x.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -42,7 +46,7 @@ class LayerNorm(nnx.Module):
 
 def make_norm(cfg: ModelConfig, param_dtype) -> nnx.Module:
     if cfg.norm == "rmsnorm":
-        return RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype)
+        return RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype, plus_one=cfg.norm_plus_one)
     return LayerNorm(cfg.d_model, cfg.norm_eps, use_bias=True, param_dtype=param_dtype)
 
 

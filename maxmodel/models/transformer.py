@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from maxmodel.config.errors import ConfigError
 from maxmodel.config.schema import Config, ModelConfig
 
 from .attention import Attention
@@ -20,9 +22,20 @@ REMAT_POLICIES = {
 ACT = ("activation_batch", "activation_length", "activation_embed")
 
 
+def layer_windows(m: ModelConfig) -> np.ndarray | None:
+    """Per-layer sliding windows when local and global layers alternate (0 = global), else None.
+    Gemma 2 (global_every=2): layers 0, 2, ... local; 1, 3, ... global."""
+    every = m.attention.global_every
+    if not every:
+        return None
+    return np.array([0 if (i + 1) % every == 0 else m.attention.sliding_window for i in range(m.num_layers)],
+                    np.int32)
+
+
 class Block(nnx.Module):
     """x + attn(norm(x)) then x + ffn(norm(x)); or, PaLM's parallel form, x + attn(norm(x)) + mlp(norm(x)).
-    The feed-forward part is a dense MLP or, with `moe`, a Mixture of Experts. Returns (x, MoE stats)."""
+    The feed-forward part is a dense MLP or, with `moe`, a Mixture of Experts. With post_norms (Gemma 2) each
+    branch's output is normalised again before it is added. Returns (x, MoE stats)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, param_dtype=jnp.float32, moe: bool = False):
         self.parallel = cfg.parallel_block
@@ -32,16 +45,26 @@ class Block(nnx.Module):
         if not self.parallel:
             self.mlp_norm = make_norm(cfg, param_dtype)
         self.mlp = MoE(cfg, rngs, param_dtype) if moe else MLP(cfg, rngs, param_dtype)
+        if cfg.post_norms:
+            self.attn_post_norm = make_norm(cfg, param_dtype)
+            self.mlp_post_norm = make_norm(cfg, param_dtype)
+        self.post_norms = cfg.post_norms
 
-    def __call__(self, x, segment_ids, positions):
+    def _ffn(self, h):
+        y, stats = self.mlp(h) if self.is_moe else (self.mlp(h), {})
+        return (self.mlp_post_norm(y) if self.post_norms else y), stats
+
+    def __call__(self, x, segment_ids, positions, window=None):
         h = self.attn_norm(x)
+        a = self.attn(h, segment_ids, positions, window)
+        if self.post_norms:
+            a = self.attn_post_norm(a)
         if self.parallel:
-            return constrain(x + self.attn(h, segment_ids, positions) + self.mlp(h), ACT), {}
-        x = constrain(x + self.attn(h, segment_ids, positions), ACT)
-        if self.is_moe:
-            y, stats = self.mlp(self.mlp_norm(x))
-            return constrain(x + y, ACT), stats
-        return constrain(x + self.mlp(self.mlp_norm(x)), ACT), {}
+            y, stats = self._ffn(h)
+            return constrain(x + a + y, ACT), stats
+        x = constrain(x + a, ACT)
+        y, stats = self._ffn(self.mlp_norm(x))
+        return constrain(x + y, ACT), stats
 
 
 class BlockGroup(nnx.Module):
@@ -51,7 +74,7 @@ class BlockGroup(nnx.Module):
         every = cfg.moe.every
         self.blocks = nnx.List([Block(cfg, rngs, param_dtype, moe=i == every - 1) for i in range(every)])
 
-    def __call__(self, x, segment_ids, positions):
+    def __call__(self, x, segment_ids, positions, window=None):  # per-layer windows are not used with MoE
         stats = {}
         for block in self.blocks:
             x, s = block(x, segment_ids, positions)
@@ -105,8 +128,8 @@ class Transformer(nnx.Module):
     def _block_fn(self):
         policy = self.cfg.train.remat
 
-        def run(block, x, segment_ids, positions):
-            return block(x, segment_ids, positions)
+        def run(block, x, segment_ids, positions, window=None):
+            return block(x, segment_ids, positions, window)
         if policy == "none":
             return run
         return nnx.remat(run, policy=REMAT_POLICIES[policy], prevent_cse=not self.cfg.train.scan_layers)
@@ -118,8 +141,18 @@ class Transformer(nnx.Module):
         mesh = jax.sharding.get_abstract_mesh()
         stages = 1 if mesh.empty else mesh.shape.get("stage", 1)
         stats = {}
+        windows = layer_windows(self.cfg.model)
+        if windows is not None and (stages > 1 or (not mesh.empty and mesh.shape.get("sequence", 1) > 1)):
+            raise ConfigError("model.attention.global_every", "alternating local/global attention is not "
+                                                              "supported with mesh.stage > 1 or mesh.sequence > 1")
         if stages > 1:
             x = self._pipeline(x, segment_ids, positions, block_fn, stages, mesh)
+        elif self.cfg.train.scan_layers and windows is not None:  # dense stack, one window per layer
+            @nnx.scan(in_axes=(nnx.Carry, 0, None, None, 0), out_axes=(nnx.Carry, 0),
+                      transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def body_windowed(x, block, segment_ids, positions, window):
+                return block_fn(block, x, segment_ids, positions, window)
+            x, stats = body_windowed(x, self.layers, segment_ids, positions, jnp.asarray(windows))
         elif self.cfg.train.scan_layers:
             @nnx.scan(in_axes=(nnx.Carry, 0, None, None), out_axes=(nnx.Carry, 0),
                       transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -130,8 +163,8 @@ class Transformer(nnx.Module):
             x, stats = body(x, self.layers, segment_ids, positions)
         else:
             per_layer = []
-            for block in self.layers:
-                x, s = block_fn(block, x, segment_ids, positions)
+            for i, block in enumerate(self.layers):
+                x, s = block_fn(block, x, segment_ids, positions, None if windows is None else int(windows[i]))
                 per_layer.append(s)
             stats = _stack_stats(per_layer)
         return self.final_norm(x), stats

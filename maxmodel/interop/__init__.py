@@ -1,0 +1,1 @@
+"""Hugging Face interop: config translation and streaming safetensors conversion (extra `interop`)."""

@@ -1,0 +1,195 @@
+"""Hugging Face safetensors <-> the `maxmodel export` layout (`params/` orbax tree + `export.json`).
+
+from_hf streams: each HF tensor is read alone (safe_open) and written into a disk-backed numpy memmap of
+our parameter (scanned layouts stack layers on axis 0), so resident memory stays about one tensor; orbax
+then writes the tree from those memmaps. to_hf restores the tree as host numpy arrays and writes shards of
+at most --max-shard-size, one shard in memory at a time.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from maxmodel.config.errors import ConfigError
+from maxmodel.config.schema import Config, ModelConfig, to_dict
+
+from . import hf_config
+from .safetensors_io import Reader, ShardedWriter
+from .weights import rules_for
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+def _np_dtype(name: str):
+    import ml_dtypes  # numpy has no bfloat16; jax's ml_dtypes provides it
+    return {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[name]
+
+
+def _abstract_leaves(cfg: Config):
+    """({dotted parameter path: ShapeDtypeStruct}, the abstract nnx.State) for this config's layout."""
+    import jax
+    from flax import nnx
+
+    from maxmodel.models.transformer import Transformer
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+    _, state = nnx.split(abstract)
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+        out[".".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))] = leaf
+    return out, state
+
+
+def _state_from(state, arrays: dict[str, np.ndarray]):
+    import jax
+
+    def pick(path, _):
+        return arrays[".".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))]
+    return jax.tree_util.tree_map_with_path(pick, state)
+
+
+def _hf_name(reader: Reader, name: str) -> str:
+    """GPT-2 checkpoints from the Hub omit the `transformer.` prefix that save_pretrained writes."""
+    if name not in reader and name.startswith("transformer.") and name[len("transformer."):] in reader:
+        return name[len("transformer."):]
+    return name
+
+
+def _our_name(base: str, layer: int | None, scan: bool) -> tuple[str, int | None]:
+    """(leaf path, index along the stacked axis or None)."""
+    if layer is None:
+        return base, None
+    return (f"layers.{base}", layer) if scan else (f"layers.{layer}.{base}", None)
+
+
+def from_hf(hf_dir: str, out: str, scan_layers: bool = True, dtype: str = "float32") -> Path:
+    hf_path, out_dir = Path(hf_dir), Path(out).absolute()
+    if not (hf_path / "config.json").is_file():
+        raise ConfigError("DIR", f"no config.json in {hf_path}")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ConfigError("--out", f"{out_dir} exists and is not empty")
+    model, family = hf_config.from_hf(json.loads((hf_path / "config.json").read_text()))
+    cfg = Config(model=model)
+    cfg.train.scan_layers = scan_layers
+    cfg.train.param_dtype = dtype
+    leaves, state = _abstract_leaves(cfg)
+    staging = out_dir / ".staging"
+    staging.mkdir(parents=True)
+    arrays = {name: np.lib.format.open_memmap(staging / f"{name}.npy", mode="w+", dtype=_np_dtype(dtype),
+                                              shape=leaf.shape) for name, leaf in leaves.items()}
+    filled = set()
+    reader = Reader(hf_path)
+    try:  # on any failure the half-written staging files go, so the same --out can be retried
+        top, per_layer = rules_for(model, family)
+        jobs = [(r, None) for r in top] + [(r, i) for i in range(model.num_layers) for r in per_layer]
+        for rule, layer in jobs:
+            hf = [reader.get(_hf_name(reader, n.format(i=layer))) for n in rule.hf]
+            for base, value in zip(rule.ours, rule.to_ours(*hf)):
+                name, index = _our_name(base, layer, scan_layers)
+                target = arrays[name]
+                if (target.shape[1:] if index is not None else target.shape) != value.shape:
+                    raise ConfigError("DIR", f"{rule.hf} has shape {value.shape}; {name} expects {target.shape}")
+                if index is None:
+                    target[...] = value
+                else:
+                    target[index] = value
+                filled.add(name)
+        missing = sorted(set(arrays) - filled)
+        if missing:
+            raise ConfigError("DIR", f"no Hugging Face tensors map to {missing}")
+        _save_params(out_dir, _state_from(state, arrays))
+    finally:
+        reader.close()
+        shutil.rmtree(staging, ignore_errors=True)
+    for f in TOKENIZER_FILES:
+        if (hf_path / f).is_file():
+            shutil.copy(hf_path / f, out_dir / f)
+    (out_dir / "export.json").write_text(json.dumps(
+        {"step": 0, "source": f"huggingface:{hf_path.absolute()}", "dtype": dtype, "model": to_dict(model),
+         "hf_model_type": family, "scan_layers": scan_layers}, indent=1))
+    _write_run_config(out_dir, model, scan_layers)
+    return out_dir
+
+
+def _write_run_config(out_dir: Path, model: ModelConfig, scan_layers: bool) -> None:
+    """A config for `maxmodel train INIT/config.yaml init.from=INIT`: the model as converted (every model key
+    is set, so model.name only needs to name an existing file), and the carried tokenizer."""
+    import yaml
+    m = to_dict(model)
+    m["name"] = "tiny"
+    cfg = {"model": m, "train": {"scan_layers": scan_layers, "seq_len": min(128, model.max_seq_len)}}
+    if (out_dir / "tokenizer.json").is_file():
+        cfg["data"] = {"tokenizer": str(out_dir / "tokenizer.json")}
+    (out_dir / "config.yaml").write_text("# written by `maxmodel convert from-hf`\n" + yaml.safe_dump(cfg))
+
+
+def _save_params(out_dir: Path, state) -> None:
+    import orbax.checkpoint as ocp
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(out_dir / "params", state)
+
+
+def _load_params(init_dir: Path, cfg: Config) -> dict[str, np.ndarray]:
+    """The exported tree as host numpy arrays, keyed by dotted path."""
+    import jax
+    import orbax.checkpoint as ocp
+    leaves, _ = _abstract_leaves(cfg)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        tree = ckptr.metadata(init_dir / "params").item_metadata.tree
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        restored = ckptr.restore(init_dir / "params", args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(restored):
+        names = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+        out[".".join(names[:-1] if names[-1] == "value" else names)] = np.asarray(leaf)  # nnx.Variable's value
+    missing = set(leaves) - set(out)
+    if missing:
+        raise ConfigError("INIT", f"{init_dir} lacks parameters {sorted(missing)} of its export.json model")
+    return out
+
+
+def _scan_layout(init_dir: Path, info: dict) -> bool:
+    if "scan_layers" in info:
+        return bool(info["scan_layers"])
+    import orbax.checkpoint as ocp  # a `maxmodel export` of a run: look at the tree itself
+    with ocp.PyTreeCheckpointer() as ckptr:
+        tree = ckptr.metadata(init_dir / "params").item_metadata.tree
+    return not any(str(k).isdigit() for k in tree["layers"])
+
+
+def to_hf(init: str, out: str, model_type: str | None = None, max_shard_bytes: int = 5 * 2**30,
+          dtype: str | None = None) -> Path:
+    from maxmodel.config.loader import config_from_dict
+    init_dir, out_dir = Path(init).absolute(), Path(out).absolute()
+    if not (init_dir / "export.json").is_file():
+        raise ConfigError("INIT", f"{init_dir} is not a `maxmodel export` directory (no export.json)")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ConfigError("--out", f"{out_dir} exists and is not empty")
+    info = json.loads((init_dir / "export.json").read_text())
+    cfg = config_from_dict({"model": info["model"], "train": {"seq_len": min(128, info["model"]["max_seq_len"])}})
+    cfg.train.scan_layers = _scan_layout(init_dir, info)
+    model = cfg.model
+    family = model_type or info.get("hf_model_type") or hf_config.guess_family(model)
+    hf_cfg = hf_config.to_hf(model, family)
+    arrays = _load_params(init_dir, cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    writer = ShardedWriter(out_dir, max_shard_bytes)
+    top, per_layer = rules_for(model, family)
+    for rule, layer in [(r, None) for r in top] + [(r, i) for i in range(model.num_layers) for r in per_layer]:
+        ours = []
+        for base in rule.ours:
+            name, index = _our_name(base, layer, cfg.train.scan_layers)
+            ours.append(arrays[name] if index is None else arrays[name][index])
+        for name, value in zip(rule.hf, rule.to_hf(*ours)):
+            writer.add(name.format(i=layer), value.astype(_np_dtype(dtype)) if dtype else value)
+    writer.close()
+    if dtype:
+        hf_cfg["torch_dtype"] = dtype
+    (out_dir / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+    for f in TOKENIZER_FILES:
+        if (init_dir / f).is_file():
+            shutil.copy(init_dir / f, out_dir / f)
+    return out_dir
