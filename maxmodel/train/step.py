@@ -15,6 +15,7 @@ from maxmodel.models.transformer import Transformer
 from maxmodel.parallel.mesh import check_layout
 
 from . import guards
+from .chunked_loss import fused_cross_entropy
 from .loss import cross_entropy_sums
 from .optimizer import learning_rate_schedule, make_optimizer
 
@@ -60,13 +61,27 @@ class TrainStep:
     abstract_opt: Any
 
 
-def _loss_sums(graphdef, params, batch, z_loss, order=None):
+def _loss_sums(graphdef, params, batch, z_loss, order=None, loss_chunk=0):
     if order is not None:  # causal load balancing for ring attention: every token's mask uses its position
         batch = {k: v[:, order] for k, v in batch.items()}
     model = nnx.merge(graphdef, params)
+    mask = batch["loss_mask"].astype(jnp.float32)
+    if loss_chunk:  # head + loss fused over chunks of positions: no [B, L, V] logits (see chunked_loss.py)
+        h = model.hidden(batch["inputs"], batch["segment_ids"], batch["positions"])
+        total, nll = fused_cross_entropy(h, model.head_matrix(), batch["targets"], mask, z_loss, loss_chunk)
+        return total, (nll, mask.sum())
     logits = model(batch["inputs"], batch["segment_ids"], batch["positions"])
     nll, z, count = cross_entropy_sums(logits, batch["targets"], batch["loss_mask"], z_loss)
     return nll + z, (nll, count)
+
+
+def fused_loss_chunk(cfg: Config, mesh) -> int:
+    """Chunk length of the fused head + loss, or 0 for the materialised logits. The fused path needs plain
+    logits (no soft-cap) and whole sequences on each device (no context parallelism)."""
+    c = cfg.train.loss_chunk
+    if not c or cfg.model.final_logit_softcap or mesh.shape.get("sequence", 1) > 1:
+        return 0
+    return c
 
 
 def build_train_step(cfg: Config, graphdef: nnx.GraphDef, abstract_params: nnx.State, mesh) -> TrainStep:
@@ -91,7 +106,8 @@ def build_train_step(cfg: Config, graphdef: nnx.GraphDef, abstract_params: nnx.S
     if cfg.model.attention.context_parallel == "ring" and mesh.shape["sequence"] > 1:
         from maxmodel.parallel.ring_attention import load_balance_permutation
         order = load_balance_permutation(cfg.train.seq_len, mesh.shape["sequence"])
-    grad_fn = jax.value_and_grad(lambda p, b: _loss_sums(graphdef, p, b, z_loss, order), has_aux=True)
+    loss_chunk = fused_loss_chunk(cfg, mesh)
+    grad_fn = jax.value_and_grad(lambda p, b: _loss_sums(graphdef, p, b, z_loss, order, loss_chunk), has_aux=True)
 
     def gradients(params, batch):
         if micro == 1:
@@ -120,7 +136,7 @@ def build_train_step(cfg: Config, graphdef: nnx.GraphDef, abstract_params: nnx.S
                                    **guards.metrics(opt_state)}
 
     def evaluate(params, batch):
-        _, (nll, count) = _loss_sums(graphdef, params, batch, 0.0, order)
+        _, (nll, count) = _loss_sums(graphdef, params, batch, 0.0, order, loss_chunk)
         return nll, count
 
     batch_sh = {k: data_sh for k in BATCH_KEYS}
