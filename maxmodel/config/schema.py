@@ -109,7 +109,7 @@ class TrainConfig:
     remat: str = "none"                   # none | full | save_dots
     scan_layers: bool = True
     loss_chunk: int = 0                   # > 0: head + cross-entropy fused over chunks of this many positions
-    profile_steps: list = field(default_factory=list)  # [start, end]: jax.profiler trace into <run dir>/profile
+    profile_steps: Any = field(default_factory=list)  # [start, end]: jax.profiler trace into <run dir>/profile
     z_loss: float = 0.0
     objective: str = "causal_lm"
     on_nonfinite: str = "skip"            # non-finite loss/grads: skip the update (counted) | stop with a checkpoint

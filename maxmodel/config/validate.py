@@ -59,7 +59,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.head_dim", f"RoPE needs an even head_dim, got {m.head_dim}")
     if t.loss_chunk and t.seq_len % t.loss_chunk:
         raise ConfigError("train.loss_chunk", f"{t.loss_chunk} does not divide train.seq_len={t.seq_len}")
-    if t.profile_steps and (len(t.profile_steps) != 2 or not all(isinstance(s, int) for s in t.profile_steps)
+    if t.profile_steps and (not isinstance(t.profile_steps, list) or len(t.profile_steps) != 2 or not all(isinstance(s, int) for s in t.profile_steps)
                             or not 0 <= t.profile_steps[0] < t.profile_steps[1]):
         raise ConfigError("train.profile_steps", f"expected [start, end] with 0 <= start < end, got {t.profile_steps}")
     if t.seq_len > m.max_seq_len:
