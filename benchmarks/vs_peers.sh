@@ -3,7 +3,7 @@
 # LLaMA-style model (configs/experiments/bench-50m.yaml), interleaved A B C A B C, medians and ratios, MFU
 # against the large-matmul peak measured by each maxmodel run (same machine, same load).
 #
-#   benchmarks/vs_peers.sh [ROUNDS] [STEPS]          (defaults 2 rounds, 8 steps of which 3 are warm-up)
+#   benchmarks/vs_peers.sh [ROUNDS] [STEPS]   (defaults 2 rounds, 8 steps of which WARMUP=3 are warm-up)
 #
 # Environment: PY (the repository's python, default /work/main/.venv/bin/python or .venv/bin/python),
 # MAXTEXT_VENV (a venv with `pip install "maxtext[tpu]==0.2.5"`, Python 3.12), TORCH_VENV (a venv with
@@ -13,7 +13,7 @@ set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 ROUNDS=${1:-2}
 STEPS=${2:-8}
-WARMUP=3
+WARMUP=${WARMUP:-3}
 PY=${PY:-$( [ -x "$REPO/.venv/bin/python" ] && echo "$REPO/.venv/bin/python" || echo /work/main/.venv/bin/python )}
 MAXTEXT_VENV=${MAXTEXT_VENV:-/tmp/venvs/maxtext}
 TORCH_VENV=${TORCH_VENV:-/tmp/venvs/torch}
