@@ -12,11 +12,11 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ["MAXM
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-from maxmodel import distributed  # noqa: E402
+from maxmodel import distributed
 
 distributed.initialize(cpu_devices=8)
 
-import pytest  # noqa: E402
+import pytest
 
 # A small model and short sequences: every test compiles in seconds on 2 cores.
 TINY = ["model.d_model=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2", "model.d_ff=128",

@@ -2,8 +2,8 @@
 import json
 
 import pytest
-
 from conftest import TINY
+
 from maxmodel.cli import main as cli_main
 
 pytest.importorskip("libtpu", reason="libtpu not installed (pip install 'maxmodel[tpu]'): TPU AOT compile unavailable")
@@ -30,3 +30,13 @@ def test_layout_that_cannot_fit_exits_nonzero_with_the_per_chip_figure(capsys):
 def test_unknown_topology_exits_2(capsys):
     assert cli_main(["compile", "--topology", "v9x-8", *TINY]) == 2
     assert "--topology" in capsys.readouterr().err
+
+
+def test_plan_compile_validates_the_chosen_layout(capsys):
+    """`maxmodel plan --compile` compiles the planned model and layout for the TPU slice it planned for."""
+    args = ["plan", "--chip", "v5p", "--chips", "4", "--days", "1e-5", "--vocab", "512", "--seq-len", "128",
+            "--compile", "--json"]
+    assert cli_main(args) == 0
+    compiled = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["compile"]
+    assert compiled["topology"] == "v5p-8" and compiled["result"]["devices"] == 4
+    assert compiled["result"]["fits"] and compiled["result"]["needed_bytes"] > 0

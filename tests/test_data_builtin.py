@@ -1,6 +1,6 @@
 import numpy as np
-
 from conftest import TINY
+
 from maxmodel.config import load_config
 from maxmodel.data.builtin import builtin_documents, split_documents
 from maxmodel.data.pipeline import make_train_data

@@ -2,10 +2,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from conftest import TINY
 from maxmodel.config import load_config
 from maxmodel.models.layers import rope_frequencies
 from maxmodel.parallel.mesh import build_mesh
@@ -105,3 +105,16 @@ def test_sliding_window_limits_context():
     # With 2 layers and window 4, token 0 reaches at most positions 0..6.
     np.testing.assert_allclose(a[0, 7:], b[0, 7:], atol=1e-6)
     assert not np.allclose(a[0, 1:4], b[0, 1:4])
+
+
+@pytest.mark.parametrize("extra", [[], ["model.tie_embeddings=true", "model.activation=gelu"],
+                                   ["model.num_kv_heads=1", "model.use_bias=true", "model.norm=layernorm"]])
+def test_planner_formula_counts_the_same_parameters_as_the_model(extra):
+    """The planner counts parameters from the shape without JAX (it must answer in under a second); the
+    model's own count (nnx.eval_shape) is the reference."""
+    from maxmodel.models.params import count_params as model_count
+    from maxmodel.planner.shape import count_params as formula_count
+    cfg = _mesh_cfg(*extra)
+    exact, formula = model_count(cfg), formula_count(cfg.model)
+    assert formula["total"] == exact["total"]
+    assert formula["non_embedding"] == exact["non_embedding"]

@@ -2,7 +2,6 @@
 import jax
 import numpy as np
 import pytest
-
 from test_train_step import run_steps
 
 # 4 layers (divisible by 4 stages), 8 query / 4 kv heads (GQA, divisible by tensor=4).

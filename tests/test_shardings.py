@@ -1,9 +1,9 @@
 """Per-device memory accounting and the collectives the compiler inserts for a layout."""
 import jax
 import numpy as np
+from conftest import TINY
 from flax import nnx
 
-from conftest import TINY
 from maxmodel.cli import main as cli_main
 from maxmodel.config import load_config
 from maxmodel.parallel.mesh import build_mesh

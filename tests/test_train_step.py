@@ -2,9 +2,9 @@
 import jax
 import numpy as np
 import pytest
+from conftest import TINY
 from flax import nnx
 
-from conftest import TINY
 from maxmodel.config import load_config
 from maxmodel.data.windows import SyntheticSource
 from maxmodel.parallel.mesh import build_mesh

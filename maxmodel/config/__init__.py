@@ -3,4 +3,4 @@ from .errors import ConfigError
 from .loader import CONFIGS_DIR, config_from_dict, load_config
 from .schema import Config, to_dict
 
-__all__ = ["Config", "ConfigError", "CONFIGS_DIR", "load_config", "config_from_dict", "to_dict"]
+__all__ = ["CONFIGS_DIR", "Config", "ConfigError", "config_from_dict", "load_config", "to_dict"]

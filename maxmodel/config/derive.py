@@ -5,7 +5,7 @@ from .schema import Config
 
 
 def round_up(value: float, multiple: int) -> int:
-    return int(-(-int(round(value)) // multiple) * multiple)
+    return -(-round(value) // multiple) * multiple
 
 
 def derive_values(cfg: Config) -> Config:

@@ -117,7 +117,7 @@ def apply_mapping(cfg: Config, mapping: dict, prefix: str = "", source: str = ""
     for key, value in mapping.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         try:
-            node, name, typ = _resolve(cfg, dotted)
+            node, name, _ = _resolve(cfg, dotted)
         except ConfigError as e:
             raise ConfigError(e.key, f"{str(e).split(': ', 1)[1]}{f' (in {source})' if source else ''}") from None
         if dataclasses.is_dataclass(getattr(node, name)) and isinstance(value, dict):

@@ -86,10 +86,9 @@ def validate(cfg: Config) -> None:
             size = getattr(node, axis)
             if size == 0 or size < -1:
                 raise ConfigError(f"{prefix}.{axis}", f"must be a positive size or -1, got {size}")
-    if m.moe.num_experts:
-        if not 0 < m.moe.top_k <= m.moe.num_experts:
-            raise ConfigError("model.moe.top_k", f"must be in [1, num_experts={m.moe.num_experts}], "
-                                                 f"got {m.moe.top_k}")
+    if m.moe.num_experts and not 0 < m.moe.top_k <= m.moe.num_experts:
+        raise ConfigError("model.moe.top_k", f"must be in [1, num_experts={m.moe.num_experts}], "
+                                             f"got {m.moe.top_k}")
 
 
 def _validate_checkpoint(cfg: Config) -> None:

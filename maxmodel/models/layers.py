@@ -123,13 +123,20 @@ class MLP(nnx.Module):
             self.wg = param(rngs, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), std=cfg.init_std, dtype=param_dtype)
         self.wo = param(rngs, (cfg.d_ff, cfg.d_model), ("mlp", "embed"), std=std_out, dtype=param_dtype)
         self.in_bias = param(rngs, (cfg.d_ff,), ("mlp",), dtype=param_dtype) if cfg.use_bias else None
+        self.gate_bias = param(rngs, (cfg.d_ff,), ("mlp",), dtype=param_dtype) if cfg.use_bias and self.gated else None
         self.out_bias = param(rngs, (cfg.d_model,), ("embed",), dtype=param_dtype) if cfg.use_bias else None
 
     def __call__(self, x):
         h = x @ self.wi[...].astype(x.dtype)
         if self.in_bias is not None:
             h = h + self.in_bias[...].astype(x.dtype)
-        h = self.act(x @ self.wg[...].astype(x.dtype)) * h if self.gated else self.act(h)
+        if self.gated:
+            g = x @ self.wg[...].astype(x.dtype)
+            if self.gate_bias is not None:
+                g = g + self.gate_bias[...].astype(x.dtype)
+            h = self.act(g) * h
+        else:
+            h = self.act(h)
         h = constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
         out = h @ self.wo[...].astype(x.dtype)
         if self.out_bias is not None:

@@ -63,8 +63,8 @@ def topology_devices(topology: str, slices: int):
     # Compiling needs no chip, so several processes (parallel test workers) may load libtpu at once.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
-        from jax.experimental import topologies
         import libtpu  # noqa: F401  (the TPU compiler; optional extra `tpu`)
+        from jax.experimental import topologies
     except ImportError:
         raise ConfigError("--topology", "ahead-of-time TPU compile needs libtpu: pip install 'maxmodel[tpu]'") from None
     family = {"v5litepod": "v5e"}.get(tpu.family.prefix, tpu.family.prefix)

@@ -140,7 +140,7 @@ def run_compile(plan: dict, args) -> dict:
     from .hardware import default_topology, get_chip
 
     try:
-        from maxmodel.parallel.aot import compile_for_topology
+        from maxmodel.parallel.aot import DoesNotFit, compile_for_topology
     except ImportError:
         raise ConfigError("--compile", "AOT compile is not available yet (maxmodel.parallel.aot."
                                        "compile_for_topology is missing from this install)") from None
@@ -149,16 +149,21 @@ def run_compile(plan: dict, args) -> dict:
     from maxmodel.config import load_config
 
     chip = get_chip(args.chip)
-    topology = args.topology or default_topology(chip, plan["chips"] or 1)
+    default_topology(chip, plan["chips"] or 1)  # validates: a TPU chip, a power-of-two slice
+    # The TPU type as gcloud names it (v4 and v5p count TensorCores, two per chip), as `maxmodel compile` takes.
+    cores = 2 if chip.name in ("v4", "v5p") else 1
+    topology = args.topology or f"{chip.name}-{(plan['chips'] or 1) * cores}"
     path = args.write_config
     if not path:
         from .emit import write_config
 
         path = write_config(tempfile.mkdtemp() + "/plan.yaml", plan["config"])
     cfg = load_config(path)
-    result = compile_for_topology(cfg, topology, args.slices)
-    return {"topology": topology, "slices": args.slices, "result": result if isinstance(result, dict)
-            else str(result)}
+    try:
+        result = compile_for_topology(cfg, topology, args.slices).as_dict()
+    except DoesNotFit as e:  # the TPU compiler's own verdict: report it rather than fail the plan
+        result = {"fits": False, "error": str(e)}
+    return {"topology": topology, "slices": args.slices, "result": result}
 
 
 def run_fit(argv: list[str]) -> int:

@@ -11,11 +11,19 @@ def build_config(shape, *, tokens: float, flops: float, batch: int, seq_len: int
                  param_dtype: str = "float32", optimizer: str = "adamw") -> dict:
     steps = max(1, math.ceil(tokens / (batch * seq_len)))
     mesh = dict(layout["mesh"]) if layout else {"data": -1, "fsdp": 1, "tensor": 1, "stage": 1}
+    micro = layout["microbatches"] if layout else 1
+    extra = {}
+    if mesh.get("stage", 1) > 1:
+        # A pipelined layout: its microbatches flow through the stages (at least one per stage).
+        mesh["rules"] = "pipeline"
+        extra["pipeline"] = {"microbatches": max(micro, mesh["stage"])}
+        micro = 1
     return {
         "model": {**shape.as_model(), "norm": "rmsnorm", "positional": "rope", "max_seq_len": seq_len},
         "mesh": mesh,
+        **extra,
         "train": {"steps": steps, "batch_size": batch, "seq_len": seq_len,
-                  "microbatches": layout["microbatches"] if layout else 1,
+                  "microbatches": micro,
                   "dtype": "bfloat16", "param_dtype": param_dtype,
                   "remat": layout["remat"] if layout else "none"},
         "optimizer": {"name": optimizer, "lr": float(f"{hparams.learning_rate(flops):.3g}"), "schedule": "cosine",

@@ -55,10 +55,12 @@ def report(cfg, result) -> None:
                                                              if "unigram_eval_loss" in s else ""))
     print("\n".join(lines))
     if result.tokenizer is not None and cfg.run.sample_tokens > 0 and result.final_step > result.start_step:
-        from .sample import greedy_continue
         import jax
         from flax import nnx
+
         from maxmodel.parallel.rules import logical_rules
+
+        from .sample import greedy_continue
         rows = result.mesh.shape["data"] * result.mesh.shape["fsdp"] * result.mesh.shape["expert"]
         with jax.set_mesh(result.mesh), nnx.logical_axis_rules(logical_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)):
             prompt = [result.tokenizer.bos_id] + result.tokenizer.encode(cfg.run.sample_prompt)

@@ -88,7 +88,7 @@ class MetricsWriter:
         self.enabled = enabled
         self.tb = None
         if enabled:
-            self.file = open(run_dir / "metrics.jsonl", "a")
+            self.file = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (kept open for the run; close())
             try:
                 from tensorboardX import SummaryWriter
                 self.tb = SummaryWriter(str(run_dir / "tensorboard"))

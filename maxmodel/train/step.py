@@ -1,8 +1,9 @@
 """Model state creation and the one jitted train step (explicit shardings, donated state)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
