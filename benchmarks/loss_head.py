@@ -26,11 +26,16 @@ w = jax.random.normal(k[1], (d, v)) * 0.02
 targets = jax.random.randint(k[2], (b, length), 0, v)
 mask = jnp.ones((b, length))
 
-for chunk in map(int, args.chunks.split(",")):
+
+
+def loss_fn(chunk):
     if chunk:
-        loss = lambda h, w: fused_cross_entropy(h, w, targets, mask, 0.0, chunk)[0]  # noqa: E731
-    else:
-        loss = lambda h, w: cross_entropy_sums(h @ w, targets, mask)[0]  # noqa: E731
+        return lambda h, w: fused_cross_entropy(h, w, targets, mask, 0.0, chunk)[0]
+    return lambda h, w: cross_entropy_sums(h @ w, targets, mask)[0]
+
+
+for chunk in map(int, args.chunks.split(",")):
+    loss = loss_fn(chunk)
     f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     compiled = f.lower(h, w).compile()
     jax.block_until_ready(compiled(h, w))

@@ -71,11 +71,11 @@ def _fwd(h, w, targets, mask, z_loss, chunk):
         return (nll_acc + nll, z_acc + z, dw), dh.astype(h.dtype)
     init = (jnp.float32(0), jnp.float32(0), jnp.zeros(w.shape, jnp.float32))
     (nll, z, dw), dh = jax.lax.scan(body, init, (_chunks(h, chunk), _chunks(targets, chunk), _chunks(mask, chunk)))
-    return (nll + z, nll), (_unchunk(dh), dw.astype(w.dtype), targets, mask)
+    return (nll + z, nll), (_unchunk(dh), dw.astype(w.dtype))
 
 
 def _bwd(z_loss, chunk, residuals, cotangents):
-    dh, dw, targets, mask = residuals
+    dh, dw = residuals
     g_total, _ = cotangents  # the nll statistic carries no gradient (see the module docstring)
     return (g_total * dh).astype(dh.dtype), (g_total * dw).astype(dw.dtype), None, None
 
