@@ -115,6 +115,8 @@ class TrainConfig:
     param_dtype: str = "float32"
     remat: str = "none"                   # none | full | save_dots
     scan_layers: bool = True
+    loss_chunk: int = 0                   # > 0: head + cross-entropy fused over chunks of this many positions
+    profile_steps: Any = field(default_factory=list)  # [start, end]: jax.profiler trace into <run dir>/profile
     z_loss: float = 0.0
     objective: str = "causal_lm"
     on_nonfinite: str = "skip"            # non-finite loss/grads: skip the update (counted) | stop with a checkpoint
@@ -188,6 +190,7 @@ class RunConfig:
     sample_prompt: str = "The "
     sample_tokens: int = 48
     progress: bool = True
+    compile_cache_dir: str = ""           # persistent XLA compilation cache ("" = off): restarts skip compiling
 
 
 @dataclass

@@ -25,7 +25,7 @@ POSITIVE = ("pipeline.repeats", "model.vocab_size", "model.d_model", "model.num_
             "train.steps", "train.batch_size", "train.seq_len", "train.microbatches",
             "run.log_every", "run.eval_every", "run.cpu_devices", "checkpoint.keep", "checkpoint.local_keep")
 NON_NEGATIVE = ("pipeline.microbatches", "optimizer.lr", "optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.clip_norm",
-                "train.z_loss", "model.num_kv_heads", "model.head_dim", "model.d_ff", "run.eval_batches",
+                "train.z_loss", "train.loss_chunk", "model.num_kv_heads", "model.head_dim", "model.d_ff", "run.eval_batches",
                 "checkpoint.every_steps", "checkpoint.every_minutes", "checkpoint.keep_every",
                 "checkpoint.local_every_steps", "train.spike_sigma", "train.spike_warmup",
                 "data.workers", "data.prefetch",
@@ -58,6 +58,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.num_heads", f"d_model={m.d_model} is not divisible by num_heads={m.num_heads}")
     if m.positional == "rope" and m.head_dim and m.head_dim % 2:
         raise ConfigError("model.head_dim", f"RoPE needs an even head_dim, got {m.head_dim}")
+    if t.loss_chunk and t.seq_len % t.loss_chunk:
+        raise ConfigError("train.loss_chunk", f"{t.loss_chunk} does not divide train.seq_len={t.seq_len}")
+    if t.profile_steps and (not isinstance(t.profile_steps, list) or len(t.profile_steps) != 2 or not all(isinstance(s, int) for s in t.profile_steps)
+                            or not 0 <= t.profile_steps[0] < t.profile_steps[1]):
+        raise ConfigError("train.profile_steps", f"expected [start, end] with 0 <= start < end, got {t.profile_steps}")
     if t.seq_len > m.max_seq_len:
         raise ConfigError("train.seq_len", f"{t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     if t.batch_size % t.microbatches:

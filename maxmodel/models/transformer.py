@@ -182,6 +182,12 @@ class Transformer(nnx.Module):
                               aux={"segment_ids": segment_ids, "positions": positions},
                               length_axis="sequence" if mesh.shape.get("sequence", 1) > 1 else None)
 
+    def head_matrix(self):
+        """The output projection as [d_model, vocab] (the embedding table transposed when tied)."""
+        if self.cfg.model.tie_embeddings:
+            return self.embed.table[...].astype(self.dtype).T
+        return self.head[...].astype(self.dtype)
+
     def logits(self, x):
         m = self.cfg.model
         out = self.embed.attend(x) if m.tie_embeddings else x @ self.head[...].astype(x.dtype)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,8 +22,10 @@ from maxmodel.parallel.rules import logical_rules
 from . import guards
 from .checkpoint import Checkpointer, abstract_like
 from .export import load_params
+from .goodput import Goodput
 from .metrics import MetricsWriter, flops_per_token, matmul_params, moe_record, peak_flops_per_device
 from .preemption import PreemptionWatch
+from .profiling import StepProfiler, enable_compile_cache
 from .step import abstract_state, build_train_step, create_params, global_batch
 
 log = logging.getLogger("maxmodel.train")
@@ -72,7 +75,9 @@ def evaluate(ts, params, data, mesh, num_batches: int) -> float:
 def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
     """Train to `train.steps`, resuming from the run directory's latest checkpoint. `stop_at_step` ends the
     run early (with a checkpoint), as a preemption would."""
+    goodput = Goodput()  # laps below split the wall time: restart, compile, data wait, steps, eval, checkpoints
     info = distributed.initialize(cfg.run.cpu_devices)
+    enable_compile_cache(cfg.run.compile_cache_dir)
     main = info.process_index == 0
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -86,6 +91,7 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
     writer = MetricsWriter(run_dir, enabled=main)
     result = TrainResult(run_dir, 0, 0, stats=dict(data.stats))
     peak, peak_source = peak_flops_per_device()  # outside the mesh context: a one-device matmul
+    profiler = StepProfiler(cfg.train.profile_steps, run_dir / "profile")
 
     with (jax.set_mesh(mesh), nnx.logical_axis_rules(rules), PreemptionWatch() as preemption,
           _closing(writer, ckpt)):
@@ -117,14 +123,19 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
         data_wait = 0.0  # seconds spent waiting in next(data.train) during the interval
         step, last_record = start, {}
         end = cfg.train.steps if stop_at_step is None else min(stop_at_step, cfg.train.steps)
+        goodput.lap("restart")  # set-up, restore (and on a fresh run, initialisation) before the first step
         try:
             while step < end:
+                goodput.lap("productive")  # the previous step's remaining host work (logging, syncs)
                 wait_start = time.perf_counter()
                 local = next(data.train)
                 data_wait += time.perf_counter() - wait_start
+                goodput.lap("data_wait")
                 batch = global_batch(local, mesh)
+                profiler.before_step(step)
                 params, opt_state, metrics = ts.step_fn(params, opt_state, batch)
                 step += 1
+                profiler.after_step(step, metrics)
                 interval_steps += 1
                 bar.update(1)
                 if compile_seconds is None:  # the first step includes compilation: time it apart
@@ -132,6 +143,7 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
                     compile_seconds = time.perf_counter() - interval_start
                     interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
                     result.stats["compile_seconds"] = compile_seconds
+                    goodput.lap("compile")
                 record = {}
                 logging_now = step % cfg.run.log_every == 0 or step == end
                 if logging_now:
@@ -143,7 +155,8 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
                               "grad_norm": float(m["grad_norm"]), "tokens_per_sec": tps,
                               "step_time": step_time, "mfu": tps * flops_tok / peak_total,
                               "skipped_steps": int(m["skipped_steps"]), "spike_skips": int(m["spike_skips"]),
-                              "data_wait": data_wait / elapsed if interval_steps else 0.0}
+                              "data_wait": data_wait / elapsed if interval_steps else 0.0,
+                              **goodput.metrics()}
                     if "moe" in m:
                         record.update(moe_record(m["moe"]))
                     last_record = record
@@ -154,9 +167,11 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
                     bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{record['mfu']:.1%}")
                     interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
                 if step % cfg.run.eval_every == 0 or step == cfg.train.steps:
+                    goodput.lap("productive")
                     t0 = time.perf_counter()
                     record["eval_loss"] = result.eval_loss = evaluate(ts, params, data, mesh, cfg.run.eval_batches)
                     interval_start += time.perf_counter() - t0  # eval time is not step time
+                    goodput.lap("eval")
                 if record:
                     writer.write(step, record)
                 preempted = preemption.requested(step)
@@ -166,8 +181,12 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
                 if ckpt and (preempted or halted):
                     due = ckpt.due(step, end, force=True)
                 if due:
+                    goodput.lap("productive")
+                    t0 = time.perf_counter()
                     meta = {"config": to_dict(cfg), "metrics": last_record, "seed": cfg.train.seed}
                     ckpt.save(step, due, params, opt_state, data.train.get_state(), meta)
+                    interval_start += time.perf_counter() - t0  # neither is checkpoint time
+                    goodput.lap("checkpoint")
                 if preempted or halted:
                     if ckpt:
                         ckpt.wait()  # committed before we exit
@@ -177,6 +196,15 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
                                     + ("; checkpoint written" if ckpt else " (checkpointing is off)"))
         finally:
             bar.close()
+            profiler.stop()
+        goodput.lap("productive")
+        if ckpt:
+            ckpt.wait()  # the last saves are part of this run's checkpoint time
+            goodput.lap("checkpoint")
+        result.stats["goodput"] = goodput.metrics()
+        if main:
+            (run_dir / "goodput.json").write_text(json.dumps(goodput.metrics(), indent=1))
+        log.info("%s", goodput.summary())
         result.final_step = step
         result.params, result.graphdef, result.tokenizer, result.mesh = params, graphdef, data.tokenizer, mesh
     return result

@@ -17,6 +17,7 @@ from maxmodel.models.transformer import Transformer
 from maxmodel.parallel.mesh import check_layout
 
 from . import guards
+from .chunked_loss import fused_cross_entropy
 from .loss import cross_entropy_sums
 from .optimizer import learning_rate_schedule, make_optimizer
 
@@ -75,19 +76,35 @@ class TrainStep:
     abstract_opt: Any
 
 
-def _loss_sums(graphdef, params, batch, z_loss, order=None, moe=None):
+def _loss_sums(graphdef, params, batch, z_loss, order=None, moe=None, loss_chunk=0):
     """(objective, (nll, token count, MoE stats)). MoE aux losses are per-token means, so they enter the
     summed objective multiplied by the token count: after the step's division by the total count (also
     across microbatches) they carry their configured weight."""
     if order is not None:  # causal load balancing for ring attention: every token's mask uses its position
         batch = {k: v[:, order] for k, v in batch.items()}
     model = nnx.merge(graphdef, params)
-    logits, stats = model(batch["inputs"], batch["segment_ids"], batch["positions"], return_stats=True)
-    nll, z, count = cross_entropy_sums(logits, batch["targets"], batch["loss_mask"], z_loss)
+    if loss_chunk:  # head + loss fused over chunks of positions: no [B, L, V] logits (see chunked_loss.py)
+        mask = batch["loss_mask"].astype(jnp.float32)
+        h, stats = model.hidden(batch["inputs"], batch["segment_ids"], batch["positions"])
+        total, nll = fused_cross_entropy(h, model.head_matrix(), batch["targets"], mask, z_loss, loss_chunk)
+        count = mask.sum()
+    else:
+        logits, stats = model(batch["inputs"], batch["segment_ids"], batch["positions"], return_stats=True)
+        nll, z, count = cross_entropy_sums(logits, batch["targets"], batch["loss_mask"], z_loss)
+        total = nll + z
     aux = 0.0
     if stats and moe is not None:
         aux = (moe.aux_loss_weight * jnp.sum(stats["aux_loss"]) + moe.z_loss_weight * jnp.sum(stats["z_loss"]))
-    return nll + z + aux * count, (nll, count, stats)
+    return total + aux * count, (nll, count, stats)
+
+
+def fused_loss_chunk(cfg: Config, mesh) -> int:
+    """Chunk length of the fused head + loss, or 0 for the materialised logits. The fused path needs plain
+    logits (no soft-cap) and whole sequences on each device (no context parallelism)."""
+    c = cfg.train.loss_chunk
+    if not c or cfg.model.final_logit_softcap or mesh.shape.get("sequence", 1) > 1:
+        return 0
+    return c
 
 
 def build_train_step(cfg: Config, graphdef: nnx.GraphDef, abstract_params: nnx.State, mesh) -> TrainStep:
@@ -114,7 +131,9 @@ def build_train_step(cfg: Config, graphdef: nnx.GraphDef, abstract_params: nnx.S
         from maxmodel.parallel.ring_attention import load_balance_permutation
         order = load_balance_permutation(cfg.train.seq_len, mesh.shape["sequence"])
     moe = cfg.model.moe if cfg.model.moe.num_experts else None
-    grad_fn = jax.value_and_grad(lambda p, b: _loss_sums(graphdef, p, b, z_loss, order, moe), has_aux=True)
+    loss_chunk = fused_loss_chunk(cfg, mesh)
+    grad_fn = jax.value_and_grad(lambda p, b: _loss_sums(graphdef, p, b, z_loss, order, moe, loss_chunk),
+                                 has_aux=True)
 
     def gradients(params, batch):
         if micro == 1:
@@ -145,7 +164,7 @@ def build_train_step(cfg: Config, graphdef: nnx.GraphDef, abstract_params: nnx.S
                                    **guards.metrics(opt_state), **({"moe": stats} if stats else {})}
 
     def evaluate(params, batch):
-        _, (nll, count, _) = _loss_sums(graphdef, params, batch, 0.0, order)
+        _, (nll, count, _) = _loss_sums(graphdef, params, batch, 0.0, order, None, loss_chunk)
         return nll, count
 
     batch_sh = {k: data_sh for k in BATCH_KEYS}

@@ -1,0 +1,29 @@
+"""`maxmodel bench` on a tiny config: the run succeeds and appends one complete result line."""
+import json
+
+from maxmodel.cli import main
+
+TINY = ["model.vocab_size=256", "model.d_model=64", "model.num_layers=1", "model.num_heads=2",
+        "model.num_kv_heads=2", "model.d_ff=128", "train.batch_size=8", "train.seq_len=16",
+        "data.source=synthetic"]  # on the 8 emulated devices of conftest
+
+
+def test_bench_appends_result_line(tmp_path, capsys):
+    results = tmp_path / "results.jsonl"
+    results.write_text('{"earlier": 1}\n')  # appended to, never overwritten
+    assert main(["bench", *TINY, "--steps", "3", "--warmup", "1", "--results", str(results)]) == 0
+    lines = [json.loads(x) for x in results.read_text().splitlines()]
+    assert len(lines) == 2 and lines[0] == {"earlier": 1}
+    r = lines[1]
+    assert r["steps"] == 3 and r["devices"] == 8 and r["platform"] == "cpu"
+    assert r["tokens_per_sec"] > 0 and r["compile_seconds"] > 0 and 0 < r["mfu"] < 1
+    assert r["step_time_median"] <= r["step_time_p90"]
+    assert r["tokens_per_sec"] == 8 * 16 / r["step_time_median"]
+    assert r["peak_memory_bytes"] > 10 << 20 and r["memory_source"] == "process peak RSS"
+    assert len(r["revision"].split("+")[0]) == 40
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 3
+
+
+def test_bench_rejects_bad_steps(capsys):
+    assert main(["bench", *TINY, "--steps", "0"]) == 2
+    assert "--steps" in capsys.readouterr().err
