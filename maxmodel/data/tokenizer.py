@@ -158,6 +158,7 @@ def train_sentencepiece_model(lines: Iterable[str], vocab_size: int, model_type:
             sentence_iterator=iter(line for line in lines if line.strip()), model_writer=model,
             vocab_size=vocab_size, model_type=model_type, byte_fallback=True, character_coverage=1.0,
             normalization_rule_name="identity", remove_extra_whitespaces=False, user_defined_symbols=["\n"],
+            allow_whitespace_only_pieces=True,  # indentation runs become single pieces
             pad_id=0, bos_id=1, eos_id=2, unk_id=3, num_threads=2, max_sentence_length=16384, minloglevel=2)
     except RuntimeError as e:  # e.g. "Vocabulary size too high" for a small corpus
         raise ConfigError(key, f"sentencepiece training failed: {e}") from None
@@ -166,7 +167,7 @@ def train_sentencepiece_model(lines: Iterable[str], vocab_size: int, model_type:
 
 def train_sentencepiece(texts: list[str], vocab_size: int, out_path: Path, model_type: str = "bpe") -> Path:
     """A model trained on `texts`, cached by content hash (re-running on the same text costs nothing)."""
-    digest = hashlib.sha256(f"v2:{model_type}:{vocab_size}:".encode() + "\x00".join(texts).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(f"v3:{model_type}:{vocab_size}:".encode() + "\x00".join(texts).encode()).hexdigest()[:16]
     cached = cache_dir() / "tokenizers" / f"spm-{model_type}-{vocab_size}-{digest}.model"
     if not cached.is_file():
         model = train_sentencepiece_model((line for t in texts for line in t.splitlines()), vocab_size, model_type)
