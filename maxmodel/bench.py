@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from maxmodel.config import ConfigError, load_config
+from maxmodel.config.loader import split_config_args
 
 REPO = Path(__file__).resolve().parents[1]
 SUITES = {"data": "data_loader.py", "checkpoint": "checkpoint.py"}
@@ -134,8 +135,7 @@ def main(argv: list[str]) -> int:
         raise ConfigError("bench", f"unknown options {extra}")
     if args.steps < 1 or args.warmup < 0:
         raise ConfigError("--steps" if args.steps < 1 else "--warmup", "must be >= 1 (steps) and >= 0 (warmup)")
-    config_file = args.args[0] if args.args and "=" not in args.args[0] else None
-    overrides = args.args[1:] if config_file else args.args
+    config_file, overrides = split_config_args(args.args)
     cfg = load_config(config_file, overrides)
     result = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "revision": git_revision(),
               "config": config_file or "base", "overrides": overrides, "label": args.label,

@@ -6,7 +6,7 @@ import json
 
 import yaml
 
-from .loader import load_config
+from .loader import load_config_args
 from .schema import to_dict
 
 
@@ -18,8 +18,7 @@ def main(argv: list[str]) -> int:
     show.add_argument("--json", action="store_true", help="one JSON object instead of YAML")
     ns = parser.parse_args(argv)
     args = ns.args
-    config_file = args[0] if args and "=" not in args[0] else None
-    cfg = load_config(config_file, args[1:] if config_file else args)
+    cfg = load_config_args(args)
 
     from maxmodel.models.params import count_params
     out = to_dict(cfg)

@@ -187,6 +187,17 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | tu
     return cfg
 
 
+def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
+    """The CLI form shared by every command: an optional CONFIG.yaml first, then key.sub=value overrides."""
+    args = list(args)
+    config_file = args[0] if args and "=" not in args[0] else None
+    return config_file, args[1:] if config_file else args
+
+
+def load_config_args(args: list[str]) -> Config:
+    return load_config(*split_config_args(args))
+
+
 def config_from_dict(data: dict) -> Config:
     """A resolved config saved in a run directory or checkpoint, read back."""
     from .validate import validate

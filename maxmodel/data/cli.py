@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from maxmodel.config import load_config
+from maxmodel.config import load_config_args
 
 
 def main(argv: list[str]) -> int:
@@ -22,8 +22,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the manifest summary as JSON")
     args = parser.parse_args(argv)
-    config_file = args.args[0] if args.args and "=" not in args.args[0] else None
-    cfg = load_config(config_file, args.args[1:] if config_file else args.args)
+    cfg = load_config_args(args.args)
     from .prepare import prepare
     manifest = prepare(cfg, args.output, args.workers, progress=not args.no_progress)
     summary = {k: manifest[k] for k in ("documents", "tokens", "source_hash", "bad_records", "last_run")}

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 
-from maxmodel.config import load_config
+from maxmodel.config import load_config_args
 
 GIB = 1024 ** 3
 
@@ -23,8 +23,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("args", nargs="*", help="an optional CONFIG.yaml, then key.sub=value overrides")
     ns = parser.parse_args(argv)
-    config_file = ns.args[0] if ns.args and "=" not in ns.args[0] else None
-    cfg = load_config(config_file, ns.args[1:] if config_file else ns.args)
+    cfg = load_config_args(ns.args)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile for TPU, but never try to open one here
 
     from .aot import DoesNotFit, compile_for_topology

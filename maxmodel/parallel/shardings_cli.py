@@ -10,7 +10,7 @@ import argparse
 import json
 import math
 
-from maxmodel.config import load_config
+from maxmodel.config import load_config_args
 
 MIB = 1024 ** 2
 
@@ -106,8 +106,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-compile", action="store_true", help="skip compiling the step")
     parser.add_argument("--json", action="store_true")
     ns = parser.parse_args(argv)
-    config_file = ns.args[0] if ns.args and "=" not in ns.args[0] else None
-    cfg = load_config(config_file, ns.args[1:] if config_file else ns.args)
+    cfg = load_config_args(ns.args)
     out = collect(cfg, not ns.no_compile)
     print(json.dumps(out)) if ns.json else print_table(out)
     return 0

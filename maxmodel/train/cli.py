@@ -5,15 +5,13 @@ import argparse
 import logging
 import sys
 
-from maxmodel.config import load_config
+from maxmodel.config import load_config_args
 
 
-def parse(argv: list[str]) -> tuple[str | None, list[str]]:
+def parse(argv: list[str]) -> list[str]:
     parser = argparse.ArgumentParser(prog="maxmodel train", description=__doc__)
     parser.add_argument("args", nargs="*", help="an optional CONFIG.yaml, then key.sub=value overrides")
-    args = parser.parse_args(argv).args
-    config_file = args[0] if args and "=" not in args[0] else None
-    return config_file, args[1:] if config_file else args
+    return parser.parse_args(argv).args
 
 
 def setup_logging() -> None:
@@ -25,8 +23,7 @@ def setup_logging() -> None:
 
 
 def main(argv: list[str]) -> int:
-    config_file, overrides = parse(argv)
-    cfg = load_config(config_file, overrides)
+    cfg = load_config_args(parse(argv))
     setup_logging()
     from .guards import NonFiniteStop
     from .loop import Preempted, train

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from maxmodel.config import ConfigError, load_config
+from maxmodel.config import ConfigError, load_config_args
 from maxmodel.config.loader import config_from_dict
 
 log = logging.getLogger("maxmodel.export")
@@ -51,8 +51,7 @@ def _config(args) -> object:
         if not cfg.checkpoint.dir:  # the run's checkpoints live beside its config
             cfg.checkpoint.dir = str(Path(args.run_dir).absolute() / "checkpoints")
         return cfg
-    config_file = args.args[0] if args.args and "=" not in args.args[0] else None
-    return load_config(config_file, args.args[1:] if config_file else args.args)
+    return load_config_args(args.args)
 
 
 def export(cfg, step: int | None, out: str, dtype: str | None) -> Path:
