@@ -10,7 +10,7 @@ from maxmodel.parallel.mesh import build_mesh
 from maxmodel.parallel.rules import logical_rules
 from maxmodel.parallel.shardings_cli import collect
 from maxmodel.train.checkpoint import abstract_like
-from maxmodel.train.step import BATCH_KEYS, abstract_state, batch_sharding, build_train_step
+from maxmodel.train.step import abstract_state, batch_keys, batch_sharding, build_train_step
 
 
 def test_fsdp_holds_an_eighth_of_the_parameters_per_device():
@@ -36,7 +36,7 @@ def test_tensor_parallel_hlo_has_collectives():
         ts = build_train_step(cfg, graphdef, abstract, mesh)
         sh = batch_sharding(mesh)
         batch = {k: jax.ShapeDtypeStruct((8, 32), np.float32 if k == "loss_mask" else np.int32, sharding=sh)
-                 for k in BATCH_KEYS}
+                 for k in batch_keys(cfg)}
         hlo = ts.step_fn.lower(abstract_like(abstract, ts.param_shardings),
                                abstract_like(ts.abstract_opt, ts.opt_shardings), batch).compile().as_text()
     assert "all-reduce" in hlo or "reduce-scatter" in hlo

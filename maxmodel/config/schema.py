@@ -49,6 +49,7 @@ class MoEConfig:
 @dataclass
 class ModelConfig:
     name: str = "tiny"
+    arch: str = "decoder"                 # decoder | encoder (BERT) | encoder_decoder (the original Transformer)
     vocab_size: int = 1024
     d_model: int = 256
     num_layers: int = 4
@@ -61,6 +62,7 @@ class ModelConfig:
     activation: str = "swiglu"            # swiglu | geglu | gelu | relu
     norm: str = "rmsnorm"                 # rmsnorm | layernorm
     norm_eps: float = 1e-5
+    norm_position: str = "pre"            # pre: x + f(norm(x)) | post (BERT, original Transformer): norm(x + f(x))
     positional: str = "rope"              # rope | learned | sinusoidal | none
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
@@ -118,7 +120,7 @@ class TrainConfig:
     loss_chunk: int = 0                   # > 0: head + cross-entropy fused over chunks of this many positions
     profile_steps: Any = field(default_factory=list)  # [start, end]: jax.profiler trace into <run dir>/profile
     z_loss: float = 0.0
-    objective: str = "causal_lm"
+    objective: str = "causal_lm"          # causal_lm | masked_lm | prefix_lm | seq2seq
     on_nonfinite: str = "skip"            # non-finite loss/grads: skip the update (counted) | stop with a checkpoint
     spike_sigma: float = 0.0              # > 0: skip updates whose loss exceeds the running mean by this many std
     spike_warmup: int = 20                # losses averaged before the spike detector may skip anything

@@ -7,6 +7,8 @@ from .schema import YAML_TO_FIELD, Config
 CHOICES = {
     "model.activation": ("swiglu", "geglu", "gelu", "relu"),
     "model.norm": ("rmsnorm", "layernorm"),
+    "model.norm_position": ("pre", "post"),
+    "model.arch": ("decoder",),
     "model.positional": ("rope", "learned", "sinusoidal", "none"),
     "model.attention.context_parallel": ("allgather", "ring"),
     "model.moe.router": ("softmax", "sigmoid"),

@@ -33,9 +33,9 @@ def _abstract_leaves(cfg: Config):
     import jax
     from flax import nnx
 
-    from maxmodel.models.transformer import Transformer
+    from maxmodel.models.registry import build_model
     with nnx.use_eager_sharding(False):
-        abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+        abstract = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0)))
     _, state = nnx.split(abstract)
     out = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(state):

@@ -10,9 +10,9 @@ from maxmodel.config.schema import Config
 
 
 def _named_sizes(cfg: Config) -> list[tuple[tuple[str, ...], int]]:
-    from .transformer import Transformer
+    from .registry import build_model
     with nnx.use_eager_sharding(False):  # shapes only: no mesh is needed
-        abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+        abstract = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0)))
     state = nnx.state(abstract, nnx.Param)  # parameters only (not e.g. MoE routing-bias state)
     out = []
     for path, leaf in jax.tree_util.tree_leaves_with_path(state):

@@ -49,12 +49,18 @@ class Block(nnx.Module):
             self.attn_post_norm = make_norm(cfg, param_dtype)
             self.mlp_post_norm = make_norm(cfg, param_dtype)
         self.post_norms = cfg.post_norms
+        self.post_norm = cfg.norm_position == "post"
+        if self.post_norm and (self.parallel or cfg.post_norms):
+            raise ConfigError("model.norm_position", "post-norm blocks are sequential with one norm per branch: "
+                                                     "unset model.parallel_block and model.post_norms")
 
     def _ffn(self, h):
         y, stats = self.mlp(h) if self.is_moe else (self.mlp(h), {})
         return (self.mlp_post_norm(y) if self.post_norms else y), stats
 
     def __call__(self, x, segment_ids, positions, window=None):
+        if self.post_norm:
+            return self._post_norm_call(x, segment_ids, positions, window)
         h = self.attn_norm(x)
         a = self.attn(h, segment_ids, positions, window)
         if self.post_norms:
@@ -65,6 +71,13 @@ class Block(nnx.Module):
         x = constrain(x + a, ACT)
         y, stats = self._ffn(self.mlp_norm(x))
         return constrain(x + y, ACT), stats
+
+
+    def _post_norm_call(self, x, segment_ids, positions, window):
+        """BERT / original Transformer: norm(x + attn(x)) then norm(x + ffn(x))."""
+        x = constrain(self.attn_norm(x + self.attn(x, segment_ids, positions, window)), ACT)
+        y, stats = self.mlp(x) if self.is_moe else (self.mlp(x), {})
+        return constrain(self.mlp_norm(x + y), ACT), stats
 
 
 class BlockGroup(nnx.Module):
@@ -120,7 +133,8 @@ class Transformer(nnx.Module):
             unit = (lambda r: Block(m, r, param_dtype, moe=True)) if moe.every == 1 else (
                 lambda r: BlockGroup(m, r, param_dtype))
             self.layers = _stack(unit, (m.num_layers - moe.first_dense_layers) // moe.every, rngs)
-        self.final_norm = make_norm(m, param_dtype)
+        # Post-norm stacks end normalised already; pre-norm stacks need the final norm.
+        self.final_norm = make_norm(m, param_dtype) if m.norm_position == "pre" else None
         if not m.tie_embeddings:
             self.head = param(rngs, (m.d_model, m.vocab_size), ("embed", "vocab"), std=m.init_std,
                               dtype=param_dtype)
@@ -167,7 +181,7 @@ class Transformer(nnx.Module):
                 x, s = block_fn(block, x, segment_ids, positions, None if windows is None else int(windows[i]))
                 per_layer.append(s)
             stats = _stack_stats(per_layer)
-        return self.final_norm(x), stats
+        return (self.final_norm(x) if self.final_norm is not None else x), stats
 
     def _pipeline(self, x, segment_ids, positions, block_fn, stages, mesh):
         """The stacked layers as a pipeline over `stage` (GPipe, or circular when pipeline.repeats > 1)."""

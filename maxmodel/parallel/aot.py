@@ -82,7 +82,7 @@ def compile_for_topology(cfg: Config, topology: str, slices: int = 1) -> Compile
     from maxmodel.parallel.mesh import build_mesh
     from maxmodel.parallel.rules import logical_rules
     from maxmodel.train.checkpoint import abstract_like
-    from maxmodel.train.step import BATCH_KEYS, abstract_state, batch_sharding, build_train_step
+    from maxmodel.train.step import abstract_state, batch_keys, batch_sharding, build_train_step
 
     devices, hbm = topology_devices(topology, slices)
     mesh = build_mesh(cfg.mesh, devices)
@@ -94,7 +94,7 @@ def compile_for_topology(cfg: Config, topology: str, slices: int = 1) -> Compile
         shape = (cfg.train.batch_size, cfg.train.seq_len)
         sh = batch_sharding(mesh)
         batch = {k: jax.ShapeDtypeStruct(shape, jax.numpy.float32 if k == "loss_mask" else jax.numpy.int32,
-                                         sharding=sh) for k in BATCH_KEYS}
+                                         sharding=sh) for k in batch_keys(cfg)}
         lowered = ts.step_fn.lower(params, opt, batch)
     try:
         compiled = lowered.compile()

@@ -36,7 +36,7 @@ def collect(cfg, compile_step: bool) -> dict:
 
     from maxmodel import distributed
     from maxmodel.planner.memory import activation_bytes
-    from maxmodel.train.step import BATCH_KEYS, abstract_state, batch_sharding, build_train_step
+    from maxmodel.train.step import abstract_state, batch_keys, batch_sharding, build_train_step
 
     from .mesh import build_mesh
     from .rules import logical_rules
@@ -72,7 +72,7 @@ def collect(cfg, compile_step: bool) -> dict:
             sh = batch_sharding(mesh)
             batch = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.train.seq_len),
                                              jax.numpy.float32 if k == "loss_mask" else jax.numpy.int32, sharding=sh)
-                     for k in BATCH_KEYS}
+                     for k in batch_keys(cfg)}
             compiled = ts.step_fn.lower(abstract_like(abstract, ts.param_shardings),
                                         abstract_like(ts.abstract_opt, ts.opt_shardings), batch).compile()
             mem = compiled.memory_analysis()

@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from maxmodel.config.schema import Config
 from maxmodel.models.moe import update_router_bias
-from maxmodel.models.transformer import Transformer
+from maxmodel.models.registry import build_model
 from maxmodel.parallel.mesh import check_layout
 
 from . import guards
@@ -22,6 +22,13 @@ from .loss import cross_entropy_sums
 from .optimizer import learning_rate_schedule, make_optimizer
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+# Every key is a [batch, seq_len] int32 array; objectives that need more name their extra keys here.
+OBJECTIVE_EXTRA_KEYS: dict[str, tuple[str, ...]] = {}
+
+
+def batch_keys(cfg: Config) -> tuple[str, ...]:
+    """The arrays one batch holds for this config's objective."""
+    return BATCH_KEYS + OBJECTIVE_EXTRA_KEYS.get(cfg.train.objective, ())
 
 
 def batch_sharding(mesh) -> NamedSharding:
@@ -33,7 +40,7 @@ def batch_sharding(mesh) -> NamedSharding:
 
 def abstract_state(cfg: Config) -> tuple[nnx.GraphDef, nnx.State]:
     """Shapes, dtypes and shardings of every parameter, without allocating (use under mesh + rules)."""
-    model = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(cfg.train.seed)))
+    model = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(cfg.train.seed)))
     return nnx.split(model)
 
 
@@ -58,7 +65,7 @@ def zero1_sharding(sharding: NamedSharding, shape, mesh) -> NamedSharding:
 def create_params(cfg: Config, param_sh) -> nnx.State:
     """Parameters created inside jit, each already sharded by its logical axes (never whole on one device)."""
     def init():
-        return nnx.split(Transformer(cfg, nnx.Rngs(cfg.train.seed)))[1]
+        return nnx.split(build_model(cfg, nnx.Rngs(cfg.train.seed)))[1]
     return jax.jit(init, out_shardings=param_sh)()
 
 
@@ -167,7 +174,7 @@ def build_train_step(cfg: Config, graphdef: nnx.GraphDef, abstract_params: nnx.S
         _, (nll, count, _) = _loss_sums(graphdef, params, batch, 0.0, order, None, loss_chunk)
         return nll, count
 
-    batch_sh = {k: data_sh for k in BATCH_KEYS}
+    batch_sh = {k: data_sh for k in batch_keys(cfg)}
     step_fn = jax.jit(step, in_shardings=(param_sh, opt_sh, batch_sh), out_shardings=(param_sh, opt_sh, replicated),
                       donate_argnums=(0, 1))
     eval_fn = jax.jit(evaluate, in_shardings=(param_sh, batch_sh), out_shardings=replicated)
@@ -178,4 +185,4 @@ def build_train_step(cfg: Config, graphdef: nnx.GraphDef, abstract_params: nnx.S
 def global_batch(local: dict, mesh) -> dict:
     """Assemble this process's rows into global arrays sharded over the batch axes."""
     sh = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sh, local[k]) for k in BATCH_KEYS}
+    return {k: jax.make_array_from_process_local_data(sh, v) for k, v in local.items()}

@@ -1,0 +1,17 @@
+"""The model class for a config's `model.arch`: the one place that maps an architecture to its module."""
+from __future__ import annotations
+
+from flax import nnx
+
+from maxmodel.config.schema import Config
+
+
+def model_class(cfg: Config) -> type[nnx.Module]:
+    from .transformer import Transformer
+    classes = {"decoder": Transformer}
+    return classes[cfg.model.arch]
+
+
+def build_model(cfg: Config, rngs: nnx.Rngs) -> nnx.Module:
+    """A new model for `cfg` (call under nnx.eval_shape for shapes only)."""
+    return model_class(cfg)(cfg, rngs)
