@@ -9,7 +9,7 @@ from flax import nnx
 
 from maxmodel.config.schema import ModelConfig
 
-from .layers import apply_rope, rope_frequencies
+from .layers import apply_rope, dense, rope_frequencies
 from .sharding import constrain, param
 
 NEG_INF = -1e30  # finite, so fully-masked (padding) rows give a uniform softmax instead of NaN
@@ -31,17 +31,22 @@ def attention_mask(q_segments, kv_segments, q_positions, kv_positions, causal: b
 
 
 def dot_product_attention(q, k, v, mask, softcap: float = 0.0) -> jax.Array:
-    """q: [B, L, H, D]; k, v: [B, S, KVH, D]; query heads are grouped onto their kv head (GQA)."""
+    """q: [B, L, H, D]; k, v: [B, S, KVH, D]; query heads are grouped onto their kv head (GQA).
+
+    The products run head-major ([B, KVH, G, L, D] against [B, KVH, S, D]): transposing q, k and v is cheap,
+    while letting the compiler transpose the [.., L, S] scores costs more than the products on CPU. The mask
+    enters as an additive bias, whose gradient needs no saved select."""
     b, l, h, d = q.shape
     kvh = k.shape[2]
-    q = q.reshape(b, l, kvh, h // kvh, d) * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
-    logits = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=jnp.float32)
+    q = q.reshape(b, l, kvh, h // kvh, d).transpose(0, 2, 3, 1, 4) * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    logits = jnp.einsum("bkgld,bksd->bkgls", q, k, preferred_element_type=jnp.float32)
     if softcap:
         logits = softcap * jnp.tanh(logits / softcap)
-    logits = jnp.where(mask, logits, NEG_INF)
+    logits = logits + jnp.where(mask, 0.0, NEG_INF).astype(jnp.float32)  # mask: [B, 1, 1, L, S]
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgls,bskd->blkgd", probs, v)
-    return out.reshape(b, l, h, d)
+    out = jnp.einsum("bkgls,bksd->bkgld", probs, v)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, l, h, d)
 
 
 class Attention(nnx.Module):
@@ -62,7 +67,7 @@ class Attention(nnx.Module):
         self.use_rope = cfg.positional == "rope"
 
     def _project(self, x, w, b):
-        y = jnp.einsum("bld,dhk->blhk", x, w[...].astype(x.dtype))
+        y = dense(x, w[...].astype(x.dtype))
         return y + b[...].astype(x.dtype) if b is not None else y
 
     def __call__(self, x, segment_ids, positions, window=None):
@@ -92,5 +97,5 @@ class Attention(nnx.Module):
             mask = attention_mask(segment_ids, segment_ids, positions, positions, True, window)
             out = dot_product_attention(q, k, v, mask, softcap)
         out = constrain(out, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
-        y = jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(x.dtype))
+        y = dense(out, self.wo[...].astype(x.dtype), contract=2)
         return y + self.o_bias[...].astype(x.dtype) if self.o_bias is not None else y

@@ -13,6 +13,17 @@ from maxmodel.config.schema import ModelConfig
 from .sharding import constant_param, constrain, param
 
 
+def dense(x: jax.Array, w: jax.Array, contract: int = 1, preferred_element_type=None) -> jax.Array:
+    """x [..., *in] times w [*in, *out], contracting the last `contract` dims of x with the first of w, as one
+    2-D matmul [rows, in] x [in, out]. Same math as the einsum; written 2-D because XLA:CPU lays out the
+    backward pass of a batched 3-D product with transposing copies of the activation gradient ([B, L, d_ff]
+    written column-wise), which cost more than the matmuls themselves (benchmarks/RESULTS.md)."""
+    lead, k = x.shape[:x.ndim - contract], math.prod(x.shape[x.ndim - contract:])
+    out = w.shape[contract:]
+    y = jnp.dot(x.reshape(-1, k), w.reshape(k, -1), preferred_element_type=preferred_element_type)
+    return y.reshape(*lead, *out)
+
+
 class RMSNorm(nnx.Module):
     """y = x / rms(x) * scale; with plus_one (Gemma) the stored scale starts at 0 and y uses (1 + scale)."""
 
@@ -108,7 +119,7 @@ class Embed(nnx.Module):
 
     def attend(self, x):
         """Logits against the embedding table (tied embeddings)."""
-        return jnp.einsum("bld,vd->blv", x, self.table[...].astype(x.dtype))
+        return dense(x, self.table[...].astype(x.dtype).T)
 
 
 _ACTIVATIONS = {"swiglu": jax.nn.silu, "geglu": lambda x: jax.nn.gelu(x, approximate=True),
@@ -131,18 +142,18 @@ class MLP(nnx.Module):
         self.out_bias = param(rngs, (cfg.d_model,), ("embed",), dtype=param_dtype) if cfg.use_bias else None
 
     def __call__(self, x):
-        h = x @ self.wi[...].astype(x.dtype)
+        h = dense(x, self.wi[...].astype(x.dtype))
         if self.in_bias is not None:
             h = h + self.in_bias[...].astype(x.dtype)
         if self.gated:
-            g = x @ self.wg[...].astype(x.dtype)
+            g = dense(x, self.wg[...].astype(x.dtype))
             if self.gate_bias is not None:
                 g = g + self.gate_bias[...].astype(x.dtype)
             h = self.act(g) * h
         else:
             h = self.act(h)
         h = constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
-        out = h @ self.wo[...].astype(x.dtype)
+        out = dense(h, self.wo[...].astype(x.dtype))
         if self.out_bias is not None:
             out = out + self.out_bias[...].astype(x.dtype)
         return out

@@ -10,7 +10,7 @@ from maxmodel.config.errors import ConfigError
 from maxmodel.config.schema import Config, ModelConfig
 
 from .attention import Attention
-from .layers import MLP, Embed, make_norm
+from .layers import MLP, Embed, dense, make_norm
 from .moe import MoE
 from .sharding import constrain, param
 
@@ -204,7 +204,7 @@ class Transformer(nnx.Module):
 
     def logits(self, x):
         m = self.cfg.model
-        out = self.embed.attend(x) if m.tie_embeddings else x @ self.head[...].astype(x.dtype)
+        out = self.embed.attend(x) if m.tie_embeddings else dense(x, self.head[...].astype(x.dtype))
         if m.final_logit_softcap:
             out = m.final_logit_softcap * jnp.tanh(out / m.final_logit_softcap)
         return constrain(out, ("activation_batch", "activation_length", "activation_vocab"))

@@ -17,6 +17,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from maxmodel.models.layers import dense
+
 
 def _chunks(x, chunk):
     """[B, L, ...] -> [L/chunk, B, chunk, ...]: the scan runs over positions; the batch stays sharded."""
@@ -31,7 +33,7 @@ def _unchunk(x):
 
 def _chunk_stats(h, w, targets, mask, z_loss):
     """One chunk: logits [B, C, V] in float32, their log-sum-exp and the masked loss terms."""
-    logits = jnp.einsum("bcd,dv->bcv", h, w, preferred_element_type=jnp.float32)
+    logits = dense(h, w, preferred_element_type=jnp.float32)
     log_z = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     nll = ((log_z - target_logit) * mask).sum()
@@ -66,8 +68,9 @@ def _fwd(h, w, targets, mask, z_loss, chunk):
         scale = (mc * (1.0 + 2.0 * z_loss * log_z))[..., None]
         dlogits = probs * scale - jax.nn.one_hot(tc, logits.shape[-1], dtype=jnp.float32) * mc[..., None]
         dlogits = dlogits.astype(hc.dtype)
-        dh = jnp.einsum("bcv,dv->bcd", dlogits, w.astype(hc.dtype), preferred_element_type=jnp.float32)
-        dw = dw + jnp.einsum("bcd,bcv->dv", hc, dlogits, preferred_element_type=jnp.float32)
+        dh = dense(dlogits, w.astype(hc.dtype).T, preferred_element_type=jnp.float32)
+        rows = hc.shape[0] * hc.shape[1]  # 2-D products: see models.layers.dense
+        dw = dw + jnp.dot(hc.reshape(rows, -1).T, dlogits.reshape(rows, -1), preferred_element_type=jnp.float32)
         return (nll_acc + nll, z_acc + z, dw), dh.astype(h.dtype)
     init = (jnp.float32(0), jnp.float32(0), jnp.zeros(w.shape, jnp.float32))
     (nll, z, dw), dh = jax.lax.scan(body, init, (_chunks(h, chunk), _chunks(targets, chunk), _chunks(mask, chunk)))
