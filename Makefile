@@ -5,10 +5,18 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
 # dev: test tools; tpu: libtpu, so `maxmodel compile` can compile for TPU topologies on this CPU host;
-# seqio: the seqio bridge (tensorflow, ~2.4 GB), whose tests run in CI.
-EXTRAS ?= dev,tpu,seqio
+# seqio: the seqio bridge (tensorflow, ~2.4 GB), whose tests run in CI; interop: safetensors, for `maxmodel convert`.
+EXTRAS ?= dev,tpu,seqio,interop
 
-.PHONY: setup train test lint clean
+# The Hugging Face side of tests/test_interop_*.py (torch + transformers) lives in its own venv and runs out of
+# process (tests/hf_oracle.py), so maxmodel's venv never imports torch. Its packages are the `hf` extra's; a
+# CPU torch wheel of the pinned version in $(WHEELS) (here: cp311) is used with its Python, because PyPI's Linux
+# torch is the multi-GB CUDA build. Without one, $(PYTHON) gets the extra's torch from PyPI.
+HF_VENV := .venv-hf
+HF_STAMP := $(HF_VENV)/.installed
+WHEELS ?= /opt/wheels
+
+.PHONY: setup setup-hf train test lint clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; v = sys.version_info; sys.exit(0 if v >= (3, 12) else \
@@ -20,14 +28,30 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+$(HF_STAMP): pyproject.toml
+	@set -e; \
+	reqs="$$($(PYTHON) -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["hf"])')"; \
+	torch="$$(printf '%s\n' $$reqs | sed -n 's/^torch==//p')"; \
+	wheel="$$(ls $(WHEELS)/torch-$$torch+cpu-cp3*-*x86_64.whl 2>/dev/null | head -n 1)"; \
+	py="python$$(basename "$$wheel" 2>/dev/null | sed -n 's/.*-cp3\([0-9]*\)-.*/3.\1/p')"; \
+	if [ -n "$$wheel" ] && command -v "$$py" >/dev/null; then links="--find-links $(WHEELS)"; \
+	else py="$(PYTHON)"; links=""; fi; \
+	echo "$(HF_VENV): $$py with $$reqs $${links:+(torch from $$wheel)}"; \
+	test -x $(HF_VENV)/bin/python || "$$py" -m venv $(HF_VENV); \
+	$(HF_VENV)/bin/pip install -q --upgrade pip; \
+	$(HF_VENV)/bin/pip install -q $$links $$reqs numpy
+	touch $(HF_STAMP)
+
+setup-hf: $(HF_STAMP)
+
 train: $(STAMP)
 	$(BIN)/maxmodel train
 
-test: $(STAMP)
+test: $(STAMP) $(HF_STAMP)
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup --timeout=900 tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check maxmodel tests
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(HF_VENV) runs .pytest_cache

@@ -1,12 +1,11 @@
-"""`maxmodel convert`: the tokenizer travels both ways and is usable by the data pipeline; bad input exits 2."""
+"""`maxmodel convert`: the tokenizer travels both ways and is usable by the data pipeline; bad input exits 2.
+transformers builds and reloads the models out of process (tests/hf_oracle.py, with .venv-hf's Python)."""
 from __future__ import annotations
 
 import json
 
+import hf_oracle
 import pytest
-
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("torch")
 
 from maxmodel.cli import main
 from maxmodel.data.tokenizer import load_tokenizer
@@ -22,10 +21,10 @@ def _tokenizer_json(path):
 
 @pytest.fixture
 def hf_llama(tmp_path):
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(tmp_path / "hf")
+    hf_oracle.require()
+    config = {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 32}
+    hf_oracle.run("build", json.dumps({"config": "LlamaConfig", "kwargs": config, "dir": str(tmp_path / "hf")}))
     _tokenizer_json(tmp_path / "hf" / "tokenizer.json")
     return tmp_path / "hf"
 
@@ -45,17 +44,18 @@ def test_round_trip_carries_tokenizer_and_writes_run_config(hf_llama, tmp_path, 
 
     assert main(["convert", "to-hf", str(init), "--out", str(back), "--dtype", "bfloat16"]) == 0
     assert (back / "tokenizer.json").read_text() == (hf_llama / "tokenizer.json").read_text()
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(back)
-    assert str(reloaded.model.embed_tokens.weight.dtype) == "torch.bfloat16"
+    reloaded = hf_oracle.run("load", str(back))
+    assert reloaded["class"] == "LlamaForCausalLM" and reloaded["dtypes"] == ["torch.bfloat16"]
+    assert reloaded["loading"] == {}, reloaded["loading"]
 
 
-def test_bad_input_exits_2(hf_llama, tmp_path, capsys):
+def test_bad_input_exits_2(tmp_path, capsys):  # fails before any tensor is read: no oracle needed
     assert main(["convert", "from-hf", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
     assert "config.json" in capsys.readouterr().err
-    cfg = json.loads((hf_llama / "config.json").read_text())
-    cfg["model_type"] = "bloom"
-    (hf_llama / "config.json").write_text(json.dumps(cfg))
-    assert main(["convert", "from-hf", str(hf_llama), "--out", str(tmp_path / "o")]) == 2
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "bloom", "vocab_size": 64}))
+    assert main(["convert", "from-hf", str(hf), "--out", str(tmp_path / "o")]) == 2
     assert "model_type" in capsys.readouterr().err
-    assert main(["convert", "to-hf", str(hf_llama), "--out", str(tmp_path / "o2")]) == 2
+    assert main(["convert", "to-hf", str(hf), "--out", str(tmp_path / "o2")]) == 2
     assert "export.json" in capsys.readouterr().err

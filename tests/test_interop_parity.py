@@ -1,21 +1,24 @@
 """Hugging Face interop: tiny random transformers models (built from configs, nothing downloaded) converted to
-maxmodel give the same logits (float32, max abs diff < 1e-4), and convert back to identical tensors."""
+maxmodel give the same logits (float32, max abs diff < 1e-4), and convert back to identical tensors.
+
+The transformers side runs out of process (tests/hf_oracle.py, with .venv-hf's Python): it builds and saves
+the model and computes its logits, and later loads the converted-back directory and compares every tensor."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import hf_oracle
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
+from maxmodel.config import load_config
+from maxmodel.config.errors import ConfigError
 from maxmodel.config.loader import config_from_dict
-from maxmodel.interop import convert
+from maxmodel.interop import convert, hf_config
 from maxmodel.parallel.mesh import build_mesh
 from maxmodel.parallel.rules import logical_rules
 from maxmodel.train.checkpoint import abstract_like
@@ -38,20 +41,14 @@ CASES = {
                                     sliding_window=5, query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
                                     final_logit_softcapping=3.0)),
     "qwen2": ("Qwen2Config", dict(SMALL, num_key_value_heads=2, tie_word_embeddings=True)),
+    # saved in the Hub layout (block_sparse_moe.experts.J.w1/w2/w3), which save_pretrained writes by default
+    "mixtral": ("MixtralConfig", dict(SMALL, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),
+    # transformers 5's fused experts (mlp.experts.gate_up_proj / down_proj) and a sliding window
+    "mixtral_fused": ("MixtralConfig", dict(SMALL, num_key_value_heads=2, num_local_experts=3,
+                                            num_experts_per_tok=2, sliding_window=5)),
 }
+UNSCANNED = ("llama_gqa", "mixtral_fused")  # these go through the one-subtree-per-layer layout
 SEQ = 24  # longer than the sliding windows, so local and global layers differ
-
-
-def _hf_model(kind: str, directory: Path):
-    cls_name, kwargs = CASES[kind]
-    config = getattr(transformers, cls_name)(**kwargs)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
-    with torch.no_grad():  # random everything (norm scales and biases too), not the structured init
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    model.save_pretrained(directory, max_shard_size="20KB")  # several shards + index
-    return model
 
 
 def _our_logits(init: Path, tokens: np.ndarray, scan: bool) -> np.ndarray:
@@ -66,13 +63,23 @@ def _our_logits(init: Path, tokens: np.ndarray, scan: bool) -> np.ndarray:
 
 @pytest.mark.parametrize("kind", list(CASES))
 def test_logit_parity_and_round_trip(kind, tmp_path):
+    hf_oracle.require()
     hf_dir, init, back = tmp_path / "hf", tmp_path / "init", tmp_path / "back"
-    model = _hf_model(kind, hf_dir)
-    assert (hf_dir / "model.safetensors.index.json").is_file()
     tokens = np.random.default_rng(1).integers(0, 97, size=(2, SEQ))
-    with torch.no_grad():
-        expected = model(torch.tensor(tokens)).logits.numpy()
-    scan = kind != "llama_gqa"  # one case through the unscanned layout
+    np.save(tmp_path / "tokens.npy", tokens)
+    cls_name, kwargs = CASES[kind]
+    built = hf_oracle.run("build", json.dumps({
+        "config": cls_name, "kwargs": kwargs, "dir": str(hf_dir), "seed": 0, "std": 0.3,
+        "max_shard_size": "20KB", "original_format": kind != "mixtral_fused",  # several shards + index
+        "tokens": str(tmp_path / "tokens.npy"), "logits": str(tmp_path / "logits.npy")}))
+    assert (hf_dir / "model.safetensors.index.json").is_file(), built["files"]
+    weight_map = json.loads((hf_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    if kind.startswith("mixtral"):  # the case really holds the layout it is named for
+        fused = "model.layers.0.mlp.experts.gate_up_proj" in weight_map
+        assert fused == (kind == "mixtral_fused"), sorted(weight_map)
+    expected = np.load(tmp_path / "logits.npy")
+
+    scan = kind not in UNSCANNED
     convert.from_hf(str(hf_dir), str(init), scan_layers=scan)
     ours = _our_logits(init, tokens, scan)
     assert ours.shape == expected.shape
@@ -80,9 +87,28 @@ def test_logit_parity_and_round_trip(kind, tmp_path):
     assert diff < 1e-4, f"{kind}: max abs logit difference {diff}"
 
     convert.to_hf(str(init), str(back), max_shard_bytes=30_000)
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(back).float()
-    assert type(reloaded) is type(model)
-    original, restored = model.state_dict(), reloaded.state_dict()
-    assert set(original) == set(restored)
-    for name, tensor in original.items():
-        assert torch.equal(tensor, restored[name]), name
+    report = hf_oracle.run("load", str(back), str(hf_dir))
+    assert report["class"] == report["original_class"] == built["class"]
+    assert report["loading"] == {}, report["loading"]  # no missing, unexpected or mismatched tensors
+    assert report["only_original"] == report["only_loaded"] == [] and report["compared"] > 0
+    assert report["different"] == [], report["different"]
+
+
+def test_mixtral_config_both_ways():
+    """Mixtral 8x7B's published config.json values from configs/models/mixtral-8x7b.yaml, and back; what
+    Mixtral cannot hold is an error naming the key."""
+    model = load_config(None, ["model.name=mixtral-8x7b"]).model
+    assert hf_config.guess_family(model) == "mixtral"
+    hf = hf_config.to_hf(model, "mixtral")
+    assert (hf["num_local_experts"], hf["num_experts_per_tok"], hf["intermediate_size"]) == (8, 2, 14336)
+    assert hf["sliding_window"] is None and hf["architectures"] == ["MixtralForCausalLM"]
+    back, family = hf_config.from_hf(hf)
+    assert family == "mixtral" and back.moe.num_experts == 8 and back.moe.top_k == 2 and back.moe.d_ff == 14336
+    assert back.moe.capacity_factor == 0 and back.moe.router == "softmax" and back.moe.renormalize
+    assert back.moe.aux_loss_weight == pytest.approx(model.moe.aux_loss_weight) and back.moe.z_loss_weight == 0
+    for override, key in [("model.moe.router=sigmoid", "model.moe.router"),
+                          ("model.moe.shared_experts=1", "model.moe.shared_experts"),
+                          ("model.activation=geglu", "model.activation")]:
+        bad = load_config(None, ["model.name=moe-tiny", override]).model
+        with pytest.raises(ConfigError, match=key):
+            hf_config.to_hf(bad, "mixtral")

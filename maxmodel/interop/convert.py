@@ -58,11 +58,18 @@ def _hf_name(reader: Reader, name: str) -> str:
     return name
 
 
-def _our_name(base: str, layer: int | None, scan: bool) -> tuple[str, int | None]:
-    """(leaf path, index along the stacked axis or None)."""
+def _our_slot(base: str, layer: int | None, scan: bool, part: int | None) -> tuple[str, tuple[int, ...]]:
+    """(leaf path, index of the rule's slice in it): the layer along a scanned stack's axis 0, then the
+    rule's part (an expert)."""
+    index = () if part is None else (part,)
     if layer is None:
-        return base, None
-    return (f"layers.{base}", layer) if scan else (f"layers.{layer}.{base}", None)
+        return base, index
+    return (f"layers.{base}", (layer, *index)) if scan else (f"layers.{layer}.{base}", index)
+
+
+def _fused_experts(reader: Reader) -> bool:
+    """Mixtral saved with transformers 5's fused expert tensors rather than the Hub's per-expert ones."""
+    return any(name.endswith(".mlp.experts.gate_up_proj") for name in reader.weight_map)
 
 
 def from_hf(hf_dir: str, out: str, scan_layers: bool = True, dtype: str = "float32") -> Path:
@@ -83,19 +90,17 @@ def from_hf(hf_dir: str, out: str, scan_layers: bool = True, dtype: str = "float
     filled = set()
     reader = Reader(hf_path)
     try:  # on any failure the half-written staging files go, so the same --out can be retried
-        top, per_layer = rules_for(model, family)
+        top, per_layer = rules_for(model, family, fused_experts=_fused_experts(reader))
         jobs = [(r, None) for r in top] + [(r, i) for i in range(model.num_layers) for r in per_layer]
         for rule, layer in jobs:
             hf = [reader.get(_hf_name(reader, n.format(i=layer))) for n in rule.hf]
             for base, value in zip(rule.ours, rule.to_ours(*hf)):
-                name, index = _our_name(base, layer, scan_layers)
+                name, index = _our_slot(base, layer, scan_layers, rule.part)
                 target = arrays[name]
-                if (target.shape[1:] if index is not None else target.shape) != value.shape:
-                    raise ConfigError("DIR", f"{rule.hf} has shape {value.shape}; {name} expects {target.shape}")
-                if index is None:
-                    target[...] = value
-                else:
-                    target[index] = value
+                if target.shape[len(index):] != value.shape:
+                    raise ConfigError("DIR", f"{rule.hf} has shape {value.shape}; {name} expects "
+                                             f"{target.shape[len(index):]}")
+                target[index] = value
                 filled.add(name)
         missing = sorted(set(arrays) - filled)
         if missing:
@@ -181,8 +186,8 @@ def to_hf(init: str, out: str, model_type: str | None = None, max_shard_bytes: i
     for rule, layer in [(r, None) for r in top] + [(r, i) for i in range(model.num_layers) for r in per_layer]:
         ours = []
         for base in rule.ours:
-            name, index = _our_name(base, layer, cfg.train.scan_layers)
-            ours.append(arrays[name] if index is None else arrays[name][index])
+            name, index = _our_slot(base, layer, cfg.train.scan_layers, rule.part)
+            ours.append(arrays[name][index])
         for name, value in zip(rule.hf, rule.to_hf(*ours)):
             writer.add(name.format(i=layer), value.astype(_np_dtype(dtype)) if dtype else value)
     writer.close()

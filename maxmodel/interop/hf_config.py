@@ -1,4 +1,5 @@
-"""Hugging Face `config.json` <-> maxmodel `model.*`, for GPT-2, LLaMA 2/3, Mistral, Qwen 2, Gemma, Gemma 2.
+"""Hugging Face `config.json` <-> maxmodel `model.*`, for GPT-2, LLaMA 2/3, Mistral, Mixtral, Qwen 2, Gemma,
+Gemma 2.
 
 Anything the model cannot express (an unknown rope type, attention biases on LLaMA, ...) is an error naming
 the config.json key, never a silent approximation.
@@ -8,8 +9,9 @@ from __future__ import annotations
 from maxmodel.config.errors import ConfigError
 from maxmodel.config.schema import ModelConfig
 
-FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "gemma", "gemma2")
+FAMILIES = ("gpt2", "llama", "mistral", "mixtral", "qwen2", "gemma", "gemma2")
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                 "mixtral": "MixtralForCausalLM",
                  "qwen2": "Qwen2ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM"}
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
@@ -77,8 +79,10 @@ def from_hf(hf: dict) -> tuple[ModelConfig, str]:
     window = hf.get("sliding_window") or 0
     if family == "qwen2" and not hf.get("use_sliding_window"):
         window = 0
-    if family == "mistral":
+    if family in ("mistral", "mixtral"):
         m.attention.sliding_window = window
+    if family == "mixtral":
+        _moe_from_hf(hf, m)
     if family == "gemma2":
         m.post_norms = True
         m.attention.sliding_window = window
@@ -95,7 +99,46 @@ def from_hf(hf: dict) -> tuple[ModelConfig, str]:
     return m, family
 
 
+def _moe_from_hf(hf: dict, m: ModelConfig) -> None:
+    """Mixtral: every layer is a dropless top-k MoE with a softmax router, its top-k weights renormalised."""
+    moe = m.moe
+    moe.num_experts, moe.top_k = hf["num_local_experts"], hf["num_experts_per_tok"]
+    moe.d_ff = m.d_ff
+    moe.every, moe.first_dense_layers, moe.capacity_factor = 1, 0, 0.0
+    moe.router, moe.renormalize = "softmax", True
+    # Training only (logits do not depend on them). transformers' load-balancing loss is top_k times ours per
+    # layer and pools the layers where ours sums them; it has no router z-loss.
+    moe.aux_loss_weight = float(hf.get("router_aux_loss_coef", 0.001)) * moe.top_k / m.num_layers
+    moe.z_loss_weight = 0.0
+
+
+def _moe_to_hf(m: ModelConfig) -> dict:
+    moe = m.moe
+    unsupported = {"router": moe.router != "softmax", "renormalize": not moe.renormalize, "every": moe.every != 1,
+                   "first_dense_layers": moe.first_dense_layers != 0, "shared_experts": moe.shared_experts != 0,
+                   "bias_balancing": moe.bias_balancing}
+    for key, bad in unsupported.items():
+        if bad:
+            raise ConfigError(f"model.moe.{key}", f"{getattr(moe, key)!r}: Mixtral has a softmax router with "
+                                                  "renormalised top-k, MoE in every layer, no shared experts and "
+                                                  "no routing bias")
+    dense_only = {"activation": m.activation != "swiglu", "norm": m.norm != "rmsnorm",
+                  "attention.qkv_bias": m.attention.qkv_bias, "post_norms": m.post_norms,
+                  "norm_plus_one": m.norm_plus_one, "embed_scale": m.embed_scale,
+                  "attention.logit_softcap": bool(m.attention.logit_softcap),
+                  "final_logit_softcap": bool(m.final_logit_softcap)}
+    for key, bad in dense_only.items():
+        if bad:
+            raise ConfigError(f"model.{key}", "Mixtral is a Mistral-style model (swiglu, rmsnorm, no qkv biases, "
+                                              "post-norms, embedding scale or softcaps)")
+    # capacity_factor > 0 is a dispatch choice, not a weight: transformers runs the same experts dropless.
+    return {"num_local_experts": moe.num_experts, "num_experts_per_tok": moe.top_k,
+            "router_aux_loss_coef": moe.aux_loss_weight * m.num_layers / moe.top_k, "router_jitter_noise": 0.0}
+
+
 def guess_family(m: ModelConfig) -> str:
+    if m.moe.num_experts:
+        return "mixtral"
     if m.positional == "learned" and m.norm == "layernorm":
         return "gpt2"
     if m.post_norms:
@@ -138,6 +181,10 @@ def to_hf(m: ModelConfig, family: str) -> dict:
         out["hidden_act"] = "silu"
     if family == "mistral":
         out["sliding_window"] = m.attention.sliding_window
+    if family == "mixtral":
+        if m.moe.d_ff != m.d_ff:
+            out["intermediate_size"] = m.moe.d_ff  # the experts' width; a dense d_ff is unused with every=1
+        out.update(sliding_window=m.attention.sliding_window or None, **_moe_to_hf(m))
     if family == "gemma2":
         a = m.attention
         if a.global_every != 2 or a.query_pre_attn_scalar != int(a.query_pre_attn_scalar):

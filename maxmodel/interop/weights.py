@@ -1,13 +1,14 @@
 """Which Hugging Face tensors make which maxmodel parameter, and how (transposes, head reshapes, fused QKV).
 
 A rule is (our parameter names, HF tensor names, to_ours, to_hf): to_ours maps the HF arrays to ours and
-to_hf maps back exactly (transposes and reshapes only, so a round trip is bit-identical). Per-layer rules
-use HF names with `{i}` and our names relative to one block.
+to_hf maps back exactly (transposes and reshapes, so a round trip is bit-identical). Per-layer rules use HF
+names with `{i}` and our names relative to one block. A rule with `part` fills one slice of our parameter
+(one expert of a stacked [E, ...] MoE weight), so a Hub Mixtral checkpoint streams one expert matrix at a time.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -20,6 +21,7 @@ class Rule:
     hf: tuple[str, ...]            # "model.layers.{i}.self_attn.q_proj.weight"
     to_ours: Callable[..., tuple]
     to_hf: Callable[..., tuple]
+    part: int | None = None        # index along our parameter's first axis (the expert), or the whole
 
 
 def _same(name_ours: str, name_hf: str) -> Rule:
@@ -47,8 +49,32 @@ def _heads_out(name_ours: str, name_hf: str, heads: int, head_dim: int) -> Rule:
                 lambda a: (np.ascontiguousarray(a.reshape(-1, a.shape[-1]).T),))
 
 
-def llama_rules(m: ModelConfig, family: str) -> tuple[list[Rule], list[Rule]]:
-    """(top-level rules, per-layer rules) for LLaMA, Mistral, Qwen 2, Gemma and Gemma 2."""
+def moe_rules(m: ModelConfig, p: str, fused: bool) -> list[Rule]:
+    """Mixtral's experts. Ours: router [d, E], expert_wg (gate) and expert_wi (up) [E, d, f], expert_wo
+    [E, f, d]. The Hub layout (what save_pretrained writes) has per-expert torch Linears under
+    block_sparse_moe: w1 = gate, w3 = up [f, d], w2 = down [d, f]. transformers 5 in memory (and
+    save_pretrained(save_original_format=False)) fuses them: mlp.experts.gate_up_proj [E, 2f, d] (gate
+    rows first), mlp.experts.down_proj [E, d, f]."""
+    if not fused:
+        q = p + "block_sparse_moe."
+        rules = [_transposed("mlp.router", q + "gate.weight")]
+        for j in range(m.moe.num_experts):
+            rules += [replace(_transposed(ours, f"{q}experts.{j}.{w}.weight"), part=j)
+                      for ours, w in (("mlp.expert_wg", "w1"), ("mlp.expert_wi", "w3"), ("mlp.expert_wo", "w2"))]
+        return rules
+    f = m.moe.d_ff
+
+    def swap(a):  # [E, out, in] <-> [E, in, out]
+        return np.ascontiguousarray(a.transpose(0, 2, 1))
+    q = p + "mlp."
+    return [_transposed("mlp.router", q + "gate.weight"),
+            Rule(("mlp.expert_wg", "mlp.expert_wi"), (q + "experts.gate_up_proj",),
+                 lambda a: (swap(a[:, :f]), swap(a[:, f:])), lambda g, u: (swap(np.concatenate([g, u], axis=2)),)),
+            Rule(("mlp.expert_wo",), (q + "experts.down_proj",), lambda a: (swap(a),), lambda a: (swap(a),))]
+
+
+def llama_rules(m: ModelConfig, family: str, fused_experts: bool = False) -> tuple[list[Rule], list[Rule]]:
+    """(top-level rules, per-layer rules) for LLaMA, Mistral, Mixtral, Qwen 2, Gemma and Gemma 2."""
     h, kvh, hd = m.num_heads, m.num_kv_heads, m.head_dim
     p = "model.layers.{i}."
     top = [_same("embed.table", "model.embed_tokens.weight"), _same("final_norm.scale", "model.norm.weight")]
@@ -60,10 +86,12 @@ def llama_rules(m: ModelConfig, family: str) -> tuple[list[Rule], list[Rule]]:
         _heads_in("attn.wk", p + "self_attn.k_proj.weight", kvh, hd),
         _heads_in("attn.wv", p + "self_attn.v_proj.weight", kvh, hd),
         _heads_out("attn.wo", p + "self_attn.o_proj.weight", h, hd),
-        _transposed("mlp.wg", p + "mlp.gate_proj.weight"),
-        _transposed("mlp.wi", p + "mlp.up_proj.weight"),
-        _transposed("mlp.wo", p + "mlp.down_proj.weight"),
     ]
+    if family == "mixtral":
+        layer += moe_rules(m, p, fused_experts)
+    else:
+        layer += [_transposed("mlp.wg", p + "mlp.gate_proj.weight"), _transposed("mlp.wi", p + "mlp.up_proj.weight"),
+                  _transposed("mlp.wo", p + "mlp.down_proj.weight")]
     if m.attention.qkv_bias:
         layer += [_heads_bias("attn.q_bias", p + "self_attn.q_proj.bias", h, hd),
                   _heads_bias("attn.k_bias", p + "self_attn.k_proj.bias", kvh, hd),
@@ -108,5 +136,6 @@ def gpt2_rules(m: ModelConfig) -> tuple[list[Rule], list[Rule]]:
     return top, layer
 
 
-def rules_for(m: ModelConfig, family: str) -> tuple[list[Rule], list[Rule]]:
-    return gpt2_rules(m) if family == "gpt2" else llama_rules(m, family)
+def rules_for(m: ModelConfig, family: str, fused_experts: bool = False) -> tuple[list[Rule], list[Rule]]:
+    """fused_experts: read/write Mixtral experts as transformers 5's fused tensors, not the Hub layout."""
+    return gpt2_rules(m) if family == "gpt2" else llama_rules(m, family, fused_experts)

@@ -1,0 +1,107 @@
+"""The Hugging Face side of the interop tests, run with the Python of `.venv-hf` (torch + transformers, made by
+`make setup-hf`), so that maxmodel's own venv never imports torch.
+
+  python hf_oracle.py build SPEC_JSON        a seeded random model from a transformers config class and its
+                                             kwargs, saved with save_pretrained; with "tokens", its logits
+  python hf_oracle.py load DIR [ORIGINAL]    load DIR with transformers; report its class, its parameters'
+                                             dtypes, loading problems and, given ORIGINAL, the tensors that differ
+
+Each prints one JSON line. The tests call it through `run` below, which imports neither torch nor
+transformers (this module imports them only in its modes).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+ENV_VAR = "MAXMODEL_HF_PYTHON"
+
+
+def _candidate() -> str:
+    return os.environ.get(ENV_VAR) or str(REPO / ".venv-hf" / "bin" / "python")
+
+
+def require() -> str:
+    """The oracle's Python: $MAXMODEL_HF_PYTHON, else the repository's .venv-hf; skips the test without one."""
+    import pytest
+    python = _candidate()
+    if not Path(python).is_file():
+        pytest.skip(f"no Hugging Face oracle Python at {python}: run `make setup-hf` (creates .venv-hf) "
+                    f"or set {ENV_VAR}")
+    return python
+
+
+def run(mode: str, *args: str, timeout: float = 300) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing of maxmodel's venv
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS="1")
+    proc = subprocess.run([require(), __file__, mode, *args], env=env, capture_output=True, text=True, check=False,
+                          timeout=timeout)
+    if proc.returncode:
+        raise RuntimeError(f"hf_oracle {mode} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def build(spec: dict) -> dict:
+    """spec: config (a transformers config class name), kwargs, dir; optional seed, std (draw every parameter,
+    norm scales and biases too, from N(0, std) instead of the structured init), max_shard_size,
+    original_format (False: save_original_format=False, e.g. Mixtral's fused experts), tokens (.npy in) and
+    logits (.npy out)."""
+    import numpy as np
+    import torch
+    import transformers
+    config = getattr(transformers, spec["config"])(**spec["kwargs"])
+    torch.manual_seed(spec.get("seed", 0))
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+    if spec.get("std"):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0.0, spec["std"])
+    save = {"max_shard_size": spec["max_shard_size"]} if spec.get("max_shard_size") else {}
+    if not spec.get("original_format", True):
+        save["save_original_format"] = False
+    model.save_pretrained(spec["dir"], **save)
+    if spec.get("tokens"):
+        with torch.no_grad():
+            logits = model(torch.from_numpy(np.load(spec["tokens"]))).logits
+        np.save(spec["logits"], logits.numpy())
+    return {"class": type(model).__name__, "files": sorted(os.listdir(spec["dir"]))}
+
+
+def load(directory: str, original: str | None = None) -> dict:
+    import torch
+    import transformers
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(directory, output_loading_info=True)
+    params = model.state_dict()
+    out = {"class": type(model).__name__, "dtypes": sorted({str(t.dtype) for t in params.values()}),
+           "loading": {k: sorted(map(str, v)) for k, v in info.items() if v}}
+    if original:
+        ref_model = transformers.AutoModelForCausalLM.from_pretrained(original)
+        reference = ref_model.state_dict()
+        out["original_class"] = type(ref_model).__name__
+        out["only_original"] = sorted(set(reference) - set(params))
+        out["only_loaded"] = sorted(set(params) - set(reference))
+        out["different"] = sorted(name for name, t in reference.items() if name in params
+                                  and not (t.dtype == params[name].dtype and torch.equal(t, params[name])))
+        out["compared"] = len(set(reference) & set(params))
+    return out
+
+
+def main(argv: list[str]) -> int:
+    import torch
+    torch.set_num_threads(1)  # tiny models; the test machines' cores are shared with the JAX side
+    if argv[0] == "build":
+        result = build(json.loads(argv[1]))
+    elif argv[0] == "load":
+        result = load(*argv[1:3])
+    else:
+        raise SystemExit(f"unknown mode {argv[0]!r}: build | load")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
