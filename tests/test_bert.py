@@ -144,3 +144,23 @@ def test_masked_lm_batches_from_the_pipeline(tmp_path):
     resumed = next(again.train)
     for k in batch:
         np.testing.assert_array_equal(resumed[k], batch[k])
+
+
+@pytest.fixture(scope="module")
+def bert_one_device():
+    import jax
+    from test_train_step import run_steps
+    return run_steps(["model.name=bert-tiny", "mesh.data=1"], jax.devices()[:1])
+
+
+@pytest.mark.parametrize("layout", [
+    ["mesh.data=2", "mesh.sequence=4", "model.attention.context_parallel=ring"],  # bidirectional ring
+    ["mesh.data=2", "mesh.sequence=4", "model.attention.context_parallel=allgather"],
+    ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],  # the encoder's own parameters' logical axes
+], ids=["sequence=4 ring", "sequence=4 allgather", "data=2 fsdp=2 tensor=2"])
+def test_encoder_layouts_equal_one_device(layout, bert_one_device):
+    """3 steps (loss, grad norm) on 8 devices equal one device's: context parallelism handles causal=False."""
+    import jax
+    from test_train_step import run_steps
+    result = run_steps(["model.name=bert-tiny", *layout], jax.devices())
+    np.testing.assert_allclose(result, bert_one_device, rtol=1e-5)
