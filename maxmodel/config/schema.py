@@ -59,7 +59,7 @@ class ModelConfig:
     d_ff: int = 0                         # 0 = d_ff_multiplier * d_model (rounded to d_ff_multiple_of)
     d_ff_multiplier: float = 8 / 3
     d_ff_multiple_of: int = 64
-    activation: str = "swiglu"            # swiglu | geglu | gelu | relu
+    activation: str = "swiglu"            # swiglu | geglu | gelu (tanh approximation) | gelu_exact (erf) | relu
     norm: str = "rmsnorm"                 # rmsnorm | layernorm
     norm_eps: float = 1e-5
     norm_position: str = "pre"            # pre: x + f(norm(x)) | post (BERT, original Transformer): norm(x + f(x))
@@ -67,6 +67,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     tie_embeddings: bool = False
+    token_types: int = 0                  # encoder: token-type (segment) embeddings, BERT: 2; 0 = none
     max_seq_len: int = 2048
     use_bias: bool = False
     parallel_block: bool = False          # PaLM: x + attn(norm(x)) + mlp(norm(x))

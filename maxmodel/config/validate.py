@@ -5,17 +5,17 @@ from .errors import ConfigError
 from .schema import YAML_TO_FIELD, Config
 
 CHOICES = {
-    "model.activation": ("swiglu", "geglu", "gelu", "relu"),
+    "model.activation": ("swiglu", "geglu", "gelu", "gelu_exact", "relu"),
     "model.norm": ("rmsnorm", "layernorm"),
     "model.norm_position": ("pre", "post"),
-    "model.arch": ("decoder",),
+    "model.arch": ("decoder", "encoder"),
     "model.positional": ("rope", "learned", "sinusoidal", "none"),
     "model.attention.context_parallel": ("allgather", "ring"),
     "model.moe.router": ("softmax", "sigmoid"),
     "train.dtype": ("float32", "bfloat16", "float16"),
     "train.param_dtype": ("float32", "bfloat16"),
     "train.remat": ("none", "full", "save_dots"),
-    "train.objective": ("causal_lm",),
+    "train.objective": ("causal_lm", "masked_lm", "prefix_lm"),
     "optimizer.name": ("adamw", "adam", "sgd", "lion", "adafactor"),
     "optimizer.schedule": ("cosine", "linear", "wsd", "constant"),
     "data.on_bad_record": ("error", "skip"),
@@ -31,7 +31,9 @@ NON_NEGATIVE = ("pipeline.microbatches", "optimizer.lr", "optimizer.warmup_steps
                 "checkpoint.every_steps", "checkpoint.every_minutes", "checkpoint.keep_every",
                 "checkpoint.local_every_steps", "train.spike_sigma", "train.spike_warmup",
                 "data.workers", "data.prefetch",
-                "model.attention.global_every", "model.attention.query_pre_attn_scalar")
+                "model.attention.global_every", "model.attention.query_pre_attn_scalar", "model.token_types")
+# The architectures each objective trains: an encoder sees every token, so it cannot predict the next one.
+OBJECTIVE_ARCHS = {"causal_lm": ("decoder",), "masked_lm": ("encoder",), "prefix_lm": ("decoder",)}
 DATA_SOURCES = ("builtin", "synthetic", "jsonl", "text", "parquet", "arrayrecord", "mixture")
 
 
@@ -97,6 +99,9 @@ def validate(cfg: Config) -> None:
                                                           "with MoE layers (model.moe.num_experts > 0)")
     if m.norm_plus_one and m.norm != "rmsnorm":
         raise ConfigError("model.norm_plus_one", f"applies to rmsnorm only, but model.norm={m.norm!r}")
+    if m.arch not in OBJECTIVE_ARCHS[t.objective]:
+        archs = " or ".join(OBJECTIVE_ARCHS[t.objective])
+        raise ConfigError("train.objective", f"{t.objective!r} trains model.arch={archs}, not model.arch={m.arch!r}")
     _validate_moe(cfg)
 
 

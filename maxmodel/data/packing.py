@@ -3,7 +3,8 @@
 A row holds `inputs`, `targets`, `segment_ids` (1, 2, ... per document piece, 0 on padding), `positions`
 (restarting at 0 for every piece) and `loss_mask` (the document's weight of each target; 0 across a
 document boundary and on padding). The model masks attention to equal segment ids, so no token sees
-another document.
+another document. With `prefix=True` (the prefix-LM objective) a row also holds `prefix_mask`: 1 on the
+inputs that belong to their document's prefix, i.e. its leading run of zero-weight tokens (BOS + prompt).
 
 - `concat`: documents joined into one stream (each is BOS ... EOS) and cut into consecutive windows;
   no padding, a document may continue in the next row.
@@ -37,11 +38,17 @@ class IndexedStore:
         return self.store.get(int(self.ids[i]))
 
 
+def prefix_length(weights: np.ndarray) -> int:
+    """Tokens in a document's prefix: those before its first counted target."""
+    counted = np.flatnonzero(weights > 0)
+    return int(counted[0]) if len(counted) else len(weights)
+
+
 class ConcatRows:
     """Window i is stream tokens [i*L, i*L + L + 1): inputs are the first L, targets the last L."""
 
-    def __init__(self, store, seq_len: int):
-        self.store, self.seq_len = store, seq_len
+    def __init__(self, store, seq_len: int, prefix: bool = False):
+        self.store, self.seq_len, self.prefix = store, seq_len, prefix
         self.offsets = np.concatenate([[0], np.cumsum(store.lengths)])
         total = int(self.offsets[-1])
         if total < seq_len + 1:
@@ -56,7 +63,7 @@ class ConcatRows:
         start, stop = int(i) * self.seq_len, int(i) * self.seq_len + self.seq_len + 1
         first = int(np.searchsorted(self.offsets, start, side="right") - 1)
         last = int(np.searchsorted(self.offsets, stop, side="left"))
-        toks, weights, docs = [], [], []
+        toks, weights, docs, in_prefix = [], [], [], []
         for d in range(first, last):
             t, w = self.store.get(d)
             a = max(start - int(self.offsets[d]), 0)
@@ -64,11 +71,15 @@ class ConcatRows:
             toks.append(t[a:b])
             weights.append(w[a:b])
             docs.append(np.full(b - a, d, np.int64))
+            in_prefix.append(np.arange(a, b) < prefix_length(w) if self.prefix else None)
         toks, weights, docs = np.concatenate(toks), np.concatenate(weights), np.concatenate(docs)
         segments = (docs[:-1] - docs[0] + 1).astype(np.int32)
-        return {"inputs": toks[:-1].astype(np.int32), "targets": toks[1:].astype(np.int32), "segment_ids": segments,
-                "positions": positions_from_segments(segments),
-                "loss_mask": ((docs[1:] == docs[:-1]) & (weights[1:] > 0)).astype(np.float32)}
+        row = {"inputs": toks[:-1].astype(np.int32), "targets": toks[1:].astype(np.int32), "segment_ids": segments,
+               "positions": positions_from_segments(segments),
+               "loss_mask": ((docs[1:] == docs[:-1]) & (weights[1:] > 0)).astype(np.float32)}
+        if self.prefix:
+            row["prefix_mask"] = np.concatenate(in_prefix)[:-1].astype(np.int32)
+        return row
 
 
 def document_pieces(lengths: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -109,8 +120,9 @@ def first_fit(sizes: np.ndarray, capacity: int, open_rows: int) -> np.ndarray:
 class PackedRows:
     """`first_fit` or `none` packing of a store's documents into padded rows."""
 
-    def __init__(self, store, seq_len: int, pad_id: int, packing: str = "first_fit", open_rows: int = 64):
-        self.store, self.seq_len, self.pad_id = store, seq_len, pad_id
+    def __init__(self, store, seq_len: int, pad_id: int, packing: str = "first_fit", open_rows: int = 64,
+                 prefix: bool = False):
+        self.store, self.seq_len, self.pad_id, self.prefix = store, seq_len, pad_id, prefix
         doc, start, size = document_pieces(store.lengths, seq_len)
         if not len(doc):
             raise ValueError("no document has a token to predict")
@@ -130,6 +142,7 @@ class PackedRows:
         targets = np.full(L, self.pad_id, np.int32)
         segments, positions = np.zeros(L, np.int32), np.zeros(L, np.int32)
         loss = np.zeros(L, np.float32)
+        in_prefix = np.zeros(L, np.int32)
         at = 0
         for j in range(self.row_offsets[i], self.row_offsets[i + 1]):
             t, w = self.store.get(int(self.doc[j]))
@@ -139,12 +152,18 @@ class PackedRows:
             loss[at:at + k] = w[s + 1:s + k + 1] > 0
             segments[at:at + k] = j - self.row_offsets[i] + 1
             positions[at:at + k] = np.arange(k)
+            if self.prefix:
+                in_prefix[at:at + k] = np.arange(s, s + k) < prefix_length(w)
             at += k
-        return {"inputs": inputs, "targets": targets, "segment_ids": segments, "positions": positions,
-                "loss_mask": loss}
+        row = {"inputs": inputs, "targets": targets, "segment_ids": segments, "positions": positions,
+               "loss_mask": loss}
+        if self.prefix:
+            row["prefix_mask"] = in_prefix
+        return row
 
 
-def make_rows(store, seq_len: int, pad_id: int, packing: str):
+def make_rows(store, seq_len: int, pad_id: int, packing: str, prefix: bool = False):
+    """Rows of a store's documents; with `prefix`, each row also marks its documents' prefixes."""
     if packing == "concat":
-        return ConcatRows(store, seq_len)
-    return PackedRows(store, seq_len, pad_id, packing)
+        return ConcatRows(store, seq_len, prefix)
+    return PackedRows(store, seq_len, pad_id, packing, prefix=prefix)

@@ -2,7 +2,8 @@
 
 documents (raw sources tokenized at start-up, or prepared ArrayRecord shards) -> held-out split -> packed
 rows (random access, see packing.py) -> seeded shuffle per component, reshuffled every epoch -> weighted
-mixture (grain's MapDataset.mix) -> rows p, p+n, ... for process p of n -> local batches -> prefetch
+mixture (grain's MapDataset.mix) -> the objective's corruption (masked_lm, see objectives.py) ->
+rows p, p+n, ... for process p of n -> local batches -> prefetch
 (threads, or `data.workers` processes). The union of all processes' local batches is exactly the
 single-process global batch, and the iterator state is a few integers (JSON).
 """
@@ -20,6 +21,7 @@ from maxmodel.config.errors import ConfigError
 from maxmodel.config.schema import Config
 
 from .mixture import Component, components, realised_proportions
+from .objectives import PrefixSplit, masked_lm
 from .packing import IndexedStore, make_rows
 from .sources import BadRecords, read_documents
 from .store import MemoryStore, ShardStore
@@ -119,9 +121,12 @@ def _splits(cfg: Config, comps, raw, shards, tokenizer, bad) -> dict:
     return out
 
 
-def _rows_or_none(store, cfg: Config, pad_id: int):
+def _rows_or_none(store, cfg: Config, pad_id: int, fmt: str = "text"):
+    prefix = cfg.train.objective == "prefix_lm"
+    if prefix and fmt == "text":  # supervised formats already have their prompt as the prefix
+        store = PrefixSplit(store, cfg.train.seed)
     try:
-        return make_rows(store, cfg.train.seq_len, pad_id, cfg.data.packing)
+        return make_rows(store, cfg.train.seq_len, pad_id, cfg.data.packing, prefix)
     except ValueError:
         return None
 
@@ -152,6 +157,9 @@ def make_train_data(cfg: Config, run_dir: Path, process_index: int = 0, process_
     if t.batch_size % process_count:
         raise ConfigError("train.batch_size", f"{t.batch_size} is not divisible by {process_count} processes")
     local_batch = t.batch_size // process_count
+    if t.objective != "causal_lm" and (d.source == "synthetic" or d.source.startswith("seqio:")):
+        raise ConfigError("data.source", f"train.objective={t.objective} needs documents and a tokenizer "
+                                         f"(builtin, jsonl, text, parquet, arrayrecord, mixture), not {d.source}")
     if d.source == "synthetic":
         return _synthetic(cfg, process_index, process_count, local_batch)
     if d.source.startswith("seqio:"):
@@ -178,19 +186,20 @@ def make_train_data(cfg: Config, run_dir: Path, process_index: int = 0, process_
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the tokenizer's "
                                               f"{tokenizer.vocab_size} entries")
+    corrupt = masked_lm(tokenizer) if t.objective == "masked_lm" else None
     splits = _splits(cfg, comps, raw, shards, tokenizer, bad)
 
     train_parts, eval_parts, stats = [], [], {"source": d.source, "packing": d.packing, "tokenizer": tokenizer.id}
     for k, comp in enumerate(comps):
         store, held = splits[comp.name]
-        rows = _rows_or_none(store, cfg, tokenizer.pad_id)
+        rows = _rows_or_none(store, cfg, tokenizer.pad_id, comp.format)
         if rows is None:
             raise ConfigError(f"{comp.key}.path", f"too little data for one row of {t.seq_len + 1} tokens")
         part = grain.MapDataset.source(rows)
         if d.shuffle:
             part = part.shuffle(seed=t.seed + k)  # grain reshuffles every epoch of the repeat below
         train_parts.append(part.repeat(None))
-        eval_rows = _rows_or_none(held, cfg, tokenizer.pad_id)
+        eval_rows = _rows_or_none(held, cfg, tokenizer.pad_id, comp.format)
         if eval_rows is not None:
             eval_parts.append(grain.MapDataset.source(eval_rows))
         stats[f"{comp.name}.documents"] = len(store)
@@ -200,10 +209,14 @@ def make_train_data(cfg: Config, run_dir: Path, process_index: int = 0, process_
         stats[f"{comp.name}.packed_efficiency"] = round(rows.efficiency, 4)
     weights = [c.weight for c in comps]
     ds = train_parts[0] if len(comps) == 1 else grain.MapDataset.mix(train_parts, weights)
+    if corrupt is not None:  # seeded by the row's global index: the same on every process, and on resume
+        ds = ds.random_map(corrupt, seed=t.seed)
     ds = ds[process_index::process_count].batch(local_batch, drop_remainder=True)
     eval_source = None
     if len(eval_parts) == len(comps):
         eval_source = eval_parts[0] if len(comps) == 1 else grain.MapDataset.mix(eval_parts, weights)
+        if corrupt is not None:
+            eval_source = eval_source.random_map(corrupt, seed=t.seed)
     else:
         log.warning("too little held-out data for one row of %d tokens: no evaluation", t.seq_len + 1)
 

@@ -1,6 +1,7 @@
 """One tokenizer interface over sentencepiece models, tiktoken encodings, Hugging Face `tokenizers` JSON files
-and raw bytes: `encode`, `decode`, `vocab_size`, `bos_id`, `eos_id`, `pad_id`, and `id` (a stable name for
-manifests: the kind plus a hash of the file).
+and raw bytes: `encode`, `decode`, `vocab_size`, `bos_id`, `eos_id`, `pad_id`, `mask_id` (the masked-LM
+[MASK] token, None when the tokenizer has none) and `id` (a stable name for manifests: the kind plus a hash
+of the file).
 
 `data.tokenizer` chooses one: `spm` (a sentencepiece BPE model trained on the data, cached), `bytes`,
 `tiktoken:<encoding name>` (tiktoken's registry; the BPE ranks must already be in tiktoken's cache, since
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from maxmodel.config.errors import ConfigError
 
+MASK_PIECE = "[MASK]"  # a user-defined piece of every sentencepiece model trained here (masked LM)
 # GPT-2's pre-tokenisation pattern (from its paper release), for tiktoken ranks files without a name.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
@@ -27,9 +29,9 @@ def _file_digest(path: Path) -> str:
 
 
 class ByteTokenizer:
-    """UTF-8 bytes shifted by 3 so 0/1/2 can be pad/bos/eos."""
-    pad_id, bos_id, eos_id = 0, 1, 2
-    vocab_size = 259
+    """UTF-8 bytes shifted by 3 so 0/1/2 can be pad/bos/eos; 259 is the mask token."""
+    pad_id, bos_id, eos_id, mask_id = 0, 1, 2, 259
+    vocab_size = 260
     id = "bytes"
     path = None
 
@@ -54,6 +56,8 @@ class SentencePieceTokenizer:
             raise ConfigError("data.tokenizer", f"{model_path} has no EOS piece; train it with eos_id set")
         self.bos_id = self.bos_id if self.bos_id >= 0 else self.eos_id
         self.pad_id = self.pad_id if self.pad_id >= 0 else self.eos_id
+        mask = self.sp.piece_to_id(MASK_PIECE)  # unknown pieces map to unk: check the piece really is there
+        self.mask_id = mask if self.sp.id_to_piece(mask) == MASK_PIECE else None
         self.id = f"spm:{_file_digest(self.path)}"
 
     def encode(self, text: str) -> list[int]:
@@ -94,6 +98,7 @@ class TiktokenTokenizer:
             self.id = f"tiktoken:{name}"
             self.pad_id = self.enc.eot_token
         self.bos_id = self.eos_id = self.enc.eot_token
+        self.mask_id = None  # tiktoken's encodings have no mask token
         self.vocab_size = self.enc.n_vocab
 
     def encode(self, text: str) -> list[int]:
@@ -108,6 +113,7 @@ class HFTokenizer:
     BOS = ("<s>", "<|begin_of_text|>", "<bos>", "[BOS]", "<|startoftext|>", "<|endoftext|>")
     EOS = ("</s>", "<|end_of_text|>", "<eos>", "[EOS]", "<|endoftext|>", "[SEP]")
     PAD = ("<pad>", "[PAD]", "<|pad|>", "<|finetune_right_pad_id|>")
+    MASK = ("[MASK]", "<mask>", "<|mask|>")
 
     def __init__(self, path: str | Path):
         from tokenizers import Tokenizer
@@ -123,6 +129,7 @@ class HFTokenizer:
         bos, pad = self._find(self.BOS), self._find(self.PAD)
         self.bos_id = self.eos_id if bos is None else bos
         self.pad_id = self.eos_id if pad is None else pad
+        self.mask_id = self._find(self.MASK)
         self.id = f"hf:{_file_digest(self.path)}"
 
     def _find(self, names) -> int | None:
@@ -147,7 +154,8 @@ def cache_dir() -> Path:
 
 def train_sentencepiece_model(lines: Iterable[str], vocab_size: int, model_type: str = "bpe",
                               key: str = "model.vocab_size") -> bytes:
-    """Train a sentencepiece model (byte fallback on, pad=0 bos=1 eos=2 unk=3) on an iterator of lines.
+    """Train a sentencepiece model (byte fallback on, pad=0 bos=1 eos=2 unk=3, then the newline
+    and [MASK] pieces) on an iterator of lines.
     No normalisation and whitespace kept as is, so code and indentation decode back exactly."""
     import sentencepiece as spm
     if vocab_size < 290:
@@ -157,7 +165,8 @@ def train_sentencepiece_model(lines: Iterable[str], vocab_size: int, model_type:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(line for line in lines if line.strip()), model_writer=model,
             vocab_size=vocab_size, model_type=model_type, byte_fallback=True, character_coverage=1.0,
-            normalization_rule_name="identity", remove_extra_whitespaces=False, user_defined_symbols=["\n"],
+            normalization_rule_name="identity", remove_extra_whitespaces=False,
+            user_defined_symbols=["\n", MASK_PIECE],
             allow_whitespace_only_pieces=True,  # indentation runs become single pieces
             pad_id=0, bos_id=1, eos_id=2, unk_id=3, num_threads=2, max_sentence_length=16384, minloglevel=2)
     except RuntimeError as e:  # e.g. "Vocabulary size too high" for a small corpus
@@ -167,7 +176,8 @@ def train_sentencepiece_model(lines: Iterable[str], vocab_size: int, model_type:
 
 def train_sentencepiece(texts: list[str], vocab_size: int, out_path: Path, model_type: str = "bpe") -> Path:
     """A model trained on `texts`, cached by content hash (re-running on the same text costs nothing)."""
-    digest = hashlib.sha256(f"v3:{model_type}:{vocab_size}:".encode() + "\x00".join(texts).encode()).hexdigest()[:16]
+    # v4: [MASK] became a user-defined piece (older cached models lack it)
+    digest = hashlib.sha256(f"v4:{model_type}:{vocab_size}:".encode() + "\x00".join(texts).encode()).hexdigest()[:16]
     cached = cache_dir() / "tokenizers" / f"spm-{model_type}-{vocab_size}-{digest}.model"
     if not cached.is_file():
         model = train_sentencepiece_model((line for t in texts for line in t.splitlines()), vocab_size, model_type)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from maxmodel.config.errors import ConfigError
 from maxmodel.config.schema import ModelConfig
 
 from .layers import apply_rope, dense, rope_frequencies
@@ -30,6 +31,14 @@ def attention_mask(q_segments, kv_segments, q_positions, kv_positions, causal: b
     return mask[:, None, None]
 
 
+def prefix_mask(segment_ids, prefix) -> jax.Array:
+    """[B, 1, 1, L, L]: both tokens in the same document's prefix (prefix LM: the prefix attends both ways).
+    OR-ed with the causal mask, it gives UniLM / T5's prefix-LM mask; `prefix` is [B, L], nonzero on prefixes."""
+    inside = (prefix > 0) & (segment_ids > 0)
+    both = inside[:, :, None] & inside[:, None, :] & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    return both[:, None, None]
+
+
 def dot_product_attention(q, k, v, mask, softcap: float = 0.0) -> jax.Array:
     """q: [B, L, H, D]; k, v: [B, S, KVH, D]; query heads are grouped onto their kv head (GQA).
 
@@ -50,9 +59,11 @@ def dot_product_attention(q, k, v, mask, softcap: float = 0.0) -> jax.Array:
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, param_dtype=jnp.float32, window: int = 0):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, param_dtype=jnp.float32, window: int = 0,
+                 causal: bool = True):
         self.cfg = cfg
         self.window = window
+        self.causal = causal  # False: bidirectional within each packed document (encoders)
         d, h, kvh, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         std_out = cfg.init_std / math.sqrt(2 * cfg.num_layers)
         self.wq = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), std=cfg.init_std, dtype=param_dtype)
@@ -70,8 +81,9 @@ class Attention(nnx.Module):
         y = dense(x, w[...].astype(x.dtype))
         return y + b[...].astype(x.dtype) if b is not None else y
 
-    def __call__(self, x, segment_ids, positions, window=None):
-        """window: this layer's sliding window when it varies by layer (a traced scalar; <= 0 = global)."""
+    def __call__(self, x, segment_ids, positions, window=None, prefix=None):
+        """window: this layer's sliding window when it varies by layer (a traced scalar; <= 0 = global).
+        prefix: [B, L], nonzero on each document's prefix, which attends to itself both ways (prefix LM)."""
         window = self.window if window is None else window
         q = self._project(x, self.wq, self.q_bias)
         k = self._project(x, self.wk, self.k_bias)
@@ -88,13 +100,18 @@ class Attention(nnx.Module):
             q = q * jnp.asarray(math.sqrt(self.cfg.head_dim / scale_dim), q.dtype)
         mesh = jax.sharding.get_abstract_mesh()
         if not mesh.empty and mesh.shape.get("sequence", 1) > 1:
+            if prefix is not None:  # the ring/all-gather kernels build their masks from positions alone
+                raise ConfigError("mesh.sequence", "train.objective=prefix_lm is not supported with context "
+                                                   "parallelism (mesh.sequence > 1)")
             # Context parallelism: the sequence is split over `sequence`; K/V travel (ring) or are gathered.
             from maxmodel.parallel.ring_attention import allgather_attention, ring_attention
             attend = ring_attention if self.cfg.attention.context_parallel == "ring" else allgather_attention
-            out = attend(q, k, v, segment_ids, segment_ids, positions, positions, causal=True,
+            out = attend(q, k, v, segment_ids, segment_ids, positions, positions, causal=self.causal,
                          sliding_window=window, logit_softcap=softcap)
         else:
-            mask = attention_mask(segment_ids, segment_ids, positions, positions, True, window)
+            mask = attention_mask(segment_ids, segment_ids, positions, positions, self.causal, window)
+            if prefix is not None:
+                mask |= prefix_mask(segment_ids, prefix)
             out = dot_product_attention(q, k, v, mask, softcap)
         out = constrain(out, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
         y = dense(out, self.wo[...].astype(x.dtype), contract=2)

@@ -122,8 +122,10 @@ class Embed(nnx.Module):
         return dense(x, self.table[...].astype(x.dtype).T)
 
 
+# "gelu" is the tanh approximation (GPT-2); "gelu_exact" the erf form (BERT).
 _ACTIVATIONS = {"swiglu": jax.nn.silu, "geglu": lambda x: jax.nn.gelu(x, approximate=True),
-                "gelu": lambda x: jax.nn.gelu(x, approximate=True), "relu": jax.nn.relu}
+                "gelu": lambda x: jax.nn.gelu(x, approximate=True),
+                "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False), "relu": jax.nn.relu}
 
 
 class MLP(nnx.Module):

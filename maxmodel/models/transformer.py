@@ -37,11 +37,12 @@ class Block(nnx.Module):
     The feed-forward part is a dense MLP or, with `moe`, a Mixture of Experts. With post_norms (Gemma 2) each
     branch's output is normalised again before it is added. Returns (x, MoE stats)."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, param_dtype=jnp.float32, moe: bool = False):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, param_dtype=jnp.float32, moe: bool = False,
+                 causal: bool = True):
         self.parallel = cfg.parallel_block
         self.is_moe = moe
         self.attn_norm = make_norm(cfg, param_dtype)
-        self.attn = Attention(cfg, rngs, param_dtype, window=cfg.attention.sliding_window)
+        self.attn = Attention(cfg, rngs, param_dtype, window=cfg.attention.sliding_window, causal=causal)
         if not self.parallel:
             self.mlp_norm = make_norm(cfg, param_dtype)
         self.mlp = MoE(cfg, rngs, param_dtype) if moe else MLP(cfg, rngs, param_dtype)
@@ -58,11 +59,11 @@ class Block(nnx.Module):
         y, stats = self.mlp(h) if self.is_moe else (self.mlp(h), {})
         return (self.mlp_post_norm(y) if self.post_norms else y), stats
 
-    def __call__(self, x, segment_ids, positions, window=None):
+    def __call__(self, x, segment_ids, positions, window=None, prefix=None):
         if self.post_norm:
-            return self._post_norm_call(x, segment_ids, positions, window)
+            return self._post_norm_call(x, segment_ids, positions, window, prefix)
         h = self.attn_norm(x)
-        a = self.attn(h, segment_ids, positions, window)
+        a = self.attn(h, segment_ids, positions, window, prefix)
         if self.post_norms:
             a = self.attn_post_norm(a)
         if self.parallel:
@@ -73,9 +74,9 @@ class Block(nnx.Module):
         return constrain(x + y, ACT), stats
 
 
-    def _post_norm_call(self, x, segment_ids, positions, window):
+    def _post_norm_call(self, x, segment_ids, positions, window, prefix=None):
         """BERT / original Transformer: norm(x + attn(x)) then norm(x + ffn(x))."""
-        x = constrain(self.attn_norm(x + self.attn(x, segment_ids, positions, window)), ACT)
+        x = constrain(self.attn_norm(x + self.attn(x, segment_ids, positions, window, prefix)), ACT)
         y, stats = self.mlp(x) if self.is_moe else (self.mlp(x), {})
         return constrain(self.mlp_norm(x + y), ACT), stats
 
@@ -83,14 +84,15 @@ class Block(nnx.Module):
 class BlockGroup(nnx.Module):
     """`every` consecutive layers, the last one MoE (GLaM's alternating stack): the unit that is scanned."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, param_dtype=jnp.float32):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, param_dtype=jnp.float32, causal: bool = True):
         every = cfg.moe.every
-        self.blocks = nnx.List([Block(cfg, rngs, param_dtype, moe=i == every - 1) for i in range(every)])
+        self.blocks = nnx.List([Block(cfg, rngs, param_dtype, moe=i == every - 1, causal=causal)
+                                for i in range(every)])
 
-    def __call__(self, x, segment_ids, positions, window=None):  # per-layer windows are not used with MoE
+    def __call__(self, x, segment_ids, positions, window=None, prefix=None):  # no per-layer windows with MoE
         stats = {}
         for block in self.blocks:
-            x, s = block(x, segment_ids, positions)
+            x, s = block(x, segment_ids, positions, prefix=prefix)
             stats = stats or s
         return x, stats
 
@@ -116,22 +118,27 @@ def _stack_stats(per_layer: list[dict]) -> dict:
 
 
 class Transformer(nnx.Module):
+    causal = True  # the encoder (encoder.py) subclasses this stack with bidirectional attention
+
     def __init__(self, cfg: Config, rngs: nnx.Rngs):
         m = cfg.model
+        causal = self.causal
         self.cfg = cfg
         self.dtype = DTYPES[cfg.train.dtype]
         param_dtype = DTYPES[cfg.train.param_dtype]
         self.embed = Embed(m, rngs, param_dtype)
         moe = m.moe
         if not cfg.train.scan_layers:
-            self.layers = nnx.List([Block(m, rngs, param_dtype, moe=is_moe_layer(m, i)) for i in range(m.num_layers)])
+            self.layers = nnx.List([Block(m, rngs, param_dtype, moe=is_moe_layer(m, i), causal=causal)
+                                    for i in range(m.num_layers)])
         elif not moe.num_experts:
-            self.layers = _stack(lambda r: Block(m, r, param_dtype), m.num_layers, rngs)
+            self.layers = _stack(lambda r: Block(m, r, param_dtype, causal=causal), m.num_layers, rngs)
         else:  # scanned MoE stack: the first dense layers, then repeated units ending in an MoE layer
             if moe.first_dense_layers:
-                self.first_layers = _stack(lambda r: Block(m, r, param_dtype), moe.first_dense_layers, rngs)
-            unit = (lambda r: Block(m, r, param_dtype, moe=True)) if moe.every == 1 else (
-                lambda r: BlockGroup(m, r, param_dtype))
+                self.first_layers = _stack(lambda r: Block(m, r, param_dtype, causal=causal),
+                                           moe.first_dense_layers, rngs)
+            unit = (lambda r: Block(m, r, param_dtype, moe=True, causal=causal)) if moe.every == 1 else (
+                lambda r: BlockGroup(m, r, param_dtype, causal=causal))
             self.layers = _stack(unit, (m.num_layers - moe.first_dense_layers) // moe.every, rngs)
         # Post-norm stacks end normalised already; pre-norm stacks need the final norm.
         self.final_norm = make_norm(m, param_dtype) if m.norm_position == "pre" else None
@@ -142,15 +149,20 @@ class Transformer(nnx.Module):
     def _block_fn(self):
         policy = self.cfg.train.remat
 
-        def run(block, x, segment_ids, positions, window=None):
-            return block(x, segment_ids, positions, window)
+        def run(block, x, segment_ids, positions, window=None, prefix=None):
+            return block(x, segment_ids, positions, window, prefix)
         if policy == "none":
             return run
         return nnx.remat(run, policy=REMAT_POLICIES[policy], prevent_cse=not self.cfg.train.scan_layers)
 
-    def hidden(self, tokens, segment_ids, positions):
-        """Final-norm hidden states [B, L, d_model] and the MoE layers' stats (each [num_moe_layers, ...])."""
-        x = self.embed(tokens, positions, self.dtype)
+    def embed_inputs(self, tokens, positions):
+        """The first layer's input [B, L, d_model]."""
+        return self.embed(tokens, positions, self.dtype)
+
+    def hidden(self, tokens, segment_ids, positions, prefix=None):
+        """Final-norm hidden states [B, L, d_model] and the MoE layers' stats (each [num_moe_layers, ...]).
+        prefix: [B, L], nonzero on each document's bidirectional prefix (prefix LM), or None."""
+        x = self.embed_inputs(tokens, positions)
         block_fn = self._block_fn()
         mesh = jax.sharding.get_abstract_mesh()
         stages = 1 if mesh.empty else mesh.shape.get("stage", 1)
@@ -160,40 +172,45 @@ class Transformer(nnx.Module):
             raise ConfigError("model.attention.global_every", "alternating local/global attention is not "
                                                               "supported with mesh.stage > 1 or mesh.sequence > 1")
         if stages > 1:
-            x = self._pipeline(x, segment_ids, positions, block_fn, stages, mesh)
+            x = self._pipeline(x, segment_ids, positions, block_fn, stages, mesh, prefix)
         elif self.cfg.train.scan_layers and windows is not None:  # dense stack, one window per layer
-            @nnx.scan(in_axes=(nnx.Carry, 0, None, None, 0), out_axes=(nnx.Carry, 0),
+            @nnx.scan(in_axes=(nnx.Carry, 0, None, None, 0, None), out_axes=(nnx.Carry, 0),
                       transform_metadata={nnx.PARTITION_NAME: "layers"})
-            def body_windowed(x, block, segment_ids, positions, window):
-                return block_fn(block, x, segment_ids, positions, window)
-            x, stats = body_windowed(x, self.layers, segment_ids, positions, jnp.asarray(windows))
+            def body_windowed(x, block, segment_ids, positions, window, prefix):
+                return block_fn(block, x, segment_ids, positions, window, prefix)
+            x, stats = body_windowed(x, self.layers, segment_ids, positions, jnp.asarray(windows), prefix)
         elif self.cfg.train.scan_layers:
-            @nnx.scan(in_axes=(nnx.Carry, 0, None, None), out_axes=(nnx.Carry, 0),
+            @nnx.scan(in_axes=(nnx.Carry, 0, None, None, None), out_axes=(nnx.Carry, 0),
                       transform_metadata={nnx.PARTITION_NAME: "layers"})
-            def body(x, block, segment_ids, positions):
-                return block_fn(block, x, segment_ids, positions)
+            def body(x, block, segment_ids, positions, prefix):
+                return block_fn(block, x, segment_ids, positions, None, prefix)
             if hasattr(self, "first_layers"):
-                x, _ = body(x, self.first_layers, segment_ids, positions)
-            x, stats = body(x, self.layers, segment_ids, positions)
+                x, _ = body(x, self.first_layers, segment_ids, positions, prefix)
+            x, stats = body(x, self.layers, segment_ids, positions, prefix)
         else:
             per_layer = []
             for i, block in enumerate(self.layers):
-                x, s = block_fn(block, x, segment_ids, positions, None if windows is None else int(windows[i]))
+                x, s = block_fn(block, x, segment_ids, positions, None if windows is None else int(windows[i]),
+                                prefix)
                 per_layer.append(s)
             stats = _stack_stats(per_layer)
         return (self.final_norm(x) if self.final_norm is not None else x), stats
 
-    def _pipeline(self, x, segment_ids, positions, block_fn, stages, mesh):
+    def _pipeline(self, x, segment_ids, positions, block_fn, stages, mesh, prefix=None):
         """The stacked layers as a pipeline over `stage` (GPipe, or circular when pipeline.repeats > 1)."""
         from maxmodel.parallel.pipeline import pipeline_apply
         graphdef, stacked = nnx.split(self.layers)
 
         def layer_fn(layer_params, x, aux):
-            return block_fn(nnx.merge(graphdef, layer_params), x, aux["segment_ids"], aux["positions"])[0]
+            return block_fn(nnx.merge(graphdef, layer_params), x, aux["segment_ids"], aux["positions"], None,
+                            aux.get("prefix"))[0]
         pipe = self.cfg.pipeline
+        aux = {"segment_ids": segment_ids, "positions": positions}
+        if prefix is not None:
+            aux["prefix"] = prefix
         return pipeline_apply(layer_fn, stacked, x, num_stages=stages,
                               num_microbatches=pipe.microbatches or stages, repeats=pipe.repeats,
-                              aux={"segment_ids": segment_ids, "positions": positions},
+                              aux=aux,
                               length_axis="sequence" if mesh.shape.get("sequence", 1) > 1 else None)
 
     def head_matrix(self):
@@ -209,12 +226,12 @@ class Transformer(nnx.Module):
             out = m.final_logit_softcap * jnp.tanh(out / m.final_logit_softcap)
         return constrain(out, ("activation_batch", "activation_length", "activation_vocab"))
 
-    def __call__(self, tokens, segment_ids=None, positions=None, return_stats: bool = False):
+    def __call__(self, tokens, segment_ids=None, positions=None, return_stats: bool = False, prefix=None):
         """Logits [B, L, vocab]; with return_stats, also the MoE stats (load, dropped, aux_loss, z_loss)."""
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        x, stats = self.hidden(tokens, segment_ids, positions)
+        x, stats = self.hidden(tokens, segment_ids, positions, prefix)
         logits = self.logits(x)
         return (logits, stats) if return_stats else logits

@@ -51,6 +51,8 @@ def report(cfg, result) -> None:
         lines.append(f"eval loss: {result.eval_loss:.4f}" + (f"   (unigram baseline: {s['unigram_eval_loss']:.4f})"
                                                              if "unigram_eval_loss" in s else ""))
     print("\n".join(lines))
+    if cfg.model.arch == "encoder":  # an encoder fills in masks; it has no left-to-right continuation
+        return
     if result.tokenizer is not None and cfg.run.sample_tokens > 0 and result.final_step > result.start_step:
         import jax
         from flax import nnx
@@ -62,5 +64,5 @@ def report(cfg, result) -> None:
         with jax.set_mesh(result.mesh), nnx.logical_axis_rules(logical_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)):
             prompt = [result.tokenizer.bos_id] + result.tokenizer.encode(cfg.run.sample_prompt)
             out = greedy_continue(result.graphdef, result.params, prompt, cfg.run.sample_tokens,
-                                  cfg.train.seq_len, rows)
+                                  cfg.train.seq_len, rows, prefix_lm=cfg.train.objective == "prefix_lm")
         print(f"sample (greedy): {cfg.run.sample_prompt}{result.tokenizer.decode(out)}")

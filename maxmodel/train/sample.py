@@ -7,17 +7,20 @@ import numpy as np
 from flax import nnx
 
 
-def greedy_continue(graphdef, params, prompt_ids: list[int], new_tokens: int, max_len: int, rows: int = 1) -> list[int]:
+def greedy_continue(graphdef, params, prompt_ids: list[int], new_tokens: int, max_len: int, rows: int = 1,
+                    prefix_lm: bool = False) -> list[int]:
     """Append `new_tokens` argmax tokens. One compiled forward over a fixed-length buffer: the causal mask
-    makes the logits at position t independent of the (not yet written) tokens after it."""
+    makes the logits at position t independent of the (not yet written) tokens after it. With `prefix_lm`
+    the prompt is the bidirectional prefix (it never sees the continuation either)."""
     length = min(max_len, len(prompt_ids) + new_tokens)
     prompt_ids = prompt_ids[-(length - 1):] if len(prompt_ids) >= length else prompt_ids
     buf = np.zeros((rows, length), np.int32)
     buf[:, :len(prompt_ids)] = prompt_ids
+    prefix = jnp.asarray(np.broadcast_to(np.arange(length) < len(prompt_ids), buf.shape).astype(np.int32))
 
     @jax.jit
     def next_token(params, tokens, t):
-        logits = nnx.merge(graphdef, params)(tokens)
+        logits = nnx.merge(graphdef, params)(tokens, prefix=prefix if prefix_lm else None)
         return jnp.argmax(logits[:, t - 1], axis=-1)
 
     for t in range(len(prompt_ids), length):

@@ -23,7 +23,8 @@ from .optimizer import learning_rate_schedule, make_optimizer
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 # Every key is a [batch, seq_len] int32 array; objectives that need more name their extra keys here.
-OBJECTIVE_EXTRA_KEYS: dict[str, tuple[str, ...]] = {}
+# prefix_lm: `prefix_mask` is 1 on each document's prefix, which attends to itself bidirectionally.
+OBJECTIVE_EXTRA_KEYS: dict[str, tuple[str, ...]] = {"prefix_lm": ("prefix_mask",)}
 
 
 def batch_keys(cfg: Config) -> tuple[str, ...]:
@@ -90,13 +91,15 @@ def _loss_sums(graphdef, params, batch, z_loss, order=None, moe=None, loss_chunk
     if order is not None:  # causal load balancing for ring attention: every token's mask uses its position
         batch = {k: v[:, order] for k, v in batch.items()}
     model = nnx.merge(graphdef, params)
+    prefix = batch.get("prefix_mask")
     if loss_chunk:  # head + loss fused over chunks of positions: no [B, L, V] logits (see chunked_loss.py)
         mask = batch["loss_mask"].astype(jnp.float32)
-        h, stats = model.hidden(batch["inputs"], batch["segment_ids"], batch["positions"])
+        h, stats = model.hidden(batch["inputs"], batch["segment_ids"], batch["positions"], prefix)
         total, nll = fused_cross_entropy(h, model.head_matrix(), batch["targets"], mask, z_loss, loss_chunk)
         count = mask.sum()
     else:
-        logits, stats = model(batch["inputs"], batch["segment_ids"], batch["positions"], return_stats=True)
+        logits, stats = model(batch["inputs"], batch["segment_ids"], batch["positions"], return_stats=True,
+                              prefix=prefix)
         nll, z, count = cross_entropy_sums(logits, batch["targets"], batch["loss_mask"], z_loss)
         total = nll + z
     aux = 0.0
@@ -107,9 +110,10 @@ def _loss_sums(graphdef, params, batch, z_loss, order=None, moe=None, loss_chunk
 
 def fused_loss_chunk(cfg: Config, mesh) -> int:
     """Chunk length of the fused head + loss, or 0 for the materialised logits. The fused path needs plain
-    logits (no soft-cap) and whole sequences on each device (no context parallelism)."""
+    logits (no soft-cap), a plain projection (not the encoder's masked-LM head, which has its own transform and
+    output bias) and whole sequences on each device (no context parallelism)."""
     c = cfg.train.loss_chunk
-    if not c or cfg.model.final_logit_softcap or mesh.shape.get("sequence", 1) > 1:
+    if not c or cfg.model.final_logit_softcap or cfg.model.arch == "encoder" or mesh.shape.get("sequence", 1) > 1:
         return 0
     return c
 
