@@ -31,7 +31,11 @@ PUBLISHED = {
     "llama3-8b": 8.03e9, "llama3-70b": 70.6e9, "llama3-405b": 405e9,
     "mistral-7b": 7.24e9, "gemma-2b": 2.51e9, "gemma-7b": 8.54e9, "gemma2-9b": 9.24e9, "gemma2-27b": 27.2e9,
     "qwen2.5-7b": 7.61e9,
+    "transformer-base": 65e6, "transformer-big": 213e6,
 }
+# Where a paper's rounded figure and its stated shapes disagree by more than 2% (the config explains the
+# arithmetic): Transformer base counts 63.1M with the 37000-token shared vocabulary, Table 3 says 65M.
+TOLERANCE = {"transformer-base": 0.035}
 
 
 def test_every_full_size_config_has_a_published_count_and_a_tiny_sibling():
@@ -47,7 +51,8 @@ def test_every_full_size_config_has_a_published_count_and_a_tiny_sibling():
 def test_parameter_count_matches_published(name):
     cfg = load_config(overrides=[f"model.name={name}", "train.seq_len=128"])
     total = count_params(cfg)["total"]
-    assert abs(total - PUBLISHED[name]) / PUBLISHED[name] < 0.02, f"{name}: {total:,} vs {PUBLISHED[name]:,.0f}"
+    assert abs(total - PUBLISHED[name]) / PUBLISHED[name] < TOLERANCE.get(name, 0.02), \
+        f"{name}: {total:,} vs {PUBLISHED[name]:,.0f}"
 
 
 def test_gpt2_small_count_is_exact():
@@ -61,7 +66,8 @@ def test_every_tiny_variant_takes_a_train_step():
         cfg = load_config(overrides=[f"model.name={name}", "train.seq_len=16", "train.batch_size=2",
                                      "optimizer.warmup_steps=0", "mesh.data=1"])
         mesh = build_mesh(cfg.mesh, jax.devices()[:1])
-        src = SyntheticSource(cfg.model.vocab_size, cfg.train.seq_len, seed=0)
+        src = SyntheticSource(cfg.model.vocab_size, cfg.train.seq_len, seed=0,
+                              seq2seq=cfg.train.objective == "seq2seq")
         rows = [src[i] for i in range(cfg.train.batch_size)]
         batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
         with jax.set_mesh(mesh), nnx.logical_axis_rules(logical_rules(cfg.mesh.rules)):

@@ -8,14 +8,14 @@ CHOICES = {
     "model.activation": ("swiglu", "geglu", "gelu", "relu"),
     "model.norm": ("rmsnorm", "layernorm"),
     "model.norm_position": ("pre", "post"),
-    "model.arch": ("decoder",),
+    "model.arch": ("decoder", "encoder_decoder"),
     "model.positional": ("rope", "learned", "sinusoidal", "none"),
     "model.attention.context_parallel": ("allgather", "ring"),
     "model.moe.router": ("softmax", "sigmoid"),
     "train.dtype": ("float32", "bfloat16", "float16"),
     "train.param_dtype": ("float32", "bfloat16"),
     "train.remat": ("none", "full", "save_dots"),
-    "train.objective": ("causal_lm",),
+    "train.objective": ("causal_lm", "seq2seq"),
     "optimizer.name": ("adamw", "adam", "sgd", "lion", "adafactor"),
     "optimizer.schedule": ("cosine", "linear", "wsd", "constant"),
     "data.on_bad_record": ("error", "skip"),
@@ -27,7 +27,7 @@ POSITIVE = ("pipeline.repeats", "model.vocab_size", "model.d_model", "model.num_
             "train.steps", "train.batch_size", "train.seq_len", "train.microbatches",
             "run.log_every", "run.eval_every", "run.cpu_devices", "checkpoint.keep", "checkpoint.local_keep")
 NON_NEGATIVE = ("pipeline.microbatches", "optimizer.lr", "optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.clip_norm",
-                "train.z_loss", "train.loss_chunk", "model.num_kv_heads", "model.head_dim", "model.d_ff", "run.eval_batches",
+                "train.z_loss", "train.loss_chunk", "model.num_kv_heads", "model.num_encoder_layers", "model.head_dim", "model.d_ff", "run.eval_batches",
                 "checkpoint.every_steps", "checkpoint.every_minutes", "checkpoint.keep_every",
                 "checkpoint.local_every_steps", "train.spike_sigma", "train.spike_warmup",
                 "data.workers", "data.prefetch",
@@ -98,6 +98,35 @@ def validate(cfg: Config) -> None:
     if m.norm_plus_one and m.norm != "rmsnorm":
         raise ConfigError("model.norm_plus_one", f"applies to rmsnorm only, but model.norm={m.norm!r}")
     _validate_moe(cfg)
+    _validate_seq2seq(cfg)
+
+
+def _validate_seq2seq(cfg: Config) -> None:
+    """The encoder-decoder model and the seq2seq objective only make sense together."""
+    m, t = cfg.model, cfg.train
+    if t.objective == "seq2seq" and m.arch != "encoder_decoder":
+        raise ConfigError("train.objective", f"seq2seq needs model.arch=encoder_decoder, got {m.arch!r}")
+    if m.arch != "encoder_decoder":
+        return
+    if t.objective != "seq2seq":
+        raise ConfigError("model.arch", f"encoder_decoder trains with train.objective=seq2seq, got {t.objective!r}")
+    for key in ("stage", "sequence"):  # the model has no pipeline or context-parallel schedule (yet)
+        if getattr(cfg.mesh, key) > 1 or getattr(cfg.mesh.dcn, key) > 1:
+            raise ConfigError(f"mesh.{key}", f"model.arch=encoder_decoder does not support mesh.{key} > 1")
+    if m.moe.num_experts:
+        raise ConfigError("model.moe.num_experts", "model.arch=encoder_decoder has dense layers only")
+    for key in ("parallel_block", "post_norms"):
+        if getattr(m, key):
+            raise ConfigError(f"model.{key}", "model.arch=encoder_decoder has sequential blocks, one norm "
+                                              "per sublayer")
+    if m.attention.global_every:
+        raise ConfigError("model.attention.global_every", "alternating local/global attention is not "
+                                                          "supported with model.arch=encoder_decoder")
+    if cfg.data.format == "chat":
+        raise ConfigError("data.format", "seq2seq pairs come from text or prompt_completion records, not chat")
+    if cfg.data.source.startswith("seqio:"):
+        raise ConfigError("data.source", "the seqio bridge yields decoder-only rows; seq2seq needs builtin, "
+                                         "synthetic or file sources")
 
 
 def _validate_moe(cfg: Config) -> None:

@@ -45,9 +45,11 @@ def dot_product_attention(q, k, v, mask, softcap: float = 0.0) -> jax.Array:
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, param_dtype=jnp.float32, window: int = 0):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, param_dtype=jnp.float32, window: int = 0,
+                 causal: bool = True):
         self.cfg = cfg
         self.window = window
+        self.causal = causal  # False: bidirectional within each packed document (encoders)
         d, h, kvh, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         std_out = cfg.init_std / math.sqrt(2 * cfg.num_layers)
         self.wq = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), std=cfg.init_std, dtype=param_dtype)
@@ -86,10 +88,10 @@ class Attention(nnx.Module):
             # Context parallelism: the sequence is split over `sequence`; K/V travel (ring) or are gathered.
             from maxmodel.parallel.ring_attention import allgather_attention, ring_attention
             attend = ring_attention if self.cfg.attention.context_parallel == "ring" else allgather_attention
-            out = attend(q, k, v, segment_ids, segment_ids, positions, positions, causal=True,
+            out = attend(q, k, v, segment_ids, segment_ids, positions, positions, causal=self.causal,
                          sliding_window=window, logit_softcap=softcap)
         else:
-            mask = attention_mask(segment_ids, segment_ids, positions, positions, True, window)
+            mask = attention_mask(segment_ids, segment_ids, positions, positions, self.causal, window)
             out = dot_product_attention(q, k, v, mask, softcap)
         out = constrain(out, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
         y = jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(x.dtype))

@@ -7,8 +7,9 @@ from maxmodel.config.schema import Config
 
 
 def model_class(cfg: Config) -> type[nnx.Module]:
+    from .encoder_decoder import EncoderDecoder
     from .transformer import Transformer
-    classes = {"decoder": Transformer}
+    classes = {"decoder": Transformer, "encoder_decoder": EncoderDecoder}
     return classes[cfg.model.arch]
 
 

@@ -23,7 +23,10 @@ from .optimizer import learning_rate_schedule, make_optimizer
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 # Every key is a [batch, seq_len] int32 array; objectives that need more name their extra keys here.
-OBJECTIVE_EXTRA_KEYS: dict[str, tuple[str, ...]] = {}
+OBJECTIVE_EXTRA_KEYS: dict[str, tuple[str, ...]] = {
+    # seq2seq: the source side of each packed row (segment k of the encoder is the source of decoder segment k)
+    "seq2seq": ("encoder_inputs", "encoder_segment_ids", "encoder_positions"),
+}
 
 
 def batch_keys(cfg: Config) -> tuple[str, ...]:
@@ -90,13 +93,16 @@ def _loss_sums(graphdef, params, batch, z_loss, order=None, moe=None, loss_chunk
     if order is not None:  # causal load balancing for ring attention: every token's mask uses its position
         batch = {k: v[:, order] for k, v in batch.items()}
     model = nnx.merge(graphdef, params)
+    # The encoder-decoder model takes the source side too; the decoder-only model takes nothing extra.
+    source = {k: batch[k] for k in OBJECTIVE_EXTRA_KEYS["seq2seq"] if k in batch}
     if loss_chunk:  # head + loss fused over chunks of positions: no [B, L, V] logits (see chunked_loss.py)
         mask = batch["loss_mask"].astype(jnp.float32)
-        h, stats = model.hidden(batch["inputs"], batch["segment_ids"], batch["positions"])
+        h, stats = model.hidden(batch["inputs"], batch["segment_ids"], batch["positions"], **source)
         total, nll = fused_cross_entropy(h, model.head_matrix(), batch["targets"], mask, z_loss, loss_chunk)
         count = mask.sum()
     else:
-        logits, stats = model(batch["inputs"], batch["segment_ids"], batch["positions"], return_stats=True)
+        logits, stats = model(batch["inputs"], batch["segment_ids"], batch["positions"], return_stats=True,
+                              **source)
         nll, z, count = cross_entropy_sums(logits, batch["targets"], batch["loss_mask"], z_loss)
         total = nll + z
     aux = 0.0
