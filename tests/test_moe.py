@@ -8,8 +8,15 @@ import pytest
 from flax import nnx
 
 from maxmodel.config import ConfigError, load_config
-from maxmodel.models.moe import (MoE, capacity, capacity_dispatch, load_balancing_loss, route, router_z_loss,
-                                 update_router_bias)
+from maxmodel.models.moe import (
+    MoE,
+    capacity,
+    capacity_dispatch,
+    load_balancing_loss,
+    route,
+    router_z_loss,
+    update_router_bias,
+)
 from maxmodel.models.params import count_params
 from maxmodel.models.transformer import Transformer
 
@@ -90,7 +97,7 @@ def test_capacity_drops_the_hand_computed_copies():
 
 
 def test_capacity_layer_equals_loop_without_the_dropped_copies():
-    layer, m = make_moe(["model.moe.capacity_factor=0.5"])
+    layer, _ = make_moe(["model.moe.capacity_factor=0.5"])
     x = tokens()
     y, stats = layer(x)
     ids = np.asarray(route(x @ layer.router[...], layer.moe)[0])

@@ -6,13 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_train_step import run_steps
 
 from maxmodel.config import load_config
 from maxmodel.models.moe import MoE
 from maxmodel.parallel.mesh import build_mesh
 from maxmodel.parallel.rules import logical_rules
 from maxmodel.train.loop import train
-from test_train_step import run_steps
 
 MOE = ["model.moe.num_experts=4", "model.moe.top_k=2"]
 LAYOUTS = {

@@ -33,7 +33,11 @@ PUBLISHED = {
     "qwen2.5-7b": 7.61e9,
     # BERT (Devlin et al. 2019): encoder + pooler + masked-LM head; 110,104,890 and 336,224,058 here.
     "bert-base": 110e6, "bert-large": 340e6,
+    "transformer-base": 65e6, "transformer-big": 213e6,
 }
+# Where a paper's rounded figure and its stated shapes disagree by more than 2% (the config explains the
+# arithmetic): Transformer base counts 63.1M with the 37000-token shared vocabulary, Table 3 says 65M.
+TOLERANCE = {"transformer-base": 0.035}
 
 
 def test_every_full_size_config_has_a_published_count_and_a_tiny_sibling():
@@ -49,7 +53,8 @@ def test_every_full_size_config_has_a_published_count_and_a_tiny_sibling():
 def test_parameter_count_matches_published(name):
     cfg = load_config(overrides=[f"model.name={name}", "train.seq_len=128"])
     total = count_params(cfg)["total"]
-    assert abs(total - PUBLISHED[name]) / PUBLISHED[name] < 0.02, f"{name}: {total:,} vs {PUBLISHED[name]:,.0f}"
+    assert abs(total - PUBLISHED[name]) / PUBLISHED[name] < TOLERANCE.get(name, 0.02), \
+        f"{name}: {total:,} vs {PUBLISHED[name]:,.0f}"
 
 
 def test_gpt2_small_count_is_exact():
@@ -63,7 +68,8 @@ def test_every_tiny_variant_takes_a_train_step():
         cfg = load_config(overrides=[f"model.name={name}", "train.seq_len=16", "train.batch_size=2",
                                      "optimizer.warmup_steps=0", "mesh.data=1"])
         mesh = build_mesh(cfg.mesh, jax.devices()[:1])
-        src = SyntheticSource(cfg.model.vocab_size, cfg.train.seq_len, seed=0)
+        src = SyntheticSource(cfg.model.vocab_size, cfg.train.seq_len, seed=0,
+                              seq2seq=cfg.train.objective == "seq2seq")
         rows = [src[i] for i in range(cfg.train.batch_size)]
         batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
         with jax.set_mesh(mesh), nnx.logical_axis_rules(logical_rules(cfg.mesh.rules)):

@@ -14,6 +14,8 @@ def derive_values(cfg: Config) -> Config:
         m.num_kv_heads = m.num_heads
     if m.head_dim == 0 and m.num_heads > 0:
         m.head_dim = m.d_model // m.num_heads
+    if m.arch == "encoder_decoder" and m.num_encoder_layers == 0:
+        m.num_encoder_layers = m.num_layers
     if m.d_ff == 0:
         m.d_ff = round_up(m.d_ff_multiplier * m.d_model, max(1, m.d_ff_multiple_of))
     if m.moe.num_experts and m.moe.d_ff == 0:

@@ -53,6 +53,7 @@ class ModelConfig:
     vocab_size: int = 1024
     d_model: int = 256
     num_layers: int = 4
+    num_encoder_layers: int = 0           # arch=encoder_decoder: encoder depth (0 = num_layers); num_layers = decoder
     num_heads: int = 4
     num_kv_heads: int = 0                 # 0 = num_heads (MHA); 1 = MQA
     head_dim: int = 0                     # 0 = d_model // num_heads

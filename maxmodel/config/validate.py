@@ -8,14 +8,14 @@ CHOICES = {
     "model.activation": ("swiglu", "geglu", "gelu", "gelu_exact", "relu"),
     "model.norm": ("rmsnorm", "layernorm"),
     "model.norm_position": ("pre", "post"),
-    "model.arch": ("decoder", "encoder"),
+    "model.arch": ("decoder", "encoder", "encoder_decoder"),
     "model.positional": ("rope", "learned", "sinusoidal", "none"),
     "model.attention.context_parallel": ("allgather", "ring"),
     "model.moe.router": ("softmax", "sigmoid"),
     "train.dtype": ("float32", "bfloat16", "float16"),
     "train.param_dtype": ("float32", "bfloat16"),
     "train.remat": ("none", "full", "save_dots"),
-    "train.objective": ("causal_lm", "masked_lm", "prefix_lm"),
+    "train.objective": ("causal_lm", "masked_lm", "prefix_lm", "seq2seq"),
     "optimizer.name": ("adamw", "adam", "sgd", "lion", "adafactor"),
     "optimizer.schedule": ("cosine", "linear", "wsd", "constant"),
     "data.on_bad_record": ("error", "skip"),
@@ -27,13 +27,14 @@ POSITIVE = ("pipeline.repeats", "model.vocab_size", "model.d_model", "model.num_
             "train.steps", "train.batch_size", "train.seq_len", "train.microbatches",
             "run.log_every", "run.eval_every", "run.cpu_devices", "checkpoint.keep", "checkpoint.local_keep")
 NON_NEGATIVE = ("pipeline.microbatches", "optimizer.lr", "optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.clip_norm",
-                "train.z_loss", "train.loss_chunk", "model.num_kv_heads", "model.head_dim", "model.d_ff", "run.eval_batches",
+                "train.z_loss", "train.loss_chunk", "model.num_kv_heads", "model.num_encoder_layers", "model.head_dim", "model.d_ff", "run.eval_batches",
                 "checkpoint.every_steps", "checkpoint.every_minutes", "checkpoint.keep_every",
                 "checkpoint.local_every_steps", "train.spike_sigma", "train.spike_warmup",
                 "data.workers", "data.prefetch",
                 "model.attention.global_every", "model.attention.query_pre_attn_scalar", "model.token_types")
 # The architectures each objective trains: an encoder sees every token, so it cannot predict the next one.
-OBJECTIVE_ARCHS = {"causal_lm": ("decoder",), "masked_lm": ("encoder",), "prefix_lm": ("decoder",)}
+OBJECTIVE_ARCHS = {"causal_lm": ("decoder",), "masked_lm": ("encoder",), "prefix_lm": ("decoder",),
+                   "seq2seq": ("encoder_decoder",)}
 DATA_SOURCES = ("builtin", "synthetic", "jsonl", "text", "parquet", "arrayrecord", "mixture")
 
 
@@ -103,6 +104,31 @@ def validate(cfg: Config) -> None:
         archs = " or ".join(OBJECTIVE_ARCHS[t.objective])
         raise ConfigError("train.objective", f"{t.objective!r} trains model.arch={archs}, not model.arch={m.arch!r}")
     _validate_moe(cfg)
+    _validate_seq2seq(cfg)
+
+
+def _validate_seq2seq(cfg: Config) -> None:
+    """What the encoder-decoder model does not support (yet)."""
+    m = cfg.model
+    if m.arch != "encoder_decoder":
+        return
+    for key in ("stage", "sequence"):  # the model has no pipeline or context-parallel schedule (yet)
+        if getattr(cfg.mesh, key) > 1 or getattr(cfg.mesh.dcn, key) > 1:
+            raise ConfigError(f"mesh.{key}", f"model.arch=encoder_decoder does not support mesh.{key} > 1")
+    if m.moe.num_experts:
+        raise ConfigError("model.moe.num_experts", "model.arch=encoder_decoder has dense layers only")
+    for key in ("parallel_block", "post_norms"):
+        if getattr(m, key):
+            raise ConfigError(f"model.{key}", "model.arch=encoder_decoder has sequential blocks, one norm "
+                                              "per sublayer")
+    if m.attention.global_every:
+        raise ConfigError("model.attention.global_every", "alternating local/global attention is not "
+                                                          "supported with model.arch=encoder_decoder")
+    if cfg.data.format == "chat":
+        raise ConfigError("data.format", "seq2seq pairs come from text or prompt_completion records, not chat")
+    if cfg.data.source.startswith("seqio:"):
+        raise ConfigError("data.source", "the seqio bridge yields decoder-only rows; seq2seq needs builtin, "
+                                         "synthetic or file sources")
 
 
 def _validate_moe(cfg: Config) -> None:

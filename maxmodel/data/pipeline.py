@@ -23,6 +23,7 @@ from maxmodel.config.schema import Config
 from .mixture import Component, components, realised_proportions
 from .objectives import PrefixSplit, masked_lm
 from .packing import IndexedStore, make_rows
+from .seq2seq import Seq2SeqRows
 from .sources import BadRecords, read_documents
 from .store import MemoryStore, ShardStore
 from .supervised import document_text, encode_document
@@ -126,6 +127,8 @@ def _rows_or_none(store, cfg: Config, pad_id: int, fmt: str = "text"):
     if prefix and fmt == "text":  # supervised formats already have their prompt as the prefix
         store = PrefixSplit(store, cfg.train.seed)
     try:
+        if cfg.train.objective == "seq2seq":  # (source, target) pairs packed on both sides
+            return Seq2SeqRows(store, cfg.train.seq_len, pad_id, cfg.data.packing, fmt)
         return make_rows(store, cfg.train.seq_len, pad_id, cfg.data.packing, prefix)
     except ValueError:
         return None
@@ -145,8 +148,9 @@ def _iterator(ds: grain.MapDataset, cfg: Config) -> grain.DatasetIterator:
 
 def _synthetic(cfg: Config, process_index: int, process_count: int, local_batch: int) -> TrainData:
     t = cfg.train
-    train_src = SyntheticSource(cfg.model.vocab_size, t.seq_len, t.seed)
-    eval_src = SyntheticSource(cfg.model.vocab_size, t.seq_len, t.seed + 1, size=1 << 20)
+    seq2seq = t.objective == "seq2seq"
+    train_src = SyntheticSource(cfg.model.vocab_size, t.seq_len, t.seed, seq2seq=seq2seq)
+    eval_src = SyntheticSource(cfg.model.vocab_size, t.seq_len, t.seed + 1, size=1 << 20, seq2seq=seq2seq)
     ds = grain.MapDataset.source(train_src)[process_index::process_count].batch(local_batch, drop_remainder=True)
     return TrainData(None, _iterator(ds, cfg), eval_src, local_batch, process_index, process_count,
                      {"source": "synthetic"})
@@ -192,6 +196,8 @@ def make_train_data(cfg: Config, run_dir: Path, process_index: int = 0, process_
     train_parts, eval_parts, stats = [], [], {"source": d.source, "packing": d.packing, "tokenizer": tokenizer.id}
     for k, comp in enumerate(comps):
         store, held = splits[comp.name]
+        if t.objective == "seq2seq" and comp.format == "chat":
+            raise ConfigError(f"{comp.key}.format", "seq2seq pairs come from text or prompt_completion records")
         rows = _rows_or_none(store, cfg, tokenizer.pad_id, comp.format)
         if rows is None:
             raise ConfigError(f"{comp.key}.path", f"too little data for one row of {t.seq_len + 1} tokens")

@@ -48,17 +48,24 @@ class WindowSource:
 
 
 class SyntheticSource:
-    """Seeded random tokens at the model's vocabulary: for benchmarks (no tokenizer, no I/O)."""
+    """Seeded random tokens at the model's vocabulary: for benchmarks (no tokenizer, no I/O). With `seq2seq`,
+    rows also carry a random source (encoder_inputs, one segment per row)."""
 
-    def __init__(self, vocab_size: int, seq_len: int, seed: int, size: int = 1 << 30):
+    def __init__(self, vocab_size: int, seq_len: int, seed: int, size: int = 1 << 30, seq2seq: bool = False):
         self.vocab_size, self.seq_len, self.seed, self.size = vocab_size, seq_len, seed, size
+        self.seq2seq = seq2seq
 
     def __len__(self) -> int:
         return self.size
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        toks = np.random.default_rng([self.seed, int(i)]).integers(0, self.vocab_size, self.seq_len + 1,
-                                                                    dtype=np.int32)
+        rng = np.random.default_rng([self.seed, int(i)])
+        toks = rng.integers(0, self.vocab_size, self.seq_len + 1, dtype=np.int32)
         ones = np.ones(self.seq_len, np.int32)
-        return {"inputs": toks[:-1], "targets": toks[1:], "segment_ids": ones,
-                "positions": np.arange(self.seq_len, dtype=np.int32), "loss_mask": ones.astype(np.float32)}
+        positions = np.arange(self.seq_len, dtype=np.int32)
+        row = {"inputs": toks[:-1], "targets": toks[1:], "segment_ids": ones, "positions": positions,
+               "loss_mask": ones.astype(np.float32)}
+        if self.seq2seq:
+            row.update(encoder_inputs=rng.integers(0, self.vocab_size, self.seq_len, dtype=np.int32),
+                       encoder_segment_ids=ones, encoder_positions=positions)
+        return row

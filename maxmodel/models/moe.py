@@ -120,7 +120,7 @@ class MoE(nnx.Module):
 
     def __call__(self, x):
         """x [B, L, D] -> (y [B, L, D], stats: load [E], dropped, aux_loss, z_loss)."""
-        from maxmodel.parallel.experts import dropless_experts, capacity_experts
+        from maxmodel.parallel.experts import capacity_experts, dropless_experts
         m = self.moe
         logits = x @ self.router[...].astype(x.dtype)
         ids, weights, probs = route(logits, m, None if self.bias is None else self.bias[...])

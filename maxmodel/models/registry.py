@@ -8,8 +8,9 @@ from maxmodel.config.schema import Config
 
 def model_class(cfg: Config) -> type[nnx.Module]:
     from .encoder import Encoder
+    from .encoder_decoder import EncoderDecoder
     from .transformer import Transformer
-    classes = {"decoder": Transformer, "encoder": Encoder}
+    classes = {"decoder": Transformer, "encoder": Encoder, "encoder_decoder": EncoderDecoder}
     return classes[cfg.model.arch]
 
 

@@ -79,6 +79,9 @@ def check_layout(cfg, mesh_shape: dict[str, int]) -> None:
         if stage > 1:
             raise ConfigError("mesh.stage", f"pipeline parallelism (mesh.stage={stage}) does not support MoE "
                                             f"layers yet (model.moe.num_experts={m.moe.num_experts})")
+    if m.arch == "encoder_decoder" and (stage > 1 or seq > 1):  # a -1 axis may have filled to > 1
+        key = "mesh.stage" if stage > 1 else "mesh.sequence"
+        raise ConfigError(key, f"model.arch=encoder_decoder does not support {key} > 1 (got {stage if stage > 1 else seq})")
     if stage > 1:
         pipe = cfg.pipeline
         micro = pipe.microbatches or stage

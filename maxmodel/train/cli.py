@@ -59,10 +59,16 @@ def report(cfg, result) -> None:
 
         from maxmodel.parallel.rules import logical_rules
 
-        from .sample import greedy_continue
+        from .sample import greedy_continue, greedy_translate
         rows = result.mesh.shape["data"] * result.mesh.shape["fsdp"] * result.mesh.shape["expert"]
+        tok = result.tokenizer
         with jax.set_mesh(result.mesh), nnx.logical_axis_rules(logical_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)):
-            prompt = [result.tokenizer.bos_id] + result.tokenizer.encode(cfg.run.sample_prompt)
+            if cfg.train.objective == "seq2seq":  # the prompt is the source; the decoder writes its target
+                out = greedy_translate(result.graphdef, result.params, tok.encode(cfg.run.sample_prompt),
+                                       tok.bos_id, tok.eos_id, cfg.run.sample_tokens, cfg.train.seq_len, rows)
+                print(f"sample (greedy seq2seq): {cfg.run.sample_prompt!r} -> {tok.decode(out)!r}")
+                return
+            prompt = [tok.bos_id] + tok.encode(cfg.run.sample_prompt)
             out = greedy_continue(result.graphdef, result.params, prompt, cfg.run.sample_tokens,
                                   cfg.train.seq_len, rows, prefix_lm=cfg.train.objective == "prefix_lm")
-        print(f"sample (greedy): {cfg.run.sample_prompt}{result.tokenizer.decode(out)}")
+        print(f"sample (greedy): {cfg.run.sample_prompt}{tok.decode(out)}")

@@ -31,7 +31,7 @@ def matmul_params(params, expert_fraction: float = 1.0) -> int:
             continue
         n = math.prod(leaf.shape)
         total += n * expert_fraction if names and names[-1].startswith("expert_") else n
-    return int(round(total))
+    return round(total)
 
 
 def moe_record(stats) -> dict:
@@ -53,7 +53,10 @@ def flops_per_token(cfg: ModelConfig, n_matmul: int, seq_len: int, tied: bool) -
     With untied embeddings the input table is a lookup and is excluded from N by `matmul_params`."""
     if not tied:
         n_matmul -= cfg.vocab_size * cfg.d_model
-    return 6.0 * n_matmul + 12.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+    attention_layers = cfg.num_layers
+    if cfg.arch == "encoder_decoder":  # encoder self-attention and decoder cross-attention (source = seq_len)
+        attention_layers += (cfg.num_encoder_layers or cfg.num_layers) + cfg.num_layers
+    return 6.0 * n_matmul + 12.0 * attention_layers * cfg.num_heads * cfg.head_dim * seq_len
 
 
 def _cache_file() -> Path:

@@ -26,3 +26,28 @@ def greedy_continue(graphdef, params, prompt_ids: list[int], new_tokens: int, ma
     for t in range(len(prompt_ids), length):
         buf[:, t] = np.asarray(jax.device_get(next_token(params, jnp.asarray(buf), t)))
     return buf[0, len(prompt_ids):].tolist()
+
+
+def greedy_translate(graphdef, params, source_ids: list[int], bos_id: int, eos_id: int, new_tokens: int,
+                     max_len: int, rows: int = 1) -> list[int]:
+    """Encoder-decoder: up to `new_tokens` argmax target tokens for one source (ends at EOS). Like
+    greedy_continue, one compiled forward over fixed-length buffers; the decoder's causal mask makes
+    position t independent of the unwritten tokens after it."""
+    source = np.zeros((rows, max_len), np.int32)
+    source_ids = list(source_ids[:max_len - 1]) + [eos_id]
+    source[:, :len(source_ids)] = source_ids
+    source_segments = (np.arange(max_len) < len(source_ids)).astype(np.int32)[None].repeat(rows, 0)
+    length = min(max_len, new_tokens + 1)
+    buf = np.zeros((rows, length), np.int32)
+    buf[:, 0] = bos_id
+
+    @jax.jit
+    def next_token(params, tokens, t):
+        logits = nnx.merge(graphdef, params)(tokens, encoder_inputs=source, encoder_segment_ids=source_segments)
+        return jnp.argmax(logits[:, t - 1], axis=-1)
+
+    for t in range(1, length):
+        buf[:, t] = np.asarray(jax.device_get(next_token(params, jnp.asarray(buf), t)))
+        if buf[0, t] == eos_id:
+            return buf[0, 1:t].tolist()
+    return buf[0, 1:].tolist()

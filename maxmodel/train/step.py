@@ -23,8 +23,14 @@ from .optimizer import learning_rate_schedule, make_optimizer
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 # Every key is a [batch, seq_len] int32 array; objectives that need more name their extra keys here.
-# prefix_lm: `prefix_mask` is 1 on each document's prefix, which attends to itself bidirectionally.
-OBJECTIVE_EXTRA_KEYS: dict[str, tuple[str, ...]] = {"prefix_lm": ("prefix_mask",)}
+OBJECTIVE_EXTRA_KEYS: dict[str, tuple[str, ...]] = {
+    # prefix_lm: `prefix_mask` is 1 on each document's prefix, which attends to itself bidirectionally.
+    "prefix_lm": ("prefix_mask",),
+    # seq2seq: the source side of each packed row (segment k of the encoder is the source of decoder segment k)
+    "seq2seq": ("encoder_inputs", "encoder_segment_ids", "encoder_positions"),
+}
+# Extra batch keys reach the model as keyword arguments of these names.
+MODEL_ARGUMENT = {"prefix_mask": "prefix"}
 
 
 def batch_keys(cfg: Config) -> tuple[str, ...]:
@@ -91,15 +97,15 @@ def _loss_sums(graphdef, params, batch, z_loss, order=None, moe=None, loss_chunk
     if order is not None:  # causal load balancing for ring attention: every token's mask uses its position
         batch = {k: v[:, order] for k, v in batch.items()}
     model = nnx.merge(graphdef, params)
-    prefix = batch.get("prefix_mask")
+    extra = {MODEL_ARGUMENT.get(k, k): v for k, v in batch.items() if k not in BATCH_KEYS}
     if loss_chunk:  # head + loss fused over chunks of positions: no [B, L, V] logits (see chunked_loss.py)
         mask = batch["loss_mask"].astype(jnp.float32)
-        h, stats = model.hidden(batch["inputs"], batch["segment_ids"], batch["positions"], prefix)
+        h, stats = model.hidden(batch["inputs"], batch["segment_ids"], batch["positions"], **extra)
         total, nll = fused_cross_entropy(h, model.head_matrix(), batch["targets"], mask, z_loss, loss_chunk)
         count = mask.sum()
     else:
         logits, stats = model(batch["inputs"], batch["segment_ids"], batch["positions"], return_stats=True,
-                              prefix=prefix)
+                              **extra)
         nll, z, count = cross_entropy_sums(logits, batch["targets"], batch["loss_mask"], z_loss)
         total = nll + z
     aux = 0.0
