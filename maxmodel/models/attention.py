@@ -114,5 +114,9 @@ class Attention(nnx.Module):
                 mask |= prefix_mask(segment_ids, prefix)
             out = dot_product_attention(q, k, v, mask, softcap)
         out = constrain(out, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
-        y = dense(out, self.wo[...].astype(x.dtype), contract=2)
-        return y + self.o_bias[...].astype(x.dtype) if self.o_bias is not None else y
+        return self._output(out, x.dtype)
+
+    def _output(self, out, dtype):
+        """The heads [B, L, H, D] projected back to d_model."""
+        y = dense(out, self.wo[...].astype(dtype), contract=2)
+        return y + self.o_bias[...].astype(dtype) if self.o_bias is not None else y

@@ -43,8 +43,7 @@ class CrossAttention(Attention):
         # A target token sees its own example's source only: equal segment ids (padding is segment 0).
         mask = attention_mask(segment_ids, memory_segment_ids, positions, memory_positions, causal=False)
         out = constrain(dot_product_attention(q, k, v, mask, self.cfg.attention.logit_softcap), HEADS)
-        y = jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(x.dtype))
-        return y + self.o_bias[...].astype(x.dtype) if self.o_bias is not None else y
+        return self._output(out, x.dtype)
 
 
 def encoder_block(cfg: ModelConfig, rngs: nnx.Rngs, param_dtype) -> Block:
