@@ -17,7 +17,7 @@ from flax import nnx
 
 from maxmodel.config.schema import Config
 
-from .layers import _ACTIVATIONS, LayerNorm
+from .layers import _ACTIVATIONS, LayerNorm, dense
 from .sharding import constrain, param
 from .transformer import DTYPES, Transformer
 
@@ -48,7 +48,7 @@ class Encoder(Transformer):
 
     def logits(self, x):
         """The masked-LM head on every position (the loss mask picks the masked ones)."""
-        h = self.act(x @ self.mlm_dense[...].astype(x.dtype) + self.mlm_dense_bias[...].astype(x.dtype))
+        h = self.act(dense(x, self.mlm_dense[...].astype(x.dtype)) + self.mlm_dense_bias[...].astype(x.dtype))
         h = self.mlm_norm(h)
         out = super().logits(h) + self.mlm_bias[...].astype(x.dtype)
         return constrain(out, ("activation_batch", "activation_length", "activation_vocab"))
