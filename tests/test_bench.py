@@ -27,3 +27,21 @@ def test_bench_appends_result_line(tmp_path, capsys):
 def test_bench_rejects_bad_steps(capsys):
     assert main(["bench", *TINY, "--steps", "0"]) == 2
     assert "--steps" in capsys.readouterr().err
+
+
+def test_step_profile_splits_step_time_into_matmuls_and_the_rest(capsys):
+    import runpy
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "step_profile.py"
+    sys.argv = [str(script), *TINY, "train.loss_chunk=8", "mesh.data=8", "run.cpu_devices=8", "--steps", "1",
+                "--top", "3"]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:
+        assert e.code == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("step ") and "tokens/s" in out[0]
+    kinds = dict(part.strip().split(" ")[:2] for part in out[1].split(":", 1)[1].split(","))
+    assert float(kinds["matmul"]) > 0 and float(kinds["other"]) > 0
+    assert len(out) == 2 + 3  # the three largest ops
