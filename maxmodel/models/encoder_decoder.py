@@ -48,9 +48,7 @@ class CrossAttention(Attention):
 
 def encoder_block(cfg: ModelConfig, rngs: nnx.Rngs, param_dtype) -> Block:
     """The decoder-only model's block with bidirectional self-attention (within each packed source)."""
-    block = Block(cfg, rngs, param_dtype)
-    block.attn.causal = False
-    return block
+    return Block(cfg, rngs, param_dtype, causal=False)
 
 
 class DecoderBlock(nnx.Module):

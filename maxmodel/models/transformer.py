@@ -73,7 +73,6 @@ class Block(nnx.Module):
         y, stats = self._ffn(self.mlp_norm(x))
         return constrain(x + y, ACT), stats
 
-
     def _post_norm_call(self, x, segment_ids, positions, window, prefix=None):
         """BERT / original Transformer: norm(x + attn(x)) then norm(x + ffn(x))."""
         x = constrain(self.attn_norm(x + self.attn(x, segment_ids, positions, window, prefix)), ACT)
