@@ -103,6 +103,9 @@ def validate(cfg: Config) -> None:
     if m.arch not in OBJECTIVE_ARCHS[t.objective]:
         archs = " or ".join(OBJECTIVE_ARCHS[t.objective])
         raise ConfigError("train.objective", f"{t.objective!r} trains model.arch={archs}, not model.arch={m.arch!r}")
+    if t.objective != "causal_lm" and cfg.data.source.startswith("seqio:"):
+        raise ConfigError("data.source", f"the seqio bridge yields decoder-only rows; train.objective="
+                                         f"{t.objective} needs builtin or file sources")
     _validate_moe(cfg)
     _validate_seq2seq(cfg)
 
@@ -126,9 +129,6 @@ def _validate_seq2seq(cfg: Config) -> None:
                                                           "supported with model.arch=encoder_decoder")
     if cfg.data.format == "chat":
         raise ConfigError("data.format", "seq2seq pairs come from text or prompt_completion records, not chat")
-    if cfg.data.source.startswith("seqio:"):
-        raise ConfigError("data.source", "the seqio bridge yields decoder-only rows; seq2seq needs builtin, "
-                                         "synthetic or file sources")
 
 
 def _validate_moe(cfg: Config) -> None:

@@ -161,9 +161,9 @@ def make_train_data(cfg: Config, run_dir: Path, process_index: int = 0, process_
     if t.batch_size % process_count:
         raise ConfigError("train.batch_size", f"{t.batch_size} is not divisible by {process_count} processes")
     local_batch = t.batch_size // process_count
-    if t.objective != "causal_lm" and (d.source == "synthetic" or d.source.startswith("seqio:")):
+    if t.objective in ("masked_lm", "prefix_lm") and d.source == "synthetic":  # seq2seq has synthetic pairs
         raise ConfigError("data.source", f"train.objective={t.objective} needs documents and a tokenizer "
-                                         f"(builtin, jsonl, text, parquet, arrayrecord, mixture), not {d.source}")
+                                         f"(builtin, jsonl, text, parquet, arrayrecord, mixture), not synthetic")
     if d.source == "synthetic":
         return _synthetic(cfg, process_index, process_count, local_batch)
     if d.source.startswith("seqio:"):

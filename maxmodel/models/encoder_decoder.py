@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from maxmodel.config.errors import ConfigError
 from maxmodel.config.schema import Config, ModelConfig
 
 from .attention import Attention, attention_mask, dot_product_attention
@@ -150,10 +148,6 @@ class EncoderDecoder(nnx.Module):
                encoder_positions=None):
         """Decoder hidden states [B, L, d_model] and (no MoE here) empty stats: the decoder-only interface
         plus the source side."""
-        mesh = jax.sharding.get_abstract_mesh()
-        for axis in ("stage", "sequence"):
-            if not mesh.empty and mesh.shape.get(axis, 1) > 1:
-                raise ConfigError(f"mesh.{axis}", f"model.arch=encoder_decoder does not support mesh.{axis} > 1")
         encoder_segment_ids, encoder_positions = _defaults(encoder_inputs, encoder_segment_ids, encoder_positions)
         memory = self.encode(encoder_inputs, encoder_segment_ids, encoder_positions)
         x = self.decode(tokens, segment_ids, positions, memory, encoder_segment_ids, encoder_positions)
