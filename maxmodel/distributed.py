@@ -204,21 +204,33 @@ def _on_sigterm(signum, frame):
     _SIGTERM.set()
 
 
+def watch_sigterm() -> None:
+    """From now on SIGTERM sets the flag `preemption_requested` reads instead of killing this process.
+
+    Single process only (with the distributed runtime up, JAX's preemption notifier owns SIGTERM); signal
+    handlers need the main thread, so elsewhere this does nothing.
+    """
+    global _HANDLER_INSTALLED
+    import jax
+
+    if (not _HANDLER_INSTALLED and not jax.distributed.is_initialized()
+            and threading.current_thread() is threading.main_thread()):
+        signal.signal(signal.SIGTERM, _on_sigterm)
+        _HANDLER_INSTALLED = True
+
+
 def preemption_requested(step: int) -> bool:
     """Call once per step on every process: True once SIGTERM has arrived, so the loop checkpoints and exits 3.
 
     With the distributed runtime up, JAX's preemption notifier has taken SIGTERM and
     `reached_preemption_sync_point` makes all processes answer True at the same step (hosts that stopped at
-    different steps would wait for each other's checkpoint forever). In a single process a plain handler,
-    installed on the first call, records the signal.
+    different steps would wait for each other's checkpoint forever). In a single process the handler of
+    `watch_sigterm` (installed by the first call at the latest) records the signal.
     """
-    global _HANDLER_INSTALLED
     import jax
 
     if jax.distributed.is_initialized():
         from jax.experimental import multihost_utils
         return bool(multihost_utils.reached_preemption_sync_point(step))
-    if not _HANDLER_INSTALLED and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
-        _HANDLER_INSTALLED = True
+    watch_sigterm()
     return _SIGTERM.is_set()

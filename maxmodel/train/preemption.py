@@ -23,6 +23,8 @@ class PreemptionWatch:
         self._old = {}
 
     def __enter__(self):
+        # Before the first step, not at its end: a SIGTERM while compiling must still end in a checkpoint.
+        distributed.watch_sigterm()
         try:
             self._old[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle)
         except ValueError:  # not the main thread (e.g. a notebook worker): no handler
