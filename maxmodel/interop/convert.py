@@ -1,9 +1,9 @@
 """Hugging Face safetensors <-> the `maxmodel export` layout (`params/` orbax tree + `export.json`).
 
-from_hf streams: each HF tensor is read alone (safe_open) and written into a disk-backed numpy memmap of
-our parameter (scanned layouts stack layers on axis 0), so resident memory stays about one tensor; orbax
-then writes the tree from those memmaps. to_hf restores the tree as host numpy arrays and writes shards of
-at most --max-shard-size, one shard in memory at a time.
+Both directions stream (orbax_stream.py): from_hf reads each HF tensor alone (safe_open) when Orbax writes
+the slice of our parameter it becomes (scanned layouts stack layers on axis 0, one layer a chunk); to_hf
+reads each slice it needs from the opened checkpoint and writes safetensors shards of at most
+--max-shard-size, one shard in memory at a time. Peak memory: `benchmarks/convert_memory.py`.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from maxmodel.config.errors import ConfigError
 from maxmodel.config.schema import Config, ModelConfig, to_dict
 
 from . import hf_config
+from .orbax_stream import Streamed, open_lazy, read, save_streamed
 from .safetensors_io import Reader, ShardedWriter
 from .weights import rules_for
 
@@ -43,7 +44,7 @@ def _abstract_leaves(cfg: Config):
     return out, state
 
 
-def _state_from(state, arrays: dict[str, np.ndarray]):
+def _state_from(state, arrays: dict):
     import jax
 
     def pick(path, _):
@@ -72,6 +73,17 @@ def _fused_experts(reader: Reader) -> bool:
     return any(name.endswith(".mlp.experts.gate_up_proj") for name in reader.weight_map)
 
 
+def _leaf_jobs(model: ModelConfig, family: str, scan_layers: bool, fused_experts: bool = False):
+    """{our leaf path: [(index of a slice in it, rule, layer, which of the rule's outputs)]}, in HF order."""
+    top, per_layer = rules_for(model, family, fused_experts=fused_experts)
+    jobs: dict[str, list] = {}
+    for rule, layer in [(r, None) for r in top] + [(r, i) for i in range(model.num_layers) for r in per_layer]:
+        for k, base in enumerate(rule.ours):
+            name, index = _our_slot(base, layer, scan_layers, rule.part)
+            jobs.setdefault(name, []).append((index, rule, layer, k))
+    return jobs
+
+
 def from_hf(hf_dir: str, out: str, scan_layers: bool = True, dtype: str = "float32") -> Path:
     hf_path, out_dir = Path(hf_dir), Path(out).absolute()
     if not (hf_path / "config.json").is_file():
@@ -83,32 +95,32 @@ def from_hf(hf_dir: str, out: str, scan_layers: bool = True, dtype: str = "float
     cfg.train.scan_layers = scan_layers
     cfg.train.param_dtype = dtype
     leaves, state = _abstract_leaves(cfg)
-    staging = out_dir / ".staging"
-    staging.mkdir(parents=True)
-    arrays = {name: np.lib.format.open_memmap(staging / f"{name}.npy", mode="w+", dtype=_np_dtype(dtype),
-                                              shape=leaf.shape) for name, leaf in leaves.items()}
-    filled = set()
     reader = Reader(hf_path)
-    try:  # on any failure the half-written staging files go, so the same --out can be retried
-        top, per_layer = rules_for(model, family, fused_experts=_fused_experts(reader))
-        jobs = [(r, None) for r in top] + [(r, i) for i in range(model.num_layers) for r in per_layer]
-        for rule, layer in jobs:
-            hf = [reader.get(_hf_name(reader, n.format(i=layer))) for n in rule.hf]
-            for base, value in zip(rule.ours, rule.to_ours(*hf)):
-                name, index = _our_slot(base, layer, scan_layers, rule.part)
-                target = arrays[name]
-                if target.shape[len(index):] != value.shape:
-                    raise ConfigError("DIR", f"{rule.hf} has shape {value.shape}; {name} expects "
-                                             f"{target.shape[len(index):]}")
-                target[index] = value
-                filled.add(name)
-        missing = sorted(set(arrays) - filled)
+    try:
+        jobs = _leaf_jobs(model, family, scan_layers, fused_experts=_fused_experts(reader))
+        missing = sorted(set(leaves) - set(jobs))
         if missing:
             raise ConfigError("DIR", f"no Hugging Face tensors map to {missing}")
-        _save_params(out_dir, _state_from(state, arrays))
+
+        def streamed(name: str, leaf) -> Streamed:
+            def slices():  # read when Orbax writes this leaf: one HF tensor in memory at a time
+                for index, rule, layer, k in jobs[name]:
+                    names = [_hf_name(reader, n.format(i=layer)) for n in rule.hf]
+                    value = rule.to_ours(*[reader.get(n) for n in names])[k]
+                    if leaf.shape[len(index):] != value.shape:
+                        raise ConfigError("DIR", f"{', '.join(names)} makes a {value.shape} slice of {name}; "
+                                                 f"config.json asks for {leaf.shape[len(index):]}")
+                    yield index, value
+            return Streamed(leaf.shape, np.dtype(_np_dtype(dtype)), len(jobs[name][0][0]), slices)
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_streamed(out_dir / "params", _state_from(state, {n: streamed(n, leaf) for n, leaf in leaves.items()}))
+    except BaseException:  # leave --out as empty as it was, so the same command can be retried
+        for child in out_dir.iterdir() if out_dir.exists() else ():
+            shutil.rmtree(child, ignore_errors=True)
+        raise
     finally:
         reader.close()
-        shutil.rmtree(staging, ignore_errors=True)
     for f in TOKENIZER_FILES:
         if (hf_path / f).is_file():
             shutil.copy(hf_path / f, out_dir / f)
@@ -131,25 +143,14 @@ def _write_run_config(out_dir: Path, model: ModelConfig, scan_layers: bool) -> N
     (out_dir / "config.yaml").write_text("# written by `maxmodel convert from-hf`\n" + yaml.safe_dump(cfg))
 
 
-def _save_params(out_dir: Path, state) -> None:
-    import orbax.checkpoint as ocp
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(out_dir / "params", state)
-
-
-def _load_params(init_dir: Path, cfg: Config) -> dict[str, np.ndarray]:
-    """The exported tree as host numpy arrays, keyed by dotted path."""
+def _open_params(init_dir: Path, cfg: Config) -> dict:
+    """The exported tree's leaves as opened, unread tensorstores, keyed by dotted path."""
     import jax
-    import orbax.checkpoint as ocp
     leaves, _ = _abstract_leaves(cfg)
-    with ocp.PyTreeCheckpointer() as ckptr:
-        tree = ckptr.metadata(init_dir / "params").item_metadata.tree
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        restored = ckptr.restore(init_dir / "params", args=ocp.args.PyTreeRestore(restore_args=restore_args))
     out = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(restored):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(open_lazy(init_dir / "params")):
         names = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
-        out[".".join(names[:-1] if names[-1] == "value" else names)] = np.asarray(leaf)  # nnx.Variable's value
+        out[".".join(names[:-1] if names[-1] == "value" else names)] = leaf  # nnx.Variable's value
     missing = set(leaves) - set(out)
     if missing:
         raise ConfigError("INIT", f"{init_dir} lacks parameters {sorted(missing)} of its export.json model")
@@ -179,15 +180,13 @@ def to_hf(init: str, out: str, model_type: str | None = None, max_shard_bytes: i
     model = cfg.model
     family = model_type or info.get("hf_model_type") or hf_config.guess_family(model)
     hf_cfg = hf_config.to_hf(model, family)
-    arrays = _load_params(init_dir, cfg)
+    stores = _open_params(init_dir, cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = ShardedWriter(out_dir, max_shard_bytes)
     top, per_layer = rules_for(model, family)
     for rule, layer in [(r, None) for r in top] + [(r, i) for i in range(model.num_layers) for r in per_layer]:
-        ours = []
-        for base in rule.ours:
-            name, index = _our_slot(base, layer, cfg.train.scan_layers, rule.part)
-            ours.append(arrays[name][index])
+        ours = [read(stores[name], index)
+                for name, index in (_our_slot(base, layer, cfg.train.scan_layers, rule.part) for base in rule.ours)]
         for name, value in zip(rule.hf, rule.to_hf(*ours)):
             writer.add(name.format(i=layer), value.astype(_np_dtype(dtype)) if dtype else value)
     writer.close()
