@@ -46,7 +46,8 @@ def run(mode: str, *args: str, timeout: float = 300) -> dict:
 
 
 def build(spec: dict) -> dict:
-    """spec: config (a transformers config class name), kwargs, dir; optional seed, std (draw every parameter,
+    """spec: config (a transformers config class name), kwargs, dir; optional auto (the Auto class,
+    AutoModelForCausalLM by default), seed, std (draw every parameter,
     norm scales and biases too, from N(0, std) instead of the structured init), max_shard_size,
     original_format (False: save_original_format=False, e.g. Mixtral's fused experts), tokens (.npy in) and
     logits (.npy out)."""
@@ -55,7 +56,8 @@ def build(spec: dict) -> dict:
     import transformers
     config = getattr(transformers, spec["config"])(**spec["kwargs"])
     torch.manual_seed(spec.get("seed", 0))
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+    auto = getattr(transformers, spec.get("auto", "AutoModelForCausalLM"))
+    model = auto.from_config(config, attn_implementation="eager").float().eval()
     if spec.get("std"):
         with torch.no_grad():
             for p in model.parameters():
@@ -66,20 +68,26 @@ def build(spec: dict) -> dict:
     model.save_pretrained(spec["dir"], **save)
     if spec.get("tokens"):
         with torch.no_grad():
-            logits = model(torch.from_numpy(np.load(spec["tokens"]))).logits
+            out = model(torch.from_numpy(np.load(spec["tokens"])))
+            logits = out.prediction_logits if hasattr(out, "prediction_logits") else out.logits  # BertForPreTraining
         np.save(spec["logits"], logits.numpy())
     return {"class": type(model).__name__, "files": sorted(os.listdir(spec["dir"]))}
 
 
+def _model_class(directory: str):
+    """The class config.json names (its `architectures`), as from_pretrained users pick it."""
+    import transformers
+    return getattr(transformers, transformers.AutoConfig.from_pretrained(directory).architectures[0])
+
+
 def load(directory: str, original: str | None = None) -> dict:
     import torch
-    import transformers
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(directory, output_loading_info=True)
+    model, info = _model_class(directory).from_pretrained(directory, output_loading_info=True)
     params = model.state_dict()
     out = {"class": type(model).__name__, "dtypes": sorted({str(t.dtype) for t in params.values()}),
            "loading": {k: sorted(map(str, v)) for k, v in info.items() if v}}
     if original:
-        ref_model = transformers.AutoModelForCausalLM.from_pretrained(original)
+        ref_model = _model_class(original).from_pretrained(original)
         reference = ref_model.state_dict()
         out["original_class"] = type(ref_model).__name__
         out["only_original"] = sorted(set(reference) - set(params))

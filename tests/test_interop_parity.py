@@ -19,6 +19,8 @@ from maxmodel.config import load_config
 from maxmodel.config.errors import ConfigError
 from maxmodel.config.loader import config_from_dict
 from maxmodel.interop import convert, hf_config
+from maxmodel.interop.orbax_stream import open_lazy, read
+from maxmodel.interop.safetensors_io import Reader
 from maxmodel.parallel.mesh import build_mesh
 from maxmodel.parallel.rules import logical_rules
 from maxmodel.train.checkpoint import abstract_like
@@ -46,14 +48,18 @@ CASES = {
     # transformers 5's fused experts (mlp.experts.gate_up_proj / down_proj) and a sliding window
     "mixtral_fused": ("MixtralConfig", dict(SMALL, num_key_value_heads=2, num_local_experts=3,
                                             num_experts_per_tok=2, sliding_window=5)),
+    "bert": ("BertConfig", dict(SMALL, type_vocab_size=2)),
+    # what the Hub's BERT checkpoints hold: BertForMaskedLM's tensors plus the pooler and the next-sentence head
+    "bert_pretraining": ("BertConfig", dict(SMALL, type_vocab_size=2)),
 }
-UNSCANNED = ("llama_gqa", "mixtral_fused")  # these go through the one-subtree-per-layer layout
+AUTO = {"bert": "AutoModelForMaskedLM", "bert_pretraining": "AutoModelForPreTraining"}  # else ...ForCausalLM
+UNSCANNED = ("llama_gqa", "mixtral_fused", "bert")  # these go through the one-subtree-per-layer layout
 SEQ = 24  # longer than the sliding windows, so local and global layers differ
 
 
 def _our_logits(init: Path, tokens: np.ndarray, scan: bool) -> np.ndarray:
     info = json.loads((init / "export.json").read_text())
-    cfg = config_from_dict({"model": info["model"], "train": {"scan_layers": scan, "seq_len": SEQ}})
+    cfg = config_from_dict({"model": info["model"], "train": {**convert.train_section(info["model"], scan), "seq_len": SEQ}})
     mesh = build_mesh(cfg.mesh, jax.devices()[:1])
     with jax.set_mesh(mesh), nnx.logical_axis_rules(logical_rules("default")):
         graphdef, abstract = abstract_state(cfg)
@@ -69,7 +75,8 @@ def test_logit_parity_and_round_trip(kind, tmp_path):
     np.save(tmp_path / "tokens.npy", tokens)
     cls_name, kwargs = CASES[kind]
     built = hf_oracle.run("build", json.dumps({
-        "config": cls_name, "kwargs": kwargs, "dir": str(hf_dir), "seed": 0, "std": 0.3,
+        "config": cls_name, "auto": AUTO.get(kind, "AutoModelForCausalLM"), "kwargs": kwargs, "dir": str(hf_dir),
+        "seed": 0, "std": 0.3,
         "max_shard_size": "20KB", "original_format": kind != "mixtral_fused",  # several shards + index
         "tokens": str(tmp_path / "tokens.npy"), "logits": str(tmp_path / "logits.npy")}))
     assert (hf_dir / "model.safetensors.index.json").is_file(), built["files"]
@@ -81,6 +88,8 @@ def test_logit_parity_and_round_trip(kind, tmp_path):
 
     scan = kind not in UNSCANNED
     convert.from_hf(str(hf_dir), str(init), scan_layers=scan)
+    run_cfg = load_config(str(init / "config.yaml"), [f"init.from={init}"])  # what fine-tuning it starts from
+    assert run_cfg.train.objective == ("masked_lm" if kind.startswith("bert") else "causal_lm")
     ours = _our_logits(init, tokens, scan)
     assert ours.shape == expected.shape
     diff = float(np.max(np.abs(ours - expected)))
@@ -88,10 +97,18 @@ def test_logit_parity_and_round_trip(kind, tmp_path):
 
     convert.to_hf(str(init), str(back), max_shard_bytes=30_000)
     report = hf_oracle.run("load", str(back), str(hf_dir))
-    assert report["class"] == report["original_class"] == built["class"]
+    assert report["original_class"] == built["class"]
     assert report["loading"] == {}, report["loading"]  # no missing, unexpected or mismatched tensors
-    assert report["only_original"] == report["only_loaded"] == [] and report["compared"] > 0
     assert report["different"] == [], report["different"]
+    assert report["only_loaded"] == [] and report["compared"] > 0
+    if kind == "bert_pretraining":  # written back as BertForMaskedLM: without the pooler and NSP head
+        assert report["class"] == "BertForMaskedLM"
+        assert report["only_original"] == ["bert.pooler.dense.bias", "bert.pooler.dense.weight",
+                                           "cls.seq_relationship.bias", "cls.seq_relationship.weight"]
+        pooler = read(open_lazy(init / "params")["pooler"]["value"])
+        np.testing.assert_array_equal(pooler.T, Reader(hf_dir).get("bert.pooler.dense.weight"))
+    else:
+        assert report["class"] == built["class"] and report["only_original"] == []
 
 
 def test_mixtral_config_both_ways():
@@ -112,3 +129,26 @@ def test_mixtral_config_both_ways():
         bad = load_config(None, ["model.name=moe-tiny", override]).model
         with pytest.raises(ConfigError, match=key):
             hf_config.to_hf(bad, "mixtral")
+
+
+def test_bert_config_both_ways():
+    """bert-base.yaml as config.json (the values of the released bert-base-uncased) and back; what BERT cannot
+    hold is an error naming the key."""
+    model = load_config(None, ["model.name=bert-base"]).model
+    assert hf_config.guess_family(model) == "bert"
+    hf = hf_config.to_hf(model, "bert")
+    assert hf["architectures"] == ["BertForMaskedLM"] and hf["hidden_act"] == "gelu"
+    assert (hf["hidden_size"], hf["num_hidden_layers"], hf["num_attention_heads"], hf["intermediate_size"],
+            hf["vocab_size"], hf["max_position_embeddings"], hf["type_vocab_size"]) == (768, 12, 12, 3072, 30522,
+                                                                                       512, 2)
+    back, family = hf_config.from_hf(hf)
+    assert family == "bert" and back.arch == "encoder" and back.norm_position == "post"
+    for key in ("d_model", "num_layers", "num_heads", "head_dim", "d_ff", "vocab_size", "max_seq_len",
+                "token_types", "norm_eps", "activation", "positional", "use_bias", "tie_embeddings"):
+        assert getattr(back, key) == getattr(model, key), key
+    for key, value in [("hidden_act", "gelu_new"), ("position_embedding_type", "relative_key"),
+                       ("tie_word_embeddings", False)]:
+        with pytest.raises(ConfigError, match=key):
+            hf_config.from_hf({**hf, key: value})
+    with pytest.raises(ConfigError, match="model.arch"):
+        hf_config.guess_family(load_config(None, ["model.name=transformer-tiny", "train.objective=seq2seq"]).model)

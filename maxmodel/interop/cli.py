@@ -4,7 +4,8 @@
 from-hf turns a Hugging Face model directory (config.json + safetensors, single or sharded) into a
 `maxmodel export` directory: `maxmodel train INIT/config.yaml init.from=INIT` fine-tunes it.
 to-hf writes such a directory (converted, or exported from a run) back as a transformers model directory.
-Families: gpt2, llama (2/3), mistral, mixtral, qwen2, gemma, gemma2. Needs the `interop` extra.
+Families: gpt2, llama (2/3), mistral, mixtral, qwen2, gemma, gemma2, bert (BertForMaskedLM). Needs the
+`interop` extra.
 """
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ reads each slice it needs from the opened checkpoint and writes safetensors shar
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from .orbax_stream import Streamed, open_lazy, read, save_streamed
 from .safetensors_io import Reader, ShardedWriter
 from .weights import rules_for
 
+log = logging.getLogger("maxmodel.convert")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
@@ -101,11 +103,21 @@ def from_hf(hf_dir: str, out: str, scan_layers: bool = True, dtype: str = "float
         missing = sorted(set(leaves) - set(jobs))
         if missing:
             raise ConfigError("DIR", f"no Hugging Face tensors map to {missing}")
+        used = {_hf_name(reader, n.format(i=layer)) for steps in jobs.values() for _, rule, layer, _ in steps
+                for n in rule.hf}
+        unused = sorted(set(reader.weight_map) - used)
+        if unused:  # e.g. BERT's next-sentence head: the model has nowhere to put them
+            log.warning("%d tensors of %s are not converted: %s", len(unused), hf_path, ", ".join(unused[:8])
+                        + (", ..." if len(unused) > 8 else ""))
 
         def streamed(name: str, leaf) -> Streamed:
             def slices():  # read when Orbax writes this leaf: one HF tensor in memory at a time
                 for index, rule, layer, k in jobs[name]:
                     names = [_hf_name(reader, n.format(i=layer)) for n in rule.hf]
+                    if rule.init and not all(n in reader for n in names):
+                        log.info("%s is not in %s: initialised", ", ".join(names), hf_path)
+                        yield index, rule.init(leaf.shape[len(index):])
+                        continue
                     value = rule.to_ours(*[reader.get(n) for n in names])[k]
                     if leaf.shape[len(index):] != value.shape:
                         raise ConfigError("DIR", f"{', '.join(names)} makes a {value.shape} slice of {name}; "
@@ -131,13 +143,20 @@ def from_hf(hf_dir: str, out: str, scan_layers: bool = True, dtype: str = "float
     return out_dir
 
 
+def train_section(model: dict, scan_layers: bool) -> dict:
+    """The `train:` keys a converted model (`model.*` as a dict) needs to load: its layer layout and the
+    objective it was made for."""
+    return {"scan_layers": scan_layers, "seq_len": min(128, model["max_seq_len"]),
+            "objective": "masked_lm" if model.get("arch") == "encoder" else "causal_lm"}
+
+
 def _write_run_config(out_dir: Path, model: ModelConfig, scan_layers: bool) -> None:
     """A config for `maxmodel train INIT/config.yaml init.from=INIT`: the model as converted (every model key
     is set, so model.name only needs to name an existing file), and the carried tokenizer."""
     import yaml
     m = to_dict(model)
     m["name"] = "tiny"
-    cfg = {"model": m, "train": {"scan_layers": scan_layers, "seq_len": min(128, model.max_seq_len)}}
+    cfg = {"model": m, "train": train_section(m, scan_layers)}
     if (out_dir / "tokenizer.json").is_file():
         cfg["data"] = {"tokenizer": str(out_dir / "tokenizer.json")}
     (out_dir / "config.yaml").write_text("# written by `maxmodel convert from-hf`\n" + yaml.safe_dump(cfg))
@@ -175,8 +194,7 @@ def to_hf(init: str, out: str, model_type: str | None = None, max_shard_bytes: i
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ConfigError("--out", f"{out_dir} exists and is not empty")
     info = json.loads((init_dir / "export.json").read_text())
-    cfg = config_from_dict({"model": info["model"], "train": {"seq_len": min(128, info["model"]["max_seq_len"])}})
-    cfg.train.scan_layers = _scan_layout(init_dir, info)
+    cfg = config_from_dict({"model": info["model"], "train": train_section(info["model"], _scan_layout(init_dir, info))})
     model = cfg.model
     family = model_type or info.get("hf_model_type") or hf_config.guess_family(model)
     hf_cfg = hf_config.to_hf(model, family)
@@ -185,6 +203,8 @@ def to_hf(init: str, out: str, model_type: str | None = None, max_shard_bytes: i
     writer = ShardedWriter(out_dir, max_shard_bytes)
     top, per_layer = rules_for(model, family)
     for rule, layer in [(r, None) for r in top] + [(r, i) for i in range(model.num_layers) for r in per_layer]:
+        if rule.init:  # not part of the HF model class
+            continue
         ours = [read(stores[name], index)
                 for name, index in (_our_slot(base, layer, cfg.train.scan_layers, rule.part) for base in rule.ours)]
         for name, value in zip(rule.hf, rule.to_hf(*ours)):

@@ -1,5 +1,5 @@
 """Hugging Face `config.json` <-> maxmodel `model.*`, for GPT-2, LLaMA 2/3, Mistral, Mixtral, Qwen 2, Gemma,
-Gemma 2.
+Gemma 2 and BERT.
 
 Anything the model cannot express (an unknown rope type, attention biases on LLaMA, ...) is an error naming
 the config.json key, never a silent approximation.
@@ -9,10 +9,11 @@ from __future__ import annotations
 from maxmodel.config.errors import ConfigError
 from maxmodel.config.schema import ModelConfig
 
-FAMILIES = ("gpt2", "llama", "mistral", "mixtral", "qwen2", "gemma", "gemma2")
+FAMILIES = ("gpt2", "llama", "mistral", "mixtral", "qwen2", "gemma", "gemma2", "bert")
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                  "mixtral": "MixtralForCausalLM",
-                 "qwen2": "Qwen2ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM"}
+                 "qwen2": "Qwen2ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                 "bert": "BertForMaskedLM"}
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
 
@@ -41,6 +42,8 @@ def from_hf(hf: dict) -> tuple[ModelConfig, str]:
     if family not in FAMILIES:
         raise _bad("model_type", family, f"supported: {', '.join(FAMILIES)}")
     m = ModelConfig(name=f"hf-{family}")
+    if family == "bert":
+        return _bert_from_hf(hf, m), family
     if family == "gpt2":
         m.vocab_size, m.d_model, m.num_layers = hf["vocab_size"], hf["n_embd"], hf["n_layer"]
         m.num_heads = m.num_kv_heads = hf["n_head"]
@@ -99,6 +102,42 @@ def from_hf(hf: dict) -> tuple[ModelConfig, str]:
     return m, family
 
 
+def _bert_from_hf(hf: dict, m: ModelConfig) -> ModelConfig:
+    """BERT: post-norm LayerNorm encoder, learned absolute positions and token types, exact GELU, tied MLM head."""
+    m.arch, m.norm, m.norm_position, m.positional, m.use_bias = "encoder", "layernorm", "post", "learned", True
+    m.vocab_size, m.d_model, m.num_layers = hf["vocab_size"], hf["hidden_size"], hf["num_hidden_layers"]
+    m.num_heads = m.num_kv_heads = hf["num_attention_heads"]
+    m.head_dim = m.d_model // m.num_heads
+    m.d_ff, m.max_seq_len = hf["intermediate_size"], hf.get("max_position_embeddings", 512)
+    m.token_types, m.norm_eps = hf.get("type_vocab_size", 2), hf.get("layer_norm_eps", 1e-12)
+    m.init_std = hf.get("initializer_range", 0.02)
+    m.activation, m.tie_embeddings = "gelu_exact", True
+    checks = {"hidden_act": (hf.get("hidden_act", "gelu"), "gelu", "only the exact (erf) GELU"),
+              "position_embedding_type": (hf.get("position_embedding_type", "absolute"), "absolute",
+                                          "only absolute learned positions"),
+              "tie_word_embeddings": (hf.get("tie_word_embeddings", True), True,
+                                      "the MLM decoder must be the word embeddings"),
+              "is_decoder": (hf.get("is_decoder", False), False, "a decoder BERT is not supported"),
+              "add_cross_attention": (hf.get("add_cross_attention", False), False, "not supported")}
+    for key, (value, wanted, why) in checks.items():
+        if value != wanted:
+            raise _bad(key, value, why)
+    return m
+
+
+def _bert_to_hf(m: ModelConfig, base: dict) -> dict:
+    if m.num_kv_heads != m.num_heads or m.head_dim * m.num_heads != m.d_model:
+        raise ConfigError("model.num_kv_heads", "BERT has multi-head attention with head_dim = d_model / num_heads")
+    if m.activation != "gelu_exact" or m.norm != "layernorm" or m.norm_position != "post" or not m.use_bias:
+        raise ConfigError("model.activation", "BERT needs gelu_exact, layernorm, norm_position=post and use_bias")
+    if m.positional != "learned" or not m.tie_embeddings or not m.token_types:
+        raise ConfigError("model.positional", "BERT needs learned positions, token types and tied embeddings")
+    return {**base, "hidden_size": m.d_model, "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_heads,
+            "intermediate_size": m.d_ff, "hidden_act": "gelu", "max_position_embeddings": m.max_seq_len,
+            "type_vocab_size": m.token_types, "layer_norm_eps": m.norm_eps, "initializer_range": m.init_std,
+            "position_embedding_type": "absolute"}
+
+
 def _moe_from_hf(hf: dict, m: ModelConfig) -> None:
     """Mixtral: every layer is a dropless top-k MoE with a softmax router, its top-k weights renormalised."""
     moe = m.moe
@@ -137,6 +176,10 @@ def _moe_to_hf(m: ModelConfig) -> dict:
 
 
 def guess_family(m: ModelConfig) -> str:
+    if m.arch != "decoder":
+        if m.arch == "encoder":
+            return "bert"
+        raise ConfigError("model.arch", f"{m.arch!r}: no Hugging Face conversion (decoders and BERT only)")
     if m.moe.num_experts:
         return "mixtral"
     if m.positional == "learned" and m.norm == "layernorm":
@@ -158,6 +201,8 @@ def to_hf(m: ModelConfig, family: str) -> dict:
         raise ConfigError("--model-type", f"this model's features are those of {guess_family(m)!r}, not {family!r}")
     base = {"model_type": family, "architectures": [ARCHITECTURES[family]], "vocab_size": m.vocab_size,
             "tie_word_embeddings": m.tie_embeddings, "torch_dtype": "float32"}
+    if family == "bert":
+        return _bert_to_hf(m, base)
     if family == "gpt2":
         if m.activation != "gelu" or not m.use_bias or m.num_kv_heads != m.num_heads:
             raise ConfigError("model.activation", "GPT-2 needs gelu, use_bias and multi-head attention")

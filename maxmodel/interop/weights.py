@@ -22,6 +22,9 @@ class Rule:
     to_ours: Callable[..., tuple]
     to_hf: Callable[..., tuple]
     part: int | None = None        # index along our parameter's first axis (the expert), or the whole
+    # Not in the HF model class (BERT's pooler in a BertForMaskedLM): read when the checkpoint has it, else
+    # made by `init(shape)`; never written back.
+    init: Callable[[tuple[int, ...]], np.ndarray] | None = None
 
 
 def _same(name_ours: str, name_hf: str) -> Rule:
@@ -136,6 +139,47 @@ def gpt2_rules(m: ModelConfig) -> tuple[list[Rule], list[Rule]]:
     return top, layer
 
 
+def bert_rules(m: ModelConfig) -> tuple[list[Rule], list[Rule]]:
+    """BertForMaskedLM. Its decoder is the word embeddings (tied) and its bias `cls.predictions.bias`. The
+    pooler is only in BertModel / BertForPreTraining checkpoints (those on the Hub have it): taken when present,
+    else initialised as the model would be (normal(init_std) weight, zero bias)."""
+    h, hd = m.num_heads, m.head_dim
+    p, e = "bert.encoder.layer.{i}.", "bert.embeddings."
+    rng = np.random.default_rng(0)
+
+    def pooler(ours: str, name: str, std: float) -> Rule:
+        rule = _transposed(ours, name) if std else _same(ours, name)
+        return replace(rule, init=lambda shape: (std * rng.standard_normal(shape)).astype(np.float32))
+
+    top = [_same("embed.table", e + "word_embeddings.weight"), _same("embed.pos_table", e + "position_embeddings.weight"),
+           _same("type_table", e + "token_type_embeddings.weight"),
+           _same("embed_norm.scale", e + "LayerNorm.weight"), _same("embed_norm.bias", e + "LayerNorm.bias"),
+           _transposed("mlm_dense", "cls.predictions.transform.dense.weight"),
+           _same("mlm_dense_bias", "cls.predictions.transform.dense.bias"),
+           _same("mlm_norm.scale", "cls.predictions.transform.LayerNorm.weight"),
+           _same("mlm_norm.bias", "cls.predictions.transform.LayerNorm.bias"),
+           _same("mlm_bias", "cls.predictions.bias"),
+           pooler("pooler", "bert.pooler.dense.weight", m.init_std), pooler("pooler_bias", "bert.pooler.dense.bias", 0.0)]
+    layer = [
+        _heads_in("attn.wq", p + "attention.self.query.weight", h, hd),
+        _heads_bias("attn.q_bias", p + "attention.self.query.bias", h, hd),
+        _heads_in("attn.wk", p + "attention.self.key.weight", h, hd),
+        _heads_bias("attn.k_bias", p + "attention.self.key.bias", h, hd),
+        _heads_in("attn.wv", p + "attention.self.value.weight", h, hd),
+        _heads_bias("attn.v_bias", p + "attention.self.value.bias", h, hd),
+        _heads_out("attn.wo", p + "attention.output.dense.weight", h, hd),
+        _same("attn.o_bias", p + "attention.output.dense.bias"),
+        _same("attn_norm.scale", p + "attention.output.LayerNorm.weight"),
+        _same("attn_norm.bias", p + "attention.output.LayerNorm.bias"),
+        _transposed("mlp.wi", p + "intermediate.dense.weight"), _same("mlp.in_bias", p + "intermediate.dense.bias"),
+        _transposed("mlp.wo", p + "output.dense.weight"), _same("mlp.out_bias", p + "output.dense.bias"),
+        _same("mlp_norm.scale", p + "output.LayerNorm.weight"), _same("mlp_norm.bias", p + "output.LayerNorm.bias"),
+    ]
+    return top, layer
+
+
 def rules_for(m: ModelConfig, family: str, fused_experts: bool = False) -> tuple[list[Rule], list[Rule]]:
     """fused_experts: read/write Mixtral experts as transformers 5's fused tensors, not the Hub layout."""
+    if family == "bert":
+        return bert_rules(m)
     return gpt2_rules(m) if family == "gpt2" else llama_rules(m, family, fused_experts)
