@@ -119,6 +119,7 @@ def test_mixtral_config_both_ways():
     hf = hf_config.to_hf(model, "mixtral")
     assert (hf["num_local_experts"], hf["num_experts_per_tok"], hf["intermediate_size"]) == (8, 2, 14336)
     assert hf["sliding_window"] is None and hf["architectures"] == ["MixtralForCausalLM"]
+    assert hf["router_aux_loss_coef"] == pytest.approx(0.02)  # the released config.json's
     back, family = hf_config.from_hf(hf)
     assert family == "mixtral" and back.moe.num_experts == 8 and back.moe.top_k == 2 and back.moe.d_ff == 14336
     assert back.moe.capacity_factor == 0 and back.moe.router == "softmax" and back.moe.renormalize
