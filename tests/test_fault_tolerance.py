@@ -164,9 +164,16 @@ def test_export_bf16_and_init_from(tiny_overrides, tmp_path, capsys):
     src = tiny_overrides + COMMON + ["run.name=src"]
     train(load_config(overrides=src), stop_at_step=3)
     out = tmp_path / "export"
-    assert cli_main(["export", "--step", "3", "--out", str(out), "--dtype", "bfloat16", *src]) == 0
+    tok = tmp_path / "tok"  # a Hugging Face tokenizer (as data.tokenizer names it) travels with the export
+    tok.mkdir()
+    (tok / "my-tok.json").write_text('{"model": {}}')
+    (tok / "tokenizer_config.json").write_text('{"model_max_length": 64}')
+    assert cli_main(["export", "--step", "3", "--out", str(out), "--dtype", "bfloat16", *src,
+                     f"data.tokenizer={tok / 'my-tok.json'}"]) == 0
     info = json.loads((out / "export.json").read_text())
     assert info["step"] == 3 and info["dtype"] == "bfloat16"
+    assert (out / "tokenizer.json").read_text() == '{"model": {}}'
+    assert (out / "tokenizer_config.json").read_text() == '{"model_max_length": 64}'
     assert cli_main(["export", "--step", "5", "--out", str(tmp_path / "x"), *src]) == 2  # no such step
     assert "no checkpoint at step 5" in capsys.readouterr().err
 

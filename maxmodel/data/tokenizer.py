@@ -191,6 +191,20 @@ def train_sentencepiece(texts: list[str], vocab_size: int, out_path: Path, model
     return out_path
 
 
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+def copy_hf_tokenizer(source: Path, out_dir: Path) -> None:
+    """Copy the Hugging Face tokenizer files in a directory (or beside a tokenizer .json file, which becomes
+    `tokenizer.json`) into out_dir: what transformers' AutoTokenizer reads."""
+    directory = source if source.is_dir() else source.parent
+    for name in HF_TOKENIZER_FILES:
+        if (directory / name).is_file():
+            shutil.copy(directory / name, out_dir / name)
+    if source.is_file():
+        shutil.copy(source, out_dir / "tokenizer.json")
+
+
 def load_tokenizer(name: str):
     """A tokenizer that needs no training: `bytes`, `tiktoken:<name>` or a tokenizer file."""
     if name == "bytes":

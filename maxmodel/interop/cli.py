@@ -32,6 +32,13 @@ def main(argv: list[str]) -> int:
     b.add_argument("--max-shard-size", type=float, default=5.0, help="GB per safetensors file (default 5)")
     b.add_argument("--dtype", choices=DTYPES, default=None, help="cast the weights (default: as stored)")
     args = parser.parse_args(argv)
+    import jax
+
+    from maxmodel.train.cli import setup_logging
+    setup_logging()
+    # Conversion computes nothing on devices: stay on the host, never take (or probe) a TPU or GPU that a
+    # training job on this machine may be using.
+    jax.config.update("jax_platforms", "cpu")
     try:
         from . import convert
     except ImportError as e:

@@ -16,6 +16,7 @@ import numpy as np
 
 from maxmodel.config.errors import ConfigError
 from maxmodel.config.schema import Config, ModelConfig, to_dict
+from maxmodel.data.tokenizer import copy_hf_tokenizer
 
 from . import hf_config
 from .orbax_stream import Streamed, open_lazy, read, save_streamed
@@ -23,7 +24,6 @@ from .safetensors_io import Reader, ShardedWriter
 from .weights import rules_for
 
 log = logging.getLogger("maxmodel.convert")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
 def _np_dtype(name: str):
@@ -133,9 +133,7 @@ def from_hf(hf_dir: str, out: str, scan_layers: bool = True, dtype: str = "float
         raise
     finally:
         reader.close()
-    for f in TOKENIZER_FILES:
-        if (hf_path / f).is_file():
-            shutil.copy(hf_path / f, out_dir / f)
+    copy_hf_tokenizer(hf_path, out_dir)
     (out_dir / "export.json").write_text(json.dumps(
         {"step": 0, "source": f"huggingface:{hf_path.absolute()}", "dtype": dtype, "model": to_dict(model),
          "hf_model_type": family, "scan_layers": scan_layers}, indent=1))
@@ -213,7 +211,5 @@ def to_hf(init: str, out: str, model_type: str | None = None, max_shard_bytes: i
     if dtype:
         hf_cfg["torch_dtype"] = dtype
     (out_dir / "config.json").write_text(json.dumps(hf_cfg, indent=2))
-    for f in TOKENIZER_FILES:
-        if (init_dir / f).is_file():
-            shutil.copy(init_dir / f, out_dir / f)
+    copy_hf_tokenizer(init_dir, out_dir)
     return out_dir

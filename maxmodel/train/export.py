@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 import yaml
@@ -97,6 +96,9 @@ def export(cfg, step: int | None, out: str, dtype: str | None) -> Path:
     manager.close()
     if jax.process_index() == 0:
         from maxmodel.config.schema import to_dict
+        from maxmodel.data.tokenizer import copy_hf_tokenizer
+        if cfg.data.tokenizer.endswith(".json"):  # a Hugging Face tokenizer: `convert to-hf` carries it on
+            copy_hf_tokenizer(Path(cfg.data.tokenizer), out_dir)
         (out_dir / "export.json").write_text(json.dumps(
             {"step": step, "source": str(ckpt_dir), "dtype": dtype or cfg.train.param_dtype,
              "model": to_dict(cfg.model)}, indent=1))
@@ -113,7 +115,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("args", nargs="*", help="or: an optional CONFIG.yaml, then key.sub=value overrides")
     args = parser.parse_args(argv)
     cfg = _config(args)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    from .cli import setup_logging
+    setup_logging()
     out = export(cfg, args.step, args.out, args.dtype)
     print(f"exported step {json.loads((out / 'export.json').read_text())['step']} parameters to {out}")
     return 0
