@@ -52,3 +52,17 @@ def test_from_hf_shape_mismatch_names_the_tensor_and_leaves_out_empty(tmp_path):
     with pytest.raises(ConfigError, match=r"layers\.0\.mlp\.gate_proj\.weight makes a \(16, 32\) slice.*asks for \(16, 48\)"):
         convert.from_hf(str(tmp_path / "hf"), str(out))
     assert not out.exists() or not any(out.iterdir())  # the same --out can be used again
+
+
+def test_from_hf_reports_left_out_tensors_but_not_buffers(tmp_path, caplog):
+    from safetensors.numpy import load_file, save_file
+    hf = tmp_path / "hf"
+    BENCH["write_checkpoint"](hf, layers=1, hidden=16, ffn=32, vocab=64, heads=2)
+    tensors = load_file(hf / "model.safetensors")
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(4, np.float32)  # a buffer, not a weight
+    tensors["model.layers.0.adapter.weight"] = np.ones((2, 2), np.float32)
+    save_file(tensors, hf / "model.safetensors")
+    with caplog.at_level("WARNING", logger="maxmodel.convert"):
+        convert.from_hf(str(hf), str(tmp_path / "init"))
+    assert "no place for them: model.layers.0.adapter.weight (1 of" in caplog.text
+    assert "inv_freq" not in caplog.text

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from maxmodel.config.errors import ConfigError
 from maxmodel.config.schema import Config, ModelConfig, to_dict
@@ -21,7 +22,7 @@ from maxmodel.data.tokenizer import copy_hf_tokenizer
 from . import hf_config
 from .orbax_stream import Streamed, open_lazy, read, save_streamed
 from .safetensors_io import Reader, ShardedWriter
-from .weights import rules_for
+from .weights import BUFFERS, rules_for
 
 log = logging.getLogger("maxmodel.convert")
 
@@ -105,14 +106,15 @@ def from_hf(hf_dir: str, out: str, scan_layers: bool = True, dtype: str = "float
             raise ConfigError("DIR", f"no Hugging Face tensors map to {missing}")
         used = {_hf_name(reader, n.format(i=layer)) for steps in jobs.values() for _, rule, layer, _ in steps
                 for n in rule.hf}
-        unused = sorted(set(reader.weight_map) - used)
+        unused = sorted(n for n in set(reader.weight_map) - used if not BUFFERS.search(n))
         if unused:  # e.g. BERT's next-sentence head: the model has nowhere to put them
-            log.warning("%d tensors of %s are not converted: %s", len(unused), hf_path, ", ".join(unused[:8])
-                        + (", ..." if len(unused) > 8 else ""))
+            log.warning("not converted, the model has no place for them: %s (%d of %s's tensors)",
+                        ", ".join(unused[:8]) + (", ..." if len(unused) > 8 else ""), len(unused), hf_path)
 
-        def streamed(name: str, leaf) -> Streamed:
+        def streamed(name: str, leaf, bar) -> Streamed:
             def slices():  # read when Orbax writes this leaf: one HF tensor in memory at a time
                 for index, rule, layer, k in jobs[name]:
+                    bar.update()
                     names = [_hf_name(reader, n.format(i=layer)) for n in rule.hf]
                     if rule.init and not all(n in reader for n in names):
                         log.info("%s is not in %s: initialised", ", ".join(names), hf_path)
@@ -126,7 +128,9 @@ def from_hf(hf_dir: str, out: str, scan_layers: bool = True, dtype: str = "float
             return Streamed(leaf.shape, np.dtype(_np_dtype(dtype)), len(jobs[name][0][0]), slices)
 
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_streamed(out_dir / "params", _state_from(state, {n: streamed(n, leaf) for n, leaf in leaves.items()}))
+        with tqdm(total=sum(len(steps) for steps in jobs.values()), desc="from-hf", unit="tensor") as bar:
+            slices_of = {n: streamed(n, leaf, bar) for n, leaf in leaves.items()}
+            save_streamed(out_dir / "params", _state_from(state, slices_of))
     except BaseException:  # leave --out as empty as it was, so the same command can be retried
         for child in out_dir.iterdir() if out_dir.exists() else ():
             shutil.rmtree(child, ignore_errors=True)
@@ -200,7 +204,8 @@ def to_hf(init: str, out: str, model_type: str | None = None, max_shard_bytes: i
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = ShardedWriter(out_dir, max_shard_bytes)
     top, per_layer = rules_for(model, family)
-    for rule, layer in [(r, None) for r in top] + [(r, i) for i in range(model.num_layers) for r in per_layer]:
+    jobs = [(r, None) for r in top] + [(r, i) for i in range(model.num_layers) for r in per_layer]
+    for rule, layer in tqdm(jobs, desc="to-hf", unit="tensor"):
         if rule.init:  # not part of the HF model class
             continue
         ours = [read(stores[name], index)

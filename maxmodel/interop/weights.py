@@ -7,12 +7,17 @@ names with `{i}` and our names relative to one block. A rule with `part` fills o
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from maxmodel.config.schema import ModelConfig
+
+# Buffers some checkpoints carry that are not weights (GPT-2's causal masks, older LLaMAs' RoPE frequencies):
+# no rule reads them and from-hf does not report them as left out.
+BUFFERS = re.compile(r"(\.attn\.(masked_)?bias|rotary_emb\.inv_freq)$")
 
 
 @dataclass(frozen=True)
