@@ -18,7 +18,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
 
 
 @dataclass
@@ -34,62 +37,52 @@ class LazyLeaf:
     """Restore type asking for an opened tensorstore instead of the array's values."""
 
 
-def _handlers():
-    import orbax.checkpoint as ocp
-    import tensorstore as ts
+class StreamedWriter(ocp.type_handlers.NumpyHandler):
+    """Writes a `Streamed` leaf slice by slice, in the numpy handler's format."""
 
-    class StreamedWriter(ocp.type_handlers.NumpyHandler):
-        """Writes a `Streamed` leaf slice by slice, in the numpy handler's format."""
-
-        async def serialize(self, values, infos, args=None):
-            args = args or [ocp.SaveArgs()] * len(values)
-            for value, info, arg in zip(values, infos, args):  # one leaf after another: one slice in memory
-                await info.await_path_creation()
-                chunk = (1,) * value.depth + tuple(value.shape[value.depth:])
-                spec = ocp.type_handlers.get_json_tspec_write(
-                    info, use_ocdbt=info.is_ocdbt_checkpoint, global_shape=value.shape, local_shape=chunk,
-                    dtype=value.dtype, process_index=0 if info.is_ocdbt_checkpoint else None, arg=arg)
-                store = await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context)
-                for index, piece in value.slices():
-                    await store[index].write(np.asarray(piece, dtype=value.dtype))
-            return []  # everything is written already: nothing left to commit in the background
-
-    class LazyReader(ocp.type_handlers.NumpyHandler):
-        """Opens a saved array's tensorstore and hands it back unread."""
-
-        async def deserialize(self, infos, args=None):
-            opened = []
-            for info in infos:
-                await info.await_path_creation()
-                spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=info.is_ocdbt_checkpoint)
-                opened.append(ts.open(ts.Spec(spec), open=True, context=info.ts_context))
-            return await asyncio.gather(*opened)
-
-    return StreamedWriter(), LazyReader()
+    async def serialize(self, values, infos, args=None):
+        args = args or [ocp.SaveArgs()] * len(values)
+        for value, info, arg in zip(values, infos, args):  # one leaf after another: one slice in memory
+            await info.await_path_creation()
+            chunk = (1,) * value.depth + tuple(value.shape[value.depth:])
+            spec = ocp.type_handlers.get_json_tspec_write(
+                info, use_ocdbt=info.is_ocdbt_checkpoint, global_shape=value.shape, local_shape=chunk,
+                dtype=value.dtype, process_index=jax.process_index() if info.is_ocdbt_checkpoint else None, arg=arg)
+            store = await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context)
+            for index, piece in value.slices():
+                await store[index].write(np.asarray(piece, dtype=value.dtype))
+        return []  # everything is written already: nothing left to commit in the background
 
 
-def _array_handler():
-    import jax
-    import orbax.checkpoint as ocp
-    return ((jax.Array, ocp.type_handlers.ArrayHandler()),)  # unused, but Orbax warns without one
+class LazyReader(ocp.type_handlers.NumpyHandler):
+    """Opens a saved array's tensorstore and hands it back unread."""
+
+    async def deserialize(self, infos, args=None):
+        opened = []
+        for info in infos:
+            await info.await_path_creation()
+            spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=info.is_ocdbt_checkpoint)
+            opened.append(ts.open(ts.Spec(spec), open=True, context=info.ts_context))
+        return await asyncio.gather(*opened)
+
+
+def _registry(leaf_type, handler):
+    # The jax.Array handler is never used here, but Orbax warns when a registry lacks one.
+    return ocp.type_handlers.create_type_handler_registry((leaf_type, handler),
+                                                          (jax.Array, ocp.type_handlers.ArrayHandler()))
 
 
 def save_streamed(path: Path, tree) -> None:
     """Save a tree whose leaves are all `Streamed` as an Orbax PyTree checkpoint at `path`."""
-    import orbax.checkpoint as ocp
-    writer, _ = _handlers()
-    registry = ocp.type_handlers.create_type_handler_registry((Streamed, writer), *_array_handler())
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry)) as ckptr:
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=_registry(Streamed, StreamedWriter()))
+                          ) as ckptr:
         ckptr.save(path, args=ocp.args.PyTreeSave(tree))
 
 
 def open_lazy(path: Path):
     """The Orbax PyTree checkpoint at `path` with every array leaf an opened, unread tensorstore."""
-    import jax
-    import orbax.checkpoint as ocp
-    _, reader = _handlers()
-    registry = ocp.type_handlers.create_type_handler_registry((LazyLeaf, reader), *_array_handler())
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry)) as ckptr:
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=_registry(LazyLeaf, LazyReader()))
+                          ) as ckptr:
         tree = ckptr.metadata(path).item_metadata.tree
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=LazyLeaf), tree)
         return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
