@@ -92,6 +92,18 @@ def test_hf_tokenizers_json(tmp_path, corpus):
     assert hf.id.startswith("hf:")
 
 
+def test_hf_wordpiece_tokenizer_has_bert_specials(tmp_path, corpus):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train([str(corpus)], trainers.WordPieceTrainer(
+        vocab_size=300, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    bert = load_tokenizer(str(tmp_path / "tokenizer.json"))
+    assert (bert.pad_id, bert.bos_id, bert.eos_id, bert.mask_id) == (0, 2, 3, 4)  # [CLS] text [SEP], as BERT's
+
+
 def test_bad_tokenizer_files(tmp_path):
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(ConfigError, match="broken.json"):

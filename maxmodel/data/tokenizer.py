@@ -110,7 +110,8 @@ class TiktokenTokenizer:
 
 class HFTokenizer:
     """A Hugging Face `tokenizers` JSON file; BOS/EOS/pad found among the usual special-token spellings."""
-    BOS = ("<s>", "<|begin_of_text|>", "<bos>", "[BOS]", "<|startoftext|>", "<|endoftext|>")
+    # BERT's WordPiece vocabularies: [CLS] opens and [SEP] closes a document, as in BERT's own inputs.
+    BOS = ("<s>", "<|begin_of_text|>", "<bos>", "[BOS]", "<|startoftext|>", "<|endoftext|>", "[CLS]")
     EOS = ("</s>", "<|end_of_text|>", "<eos>", "[EOS]", "<|endoftext|>", "[SEP]")
     PAD = ("<pad>", "[PAD]", "<|pad|>", "<|finetune_right_pad_id|>")
     MASK = ("[MASK]", "<mask>", "<|mask|>")
@@ -130,7 +131,8 @@ class HFTokenizer:
         self.bos_id = self.eos_id if bos is None else bos
         self.pad_id = self.eos_id if pad is None else pad
         self.mask_id = self._find(self.MASK)
-        self.id = f"hf:{_file_digest(self.path)}"
+        # The special ids are chosen here, not in the file: prepared shards made with other choices differ.
+        self.id = f"hf:{_file_digest(self.path)}:{self.bos_id}-{self.eos_id}-{self.pad_id}"
 
     def _find(self, names) -> int | None:
         for name in names:
