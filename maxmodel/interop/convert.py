@@ -20,7 +20,7 @@ from maxmodel.config.schema import Config, ModelConfig, to_dict
 from maxmodel.data.tokenizer import copy_hf_tokenizer
 
 from . import hf_config
-from .orbax_stream import Streamed, open_lazy, read, save_streamed
+from .orbax_stream import Streamed, fetch, open_lazy, save_streamed
 from .safetensors_io import Reader, ShardedWriter
 from .weights import BUFFERS, rules_for
 
@@ -204,12 +204,17 @@ def to_hf(init: str, out: str, model_type: str | None = None, max_shard_bytes: i
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = ShardedWriter(out_dir, max_shard_bytes)
     top, per_layer = rules_for(model, family)
-    jobs = [(r, None) for r in top] + [(r, i) for i in range(model.num_layers) for r in per_layer]
-    for rule, layer in tqdm(jobs, desc="to-hf", unit="tensor"):
-        if rule.init:  # not part of the HF model class
-            continue
-        ours = [read(stores[name], index)
+    jobs = [(r, i) for r, i in [(r, None) for r in top] + [(r, i) for i in range(model.num_layers) for r in per_layer]
+            if not r.init]  # an `init` rule's parameter is not part of the HF model class
+
+    def start(job):  # reads of the slices a rule turns into HF tensors
+        rule, layer = job
+        return [fetch(stores[name], index)
                 for name, index in (_our_slot(base, layer, cfg.train.scan_layers, rule.part) for base in rule.ours)]
+    reading = start(jobs[0])
+    for i, (rule, layer) in enumerate(tqdm(jobs, desc="to-hf", unit="tensor")):
+        ours = [np.asarray(f.result()) for f in reading]
+        reading = start(jobs[i + 1]) if i + 1 < len(jobs) else []  # read the next while this one is written
         for name, value in zip(rule.hf, rule.to_hf(*ours)):
             writer.add(name.format(i=layer), value.astype(_np_dtype(dtype)) if dtype else value)
     writer.close()

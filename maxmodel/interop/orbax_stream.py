@@ -9,7 +9,8 @@ own extension point, a TypeHandler in a registry of our own (the global one is l
   `np.ndarray`), chunked one slice per chunk, so any Orbax restore reads it back; the slices are written one
   after another and dropped.
 - `open_lazy` restores a saved tree as opened tensorstore arrays without reading them: indexing one and
-  reading it (`read(store, index)`) fetches only the chunks that slice touches.
+  reading it (`read(store, index)`, or `fetch` to start the read and go on) fetches only the chunks that
+  slice touches.
 """
 from __future__ import annotations
 
@@ -49,8 +50,14 @@ class StreamedWriter(ocp.type_handlers.NumpyHandler):
                 info, use_ocdbt=info.is_ocdbt_checkpoint, global_shape=value.shape, local_shape=chunk,
                 dtype=value.dtype, process_index=jax.process_index() if info.is_ocdbt_checkpoint else None, arg=arg)
             store = await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context)
+            writing = None  # the previous slice compresses and writes while the next one is read
             for index, piece in value.slices():
-                await store[index].write(np.asarray(piece, dtype=value.dtype))
+                write = store[index].write(np.asarray(piece, dtype=value.dtype))
+                if writing is not None:
+                    await writing
+                writing = write
+            if writing is not None:
+                await writing
         return []  # everything is written already: nothing left to commit in the background
 
 
@@ -88,6 +95,11 @@ def open_lazy(path: Path):
         return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
 
 
+def fetch(store, index: tuple[int, ...] = ()):
+    """Start reading `store[index]` (only the chunks it touches); `.result()` gives the numpy array."""
+    return store[index].read()
+
+
 def read(store, index: tuple[int, ...] = ()) -> np.ndarray:
-    """The values of `store[index]` (only the chunks it touches are read)."""
-    return np.asarray(store[index].read().result())
+    """The values of `store[index]`."""
+    return np.asarray(fetch(store, index).result())
