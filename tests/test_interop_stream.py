@@ -66,3 +66,19 @@ def test_from_hf_reports_left_out_tensors_but_not_buffers(tmp_path, caplog):
         convert.from_hf(str(hf), str(tmp_path / "init"))
     assert "no place for them: model.layers.0.adapter.weight (1 of" in caplog.text
     assert "inv_freq" not in caplog.text
+
+
+def test_to_hf_failing_at_the_end_leaves_out_empty(tmp_path, monkeypatch):
+    BENCH["write_checkpoint"](tmp_path / "hf", layers=1, hidden=16, ffn=32, vocab=64, heads=2)
+    convert.from_hf(str(tmp_path / "hf"), str(tmp_path / "init"))
+    out = tmp_path / "back"
+
+    def disk_full(*_):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(convert, "copy_hf_tokenizer", disk_full)  # after the shards and config.json
+    with pytest.raises(OSError, match="No space"):
+        convert.to_hf(str(tmp_path / "init"), str(out), max_shard_bytes=2_000)
+    assert out.is_dir() and not any(out.iterdir())
+    monkeypatch.undo()
+    convert.to_hf(str(tmp_path / "init"), str(out), max_shard_bytes=2_000)  # the same command, run again
+    assert (out / "model.safetensors.index.json").is_file()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,20 @@ def _fused_experts(reader: Reader) -> bool:
     return any(name.endswith(".mlp.experts.gate_up_proj") for name in reader.weight_map)
 
 
+@contextmanager
+def _new_output(out_dir: Path):
+    """--out must be new or empty, and is left empty again when the conversion fails, so the same command can
+    simply be run again."""
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ConfigError("--out", f"{out_dir} exists and is not empty")
+    try:
+        yield
+    except BaseException:
+        for child in out_dir.iterdir() if out_dir.exists() else ():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+        raise
+
+
 def _leaf_jobs(model: ModelConfig, family: str, scan_layers: bool, fused_experts: bool = False):
     """{our leaf path: [(index of a slice in it, rule, layer, which of the rule's outputs)]}, in HF order."""
     top, per_layer = rules_for(model, family, fused_experts=fused_experts)
@@ -91,58 +106,57 @@ def from_hf(hf_dir: str, out: str, scan_layers: bool = True, dtype: str = "float
     hf_path, out_dir = Path(hf_dir), Path(out).absolute()
     if not (hf_path / "config.json").is_file():
         raise ConfigError("DIR", f"no config.json in {hf_path}")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ConfigError("--out", f"{out_dir} exists and is not empty")
-    model, family = hf_config.from_hf(json.loads((hf_path / "config.json").read_text()))
-    cfg = Config(model=model)
-    cfg.train.scan_layers = scan_layers
-    cfg.train.param_dtype = dtype
-    leaves, state = _abstract_leaves(cfg)
-    reader = Reader(hf_path)
-    try:
-        jobs = _leaf_jobs(model, family, scan_layers, fused_experts=_fused_experts(reader))
-        missing = sorted(set(leaves) - set(jobs))
-        if missing:
-            raise ConfigError("DIR", f"no Hugging Face tensors map to {missing}")
-        used = {_hf_name(reader, n.format(i=layer)) for steps in jobs.values() for _, rule, layer, _ in steps
-                for n in rule.hf}
-        unused = sorted(n for n in set(reader.weight_map) - used if not BUFFERS.search(n))
-        if unused:  # e.g. BERT's next-sentence head: the model has nowhere to put them
-            log.warning("not converted, the model has no place for them: %s (%d of %s's tensors)",
-                        ", ".join(unused[:8]) + (", ..." if len(unused) > 8 else ""), len(unused), hf_path)
-
-        def streamed(name: str, leaf, bar) -> Streamed:
-            def slices():  # read when Orbax writes this leaf: one HF tensor in memory at a time
-                for index, rule, layer, k in jobs[name]:
-                    bar.update()
-                    names = [_hf_name(reader, n.format(i=layer)) for n in rule.hf]
-                    if rule.init and not all(n in reader for n in names):
-                        log.info("%s is not in %s: initialised", ", ".join(names), hf_path)
-                        yield index, rule.init(leaf.shape[len(index):])
-                        continue
-                    value = rule.to_ours(*[reader.get(n) for n in names])[k]
-                    if leaf.shape[len(index):] != value.shape:
-                        raise ConfigError("DIR", f"{', '.join(names)} makes a {value.shape} slice of {name}; "
-                                                 f"config.json asks for {leaf.shape[len(index):]}")
-                    yield index, value
-            return Streamed(leaf.shape, np.dtype(_np_dtype(dtype)), len(jobs[name][0][0]), slices)
-
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tqdm(total=sum(len(steps) for steps in jobs.values()), desc="from-hf", unit="tensor") as bar:
-            slices_of = {n: streamed(n, leaf, bar) for n, leaf in leaves.items()}
-            save_streamed(out_dir / "params", _state_from(state, slices_of))
-    except BaseException:  # leave --out as empty as it was, so the same command can be retried
-        for child in out_dir.iterdir() if out_dir.exists() else ():
-            shutil.rmtree(child, ignore_errors=True)
-        raise
-    finally:
-        reader.close()
-    copy_hf_tokenizer(hf_path, out_dir)
-    (out_dir / "export.json").write_text(json.dumps(
-        {"step": 0, "source": f"huggingface:{hf_path.absolute()}", "dtype": dtype, "model": to_dict(model),
-         "hf_model_type": family, "scan_layers": scan_layers}, indent=1))
-    _write_run_config(out_dir, model, scan_layers)
+    with _new_output(out_dir):
+        model, family = hf_config.from_hf(json.loads((hf_path / "config.json").read_text()))
+        cfg = Config(model=model)
+        cfg.train.scan_layers = scan_layers
+        cfg.train.param_dtype = dtype
+        leaves, state = _abstract_leaves(cfg)
+        reader = Reader(hf_path)
+        try:
+            _stream_params(reader, hf_path, out_dir, _leaf_jobs(model, family, scan_layers, _fused_experts(reader)),
+                           leaves, state, dtype)
+        finally:
+            reader.close()
+        copy_hf_tokenizer(hf_path, out_dir)
+        (out_dir / "export.json").write_text(json.dumps(
+            {"step": 0, "source": f"huggingface:{hf_path.absolute()}", "dtype": dtype, "model": to_dict(model),
+             "hf_model_type": family, "scan_layers": scan_layers}, indent=1))
+        _write_run_config(out_dir, model, scan_layers)
     return out_dir
+
+
+def _stream_params(reader: Reader, hf_path: Path, out_dir: Path, jobs: dict, leaves: dict, state, dtype: str):
+    """Write `out_dir/params`, each leaf's slices read from the HF tensors its jobs name as Orbax writes it."""
+    missing = sorted(set(leaves) - set(jobs))
+    if missing:
+        raise ConfigError("DIR", f"no Hugging Face tensors map to {missing}")
+    used = {_hf_name(reader, n.format(i=layer)) for steps in jobs.values() for _, rule, layer, _ in steps
+            for n in rule.hf}
+    unused = sorted(n for n in set(reader.weight_map) - used if not BUFFERS.search(n))
+    if unused:  # e.g. BERT's next-sentence head: the model has nowhere to put them
+        log.warning("not converted, the model has no place for them: %s (%d of %s's tensors)",
+                    ", ".join(unused[:8]) + (", ..." if len(unused) > 8 else ""), len(unused), hf_path)
+
+    def streamed(name: str, leaf, bar) -> Streamed:
+        def slices():  # read when Orbax writes this leaf: one HF tensor in memory at a time
+            for index, rule, layer, k in jobs[name]:
+                bar.update()
+                names = [_hf_name(reader, n.format(i=layer)) for n in rule.hf]
+                if rule.init and not all(n in reader for n in names):
+                    log.info("%s is not in %s: initialised", ", ".join(names), hf_path)
+                    yield index, rule.init(leaf.shape[len(index):])
+                    continue
+                value = rule.to_ours(*[reader.get(n) for n in names])[k]
+                if leaf.shape[len(index):] != value.shape:
+                    raise ConfigError("DIR", f"{', '.join(names)} makes a {value.shape} slice of {name}; "
+                                             f"config.json asks for {leaf.shape[len(index):]}")
+                yield index, value
+        return Streamed(leaf.shape, np.dtype(_np_dtype(dtype)), len(jobs[name][0][0]), slices)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tqdm(total=sum(len(steps) for steps in jobs.values()), desc="from-hf", unit="tensor") as bar:
+        save_streamed(out_dir / "params", _state_from(state, {n: streamed(n, leaf, bar) for n, leaf in leaves.items()}))
 
 
 def train_section(model: dict, scan_layers: bool) -> dict:
@@ -189,12 +203,16 @@ def _scan_layout(init_dir: Path, info: dict) -> bool:
 
 def to_hf(init: str, out: str, model_type: str | None = None, max_shard_bytes: int = 5 * 2**30,
           dtype: str | None = None) -> Path:
-    from maxmodel.config.loader import config_from_dict
     init_dir, out_dir = Path(init).absolute(), Path(out).absolute()
     if not (init_dir / "export.json").is_file():
         raise ConfigError("INIT", f"{init_dir} is not a `maxmodel export` directory (no export.json)")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ConfigError("--out", f"{out_dir} exists and is not empty")
+    with _new_output(out_dir):
+        _write_hf(init_dir, out_dir, model_type, max_shard_bytes, dtype)
+    return out_dir
+
+
+def _write_hf(init_dir: Path, out_dir: Path, model_type: str | None, max_shard_bytes: int, dtype: str | None):
+    from maxmodel.config.loader import config_from_dict
     info = json.loads((init_dir / "export.json").read_text())
     cfg = config_from_dict({"model": info["model"], "train": train_section(info["model"], _scan_layout(init_dir, info))})
     model = cfg.model
@@ -204,8 +222,8 @@ def to_hf(init: str, out: str, model_type: str | None = None, max_shard_bytes: i
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = ShardedWriter(out_dir, max_shard_bytes)
     top, per_layer = rules_for(model, family)
-    jobs = [(r, i) for r, i in [(r, None) for r in top] + [(r, i) for i in range(model.num_layers) for r in per_layer]
-            if not r.init]  # an `init` rule's parameter is not part of the HF model class
+    top, per_layer = [r for r in top if not r.init], [r for r in per_layer if not r.init]  # not in the HF class
+    jobs = [(r, None) for r in top] + [(r, i) for i in range(model.num_layers) for r in per_layer]
 
     def start(job):  # reads of the slices a rule turns into HF tensors
         rule, layer = job
@@ -222,4 +240,3 @@ def to_hf(init: str, out: str, model_type: str | None = None, max_shard_bytes: i
         hf_cfg["torch_dtype"] = dtype
     (out_dir / "config.json").write_text(json.dumps(hf_cfg, indent=2))
     copy_hf_tokenizer(init_dir, out_dir)
-    return out_dir
