@@ -91,11 +91,16 @@ def _new_output(out_dir: Path):
         raise
 
 
+def _rule_layers(model: ModelConfig, family: str, fused_experts: bool = False) -> list[tuple]:
+    """(rule, layer) in HF order: the top-level rules (layer None), then each layer's."""
+    top, per_layer = rules_for(model, family, fused_experts=fused_experts)
+    return [(r, None) for r in top] + [(r, i) for i in range(model.num_layers) for r in per_layer]
+
+
 def _leaf_jobs(model: ModelConfig, family: str, scan_layers: bool, fused_experts: bool = False):
     """{our leaf path: [(index of a slice in it, rule, layer, which of the rule's outputs)]}, in HF order."""
-    top, per_layer = rules_for(model, family, fused_experts=fused_experts)
     jobs: dict[str, list] = {}
-    for rule, layer in [(r, None) for r in top] + [(r, i) for i in range(model.num_layers) for r in per_layer]:
+    for rule, layer in _rule_layers(model, family, fused_experts):
         for k, base in enumerate(rule.ours):
             name, index = _our_slot(base, layer, scan_layers, rule.part)
             jobs.setdefault(name, []).append((index, rule, layer, k))
@@ -221,9 +226,7 @@ def _write_hf(init_dir: Path, out_dir: Path, model_type: str | None, max_shard_b
     stores = _open_params(init_dir, cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = ShardedWriter(out_dir, max_shard_bytes)
-    top, per_layer = rules_for(model, family)
-    top, per_layer = [r for r in top if not r.init], [r for r in per_layer if not r.init]  # not in the HF class
-    jobs = [(r, None) for r in top] + [(r, i) for i in range(model.num_layers) for r in per_layer]
+    jobs = [(r, i) for r, i in _rule_layers(model, family) if not r.init]  # `init` ones are not in the HF class
 
     def start(job):  # reads of the slices a rule turns into HF tensors
         rule, layer = job

@@ -151,10 +151,9 @@ def bert_rules(m: ModelConfig) -> tuple[list[Rule], list[Rule]]:
     h, hd = m.num_heads, m.head_dim
     p, e = "bert.encoder.layer.{i}.", "bert.embeddings."
     rng = np.random.default_rng(0)
-
-    def pooler(ours: str, name: str, std: float) -> Rule:
-        rule = _transposed(ours, name) if std else _same(ours, name)
-        return replace(rule, init=lambda shape: (std * rng.standard_normal(shape)).astype(np.float32))
+    pooler = [replace(_transposed("pooler", "bert.pooler.dense.weight"),
+                      init=lambda shape: (m.init_std * rng.standard_normal(shape)).astype(np.float32)),
+              replace(_same("pooler_bias", "bert.pooler.dense.bias"), init=lambda shape: np.zeros(shape, np.float32))]
 
     top = [_same("embed.table", e + "word_embeddings.weight"), _same("embed.pos_table", e + "position_embeddings.weight"),
            _same("type_table", e + "token_type_embeddings.weight"),
@@ -163,8 +162,7 @@ def bert_rules(m: ModelConfig) -> tuple[list[Rule], list[Rule]]:
            _same("mlm_dense_bias", "cls.predictions.transform.dense.bias"),
            _same("mlm_norm.scale", "cls.predictions.transform.LayerNorm.weight"),
            _same("mlm_norm.bias", "cls.predictions.transform.LayerNorm.bias"),
-           _same("mlm_bias", "cls.predictions.bias"),
-           pooler("pooler", "bert.pooler.dense.weight", m.init_std), pooler("pooler_bias", "bert.pooler.dense.bias", 0.0)]
+           _same("mlm_bias", "cls.predictions.bias"), *pooler]
     layer = [
         _heads_in("attn.wq", p + "attention.self.query.weight", h, hd),
         _heads_bias("attn.q_bias", p + "attention.self.query.bias", h, hd),
