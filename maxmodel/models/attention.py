@@ -10,6 +10,7 @@ from flax import nnx
 from maxmodel.config.errors import ConfigError
 from maxmodel.config.schema import ModelConfig
 
+from . import kv_cache
 from .layers import apply_rope, dense, rope_frequencies
 from .sharding import constrain, param
 
@@ -85,19 +86,8 @@ class Attention(nnx.Module):
         """window: this layer's sliding window when it varies by layer (a traced scalar; <= 0 = global).
         prefix: [B, L], nonzero on each document's prefix, which attends to itself both ways (prefix LM)."""
         window = self.window if window is None else window
-        q = self._project(x, self.wq, self.q_bias)
-        k = self._project(x, self.wk, self.k_bias)
-        v = self._project(x, self.wv, self.v_bias)
-        if self.use_rope:
-            inv_freq = rope_frequencies(self.cfg)  # numpy: a compile-time constant, not model state
-            q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        q = constrain(q, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
-        k = constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim"))
-        v = constrain(v, ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim"))
+        q, k, v = self._qkv(x, positions)
         softcap = self.cfg.attention.logit_softcap
-        scale_dim = self.cfg.attention.query_pre_attn_scalar
-        if scale_dim:  # every attention path scales by head_dim ** -0.5: fold the difference into q
-            q = q * jnp.asarray(math.sqrt(self.cfg.head_dim / scale_dim), q.dtype)
         mesh = jax.sharding.get_abstract_mesh()
         if not mesh.empty and mesh.shape.get("sequence", 1) > 1:
             if prefix is not None:  # the ring/all-gather kernels build their masks from positions alone
@@ -115,6 +105,32 @@ class Attention(nnx.Module):
             out = dot_product_attention(q, k, v, mask, softcap)
         out = constrain(out, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
         return self._output(out, x.dtype)
+
+    def _qkv(self, x, positions):
+        """Projected queries [B, L, H, D] and keys, values [B, L, KVH, D], rotated by RoPE; the queries carry
+        any query_pre_attn_scalar (every attention path scales by head_dim ** -0.5)."""
+        q = self._project(x, self.wq, self.q_bias)
+        k = self._project(x, self.wk, self.k_bias)
+        v = self._project(x, self.wv, self.v_bias)
+        if self.use_rope:
+            inv_freq = rope_frequencies(self.cfg)  # numpy: a compile-time constant, not model state
+            q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        q = constrain(q, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
+        k = constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim"))
+        v = constrain(v, ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim"))
+        scale_dim = self.cfg.attention.query_pre_attn_scalar
+        if scale_dim:
+            q = q * jnp.asarray(math.sqrt(self.cfg.head_dim / scale_dim), q.dtype)
+        return q, k, v
+
+    def decode(self, x, positions, lengths, cache, window=None):
+        """x: [B, T, d_model] new tokens at `positions` [B, T] (-1 = padding) after the `lengths` [B] tokens
+        in `cache` (kv_cache.py). Returns (output [B, T, d_model], the cache with the new tokens written)."""
+        window = self.window if window is None else window  # static here: a sliding-window layer's cache is a ring
+        q, k, v = self._qkv(x, positions)
+        out, cache = kv_cache.attend(q, k, v, positions, lengths, cache, window, int(window) > 0,
+                                     self.cfg.attention.logit_softcap)
+        return self._output(out, x.dtype), cache
 
     def _output(self, out, dtype):
         """The heads [B, L, H, D] projected back to d_model."""

@@ -9,6 +9,7 @@ from flax import nnx
 from maxmodel.config.errors import ConfigError
 from maxmodel.config.schema import Config, ModelConfig
 
+from . import kv_cache
 from .attention import Attention
 from .layers import MLP, Embed, dense, make_norm
 from .moe import MoE
@@ -60,10 +61,26 @@ class Block(nnx.Module):
         return (self.mlp_post_norm(y) if self.post_norms else y), stats
 
     def __call__(self, x, segment_ids, positions, window=None, prefix=None):
-        if self.post_norm:
-            return self._post_norm_call(x, segment_ids, positions, window, prefix)
+        return self._forward(x, lambda h: self.attn(h, segment_ids, positions, window, prefix))
+
+    def decode(self, x, positions, lengths, cache, window=None):
+        """The block on new tokens against a KV cache (kv_cache.py): (x, the updated cache)."""
+        written = {}
+
+        def attend(h):
+            out, written["cache"] = self.attn.decode(h, positions, lengths, cache, window)
+            return out
+        x, _ = self._forward(x, attend)
+        return x, written["cache"]
+
+    def _forward(self, x, attend):
+        """The block around its attention `attend(h) -> [B, L, d_model]`; returns (x, MoE stats)."""
+        if self.post_norm:  # BERT / original Transformer: norm(x + attn(x)) then norm(x + ffn(x))
+            x = constrain(self.attn_norm(x + attend(x)), ACT)
+            y, stats = self.mlp(x) if self.is_moe else (self.mlp(x), {})
+            return constrain(self.mlp_norm(x + y), ACT), stats
         h = self.attn_norm(x)
-        a = self.attn(h, segment_ids, positions, window, prefix)
+        a = attend(h)
         if self.post_norms:
             a = self.attn_post_norm(a)
         if self.parallel:
@@ -72,12 +89,6 @@ class Block(nnx.Module):
         x = constrain(x + a, ACT)
         y, stats = self._ffn(self.mlp_norm(x))
         return constrain(x + y, ACT), stats
-
-    def _post_norm_call(self, x, segment_ids, positions, window, prefix=None):
-        """BERT / original Transformer: norm(x + attn(x)) then norm(x + ffn(x))."""
-        x = constrain(self.attn_norm(x + self.attn(x, segment_ids, positions, window, prefix)), ACT)
-        y, stats = self.mlp(x) if self.is_moe else (self.mlp(x), {})
-        return constrain(self.mlp_norm(x + y), ACT), stats
 
 
 class BlockGroup(nnx.Module):
@@ -94,6 +105,14 @@ class BlockGroup(nnx.Module):
             x, s = block(x, segment_ids, positions, prefix=prefix)
             stats = stats or s
         return x, stats
+
+    def decode(self, x, positions, lengths, caches):
+        """caches: one per block of the group."""
+        out = []
+        for block, cache in zip(self.blocks, caches):
+            x, cache = block.decode(x, positions, lengths, cache)
+            out.append(cache)
+        return x, out
 
 
 def is_moe_layer(cfg: ModelConfig, i: int) -> bool:
@@ -211,6 +230,83 @@ class Transformer(nnx.Module):
                               num_microbatches=pipe.microbatches or stages, repeats=pipe.repeats,
                               aux=aux,
                               length_axis="sequence" if mesh.shape.get("sequence", 1) > 1 else None)
+
+    # ---- decoding with a KV cache (maxmodel/inference): new tokens against cached keys and values ----
+
+    def cache_groups(self) -> list[tuple[str, list[int]]]:
+        """How the layers are cached: (attribute, per-sub-layer windows) per group of layers. A scanned stack
+        is one group cached as stacked arrays, its unit split into sub-layers of their own cache size (Gemma 2's
+        local/global pairs, GLaM's dense+MoE groups); an unrolled stack is one group per layer."""
+        m = self.cfg.model
+        windows = layer_windows(m)
+        if not self.cfg.train.scan_layers:
+            return [(f"layers.{i}", [int(windows[i]) if windows is not None else m.attention.sliding_window])
+                    for i in range(m.num_layers)]
+        if windows is not None:
+            every = m.attention.global_every
+            if m.num_layers % every:
+                raise ConfigError("model.attention.global_every", f"decoding a scanned stack needs num_layers="
+                                  f"{m.num_layers} divisible by global_every={every} (or train.scan_layers=false)")
+            return [("layers", [int(w) for w in windows[:every]])]
+        groups = [("first_layers", [m.attention.sliding_window])] if hasattr(self, "first_layers") else []
+        unit = m.moe.every if m.moe.num_experts and m.moe.every > 1 else 1
+        return groups + [("layers", [m.attention.sliding_window] * unit)]
+
+    def init_cache(self, batch: int, max_len: int, spare: int = 0, quantized: bool = False) -> dict:
+        """An empty cache for `batch` rows of up to `max_len` tokens: {group: [cache per sub-layer]}, each
+        stacked over the group's units when scanned."""
+        m = self.cfg.model
+        out = {}
+        for name, windows in self.cache_groups():
+            units = 0  # unrolled layer: no stacking
+            if "." not in name:  # a scanned stack: one cache per sub-layer, stacked over the units
+                layers = jax.tree.leaves(nnx.state(getattr(self, name)))[0].shape[0]
+                units = layers // len(windows) if layer_windows(m) is not None else layers
+            caches = []
+            for w in windows:
+                c = kv_cache.empty_cache(batch, m.num_kv_heads, kv_cache.cache_slots(max_len, w, spare),
+                                         m.head_dim, self.dtype, quantized)
+                caches.append(jax.tree.map(lambda a: jnp.broadcast_to(a, (units, *a.shape)), c) if units else c)
+            out[name] = caches
+        return out
+
+    def decode(self, tokens, positions, lengths, cache):
+        """tokens, positions: [B, T] new tokens (position -1 = padding) following the `lengths` [B] tokens
+        already in `cache` (from init_cache). Returns (final-norm hidden states [B, T, d_model], new cache)."""
+        x = self.embed_inputs(tokens, jnp.maximum(positions, 0))
+        new_cache = {}
+        for name, windows in self.cache_groups():
+            if "." in name:  # one unrolled layer
+                x, c = self.layers[int(name.split(".")[1])].decode(x, positions, lengths, cache[name][0], windows[0])
+                new_cache[name] = [c]
+            else:
+                x, new_cache[name] = self._decode_stack(getattr(self, name), windows, x, positions, lengths,
+                                                        cache[name])
+        return (self.final_norm(x) if self.final_norm is not None else x), new_cache
+
+    def _decode_stack(self, stack, windows, x, positions, lengths, caches):
+        """A scanned stack over its units; a unit of several sub-layers is a BlockGroup, or (alternating
+        windows) consecutive layers of the stack taken together."""
+        graphdef, state = nnx.split(stack)
+        split_units = layer_windows(self.cfg.model) is not None
+        if split_units:  # [L, ...] -> [L / every, every, ...]
+            state = jax.tree.map(lambda a: a.reshape(a.shape[0] // len(windows), len(windows), *a.shape[1:]), state)
+
+        def body(x, unit):
+            unit_state, unit_caches = unit
+            if split_units:
+                out = []
+                for j, (w, c) in enumerate(zip(windows, unit_caches)):
+                    block = nnx.merge(graphdef, jax.tree.map(lambda a: a[j], unit_state))
+                    x, c = block.decode(x, positions, lengths, c, w)
+                    out.append(c)
+                return x, out
+            module = nnx.merge(graphdef, unit_state)
+            if isinstance(module, BlockGroup):
+                return module.decode(x, positions, lengths, unit_caches)
+            x, c = module.decode(x, positions, lengths, unit_caches[0], windows[0])
+            return x, [c]
+        return jax.lax.scan(body, x, (state, caches))
 
     def head_matrix(self):
         """The output projection as [d_model, vocab] (the embedding table transposed when tied)."""
