@@ -78,6 +78,7 @@ class Engine:
         self._prefill = jax.jit(self._prefill_fn, static_argnames="echo", donate_argnums=1)
         self._insert = jax.jit(self._insert_fn, static_argnames="num_top", donate_argnums=0)
         self._step = jax.jit(self._step_fn, static_argnames="num_top", donate_argnums=1)
+        self._forward = jax.jit(lambda params, tokens: self._model(params)(tokens))
         self._new_row = jax.jit(lambda params: constrain_cache(self._model(params).init_cache(
             1, self.max_len, opts.spare, opts.kv_int8)))
         with self.context():
@@ -216,4 +217,4 @@ class Engine:
     def logits_of(self, tokens: np.ndarray) -> Any:
         """Plain forward pass logits [B, L, V] (no cache): the oracle the tests compare against."""
         with self.context():
-            return jax.jit(lambda p, t: self._model(p)(t))(self.params, jnp.asarray(tokens))
+            return self._forward(self.params, jnp.asarray(tokens))
