@@ -93,7 +93,10 @@ def load_engine(model_path, overrides=(), quantize: str | None = None, draft=Non
     cfg = model_config(path, overrides)
     distributed.initialize(cfg.run.cpu_devices)
     tokenizer = model_tokenizer(path, cfg)
-    mesh = build_mesh(cfg.mesh)
+    devices = jax.devices()
+    if devices[0].platform == "cpu" and jax.process_count() == 1:  # the emulated devices run.cpu_devices asks for
+        devices = devices[:cfg.run.cpu_devices]
+    mesh = build_mesh(cfg.mesh, devices)
     rules = logical_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         graphdef, abstract = abstract_state(cfg)
