@@ -10,7 +10,7 @@ import pytest
 from tests.tiny_engine import VOCAB, tiny_engine
 
 BLOCK = 4
-TOL = 1e-5  # f32; a hit prefills fewer, differently chunked tokens than the cold run (summation order)
+TOL = 1e-6  # f32; a hit prefills fewer, differently chunked tokens than the cold run (measured: <= 1.5e-8)
 
 
 @pytest.fixture(scope="module")
