@@ -133,3 +133,26 @@ def test_chat_second_turn_reuses_first_answer(engine):
     ref = cold.generate([p2], opts)[0].completions[0]
     assert turn2.token_ids == ref.token_ids
     np.testing.assert_allclose(turn2.logprobs, ref.logprobs, rtol=0, atol=TOL)
+
+
+def test_sliding_window_reuses_only_what_the_ring_still_holds():
+    # Local (window 6, a ring of 6 slots) and global layers alternate; blocks of 4.
+    engine = tiny_engine("model.attention.sliding_window=6", "model.attention.global_every=2")
+    pc = cache(engine)
+    a = prompt(10, 21)
+    cold = np.asarray(engine.prefill(a)[1])
+    pc(a)  # the ring kept positions 15..20: blocks 3 (from 15) and 4 carry their local layers' part
+    assert [e["ring_from"] for e in pc.memory.values()] == [4, 8, 12, 15, 16]
+    _, hit, _ = pc(a)  # reuse 20: the next token sees 15..19, all held
+    assert pc.counters["prefill_tokens_saved"] == 20
+    np.testing.assert_allclose(np.asarray(hit), cold, rtol=0, atol=TOL)
+    b = a[:13] + prompt(11, 8)  # shares blocks 0-2, whose local part was lost: no usable prefix
+    _, b_logits, _ = pc(b)
+    assert pc.counters["hits"] == 1
+    np.testing.assert_allclose(np.asarray(b_logits), np.asarray(engine.prefill(b)[1]), rtol=0, atol=TOL)
+    # Ignoring the window (reusing a's blocks 0-2 without their local part) would be wrong: the check matters.
+    c = a[:13] + prompt(12, 1)
+    pc.window = 0
+    _, wrong, _ = pc(c)
+    assert pc.counters["hits"] == 2 and pc.counters["prefill_tokens_saved"] == 32
+    assert np.abs(np.asarray(wrong) - np.asarray(engine.prefill(c)[1])).max() > 1e-3

@@ -10,7 +10,7 @@ MAX_LEN = 48
 
 
 @functools.cache
-def tiny_engine():
+def tiny_engine(*overrides: str):
     import jax
     from flax import nnx
 
@@ -20,7 +20,8 @@ def tiny_engine():
     from maxmodel.parallel.rules import logical_rules
     from maxmodel.train.step import abstract_state, concrete_shardings, create_params
     cfg = load_config_args(["model.d_model=32", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
-                            "model.d_ff=64", f"model.vocab_size={VOCAB}", "mesh.data=1", "run.cpu_devices=1"])
+                            "model.d_ff=64", f"model.vocab_size={VOCAB}", "mesh.data=1", "run.cpu_devices=1",
+                            *overrides])
     mesh = build_mesh(cfg.mesh, jax.devices()[:1])
     rules = logical_rules("default")
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):

@@ -16,9 +16,10 @@ Tiers: host memory, LRU by bytes (`capacity_bytes`); blocks evicted from it spil
 `Engine.set_params` drops everything (memory and the files this cache wrote).
 
 Sliding-window layers keep a ring of window+spare slots, so a row only holds the last positions of those
-layers: a block stores the ring layers' part only when its positions were still in the ring, and a prefix
-of length L is reused only if every position the next token can see, [L - window + 1, L), has it. The
-positions outside the window are never attended, so leaving zeros there is exact.
+layers: a block records from which position on (`ring_from`) its ring layers' part was still in the ring
+when it was read, and a prefix of length L is reused only if every position the next token can see,
+[L - window + 1, L), is covered. Slots outside the window are never attended, so what they hold (zeros, or
+a newer position's keys read from a reused slot) does not change a single logit.
 """
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ class PrefixCache:
         self._zeros = [np.zeros(self._block_shape(row, leaf), row[leaf[0]][leaf[1]][leaf[2]].dtype)
                        for leaf in self._leaves]
         self.window = max((w for *_, w in self._leaves), default=0)
-        ring_slots = min((s for *_, s, w in self._leaves if w), default=engine.max_len)
+        self._ring_slots = ring_slots = min((s for *_, s, w in self._leaves if w), default=engine.max_len)
         self.enabled = ring_slots >= block_size
         if not self.enabled:
             log.warning("prefix cache disabled: a sliding-window layer keeps %d slots, fewer than a block of %d",
@@ -148,19 +149,23 @@ class PrefixCache:
             self._store(self.engine.state.cache, slot, [int(t) for t in token_ids[:n]], n)
 
     def _store(self, cache, batch_index: int, tokens, length: int) -> None:
-        ring = min((s for *_, s, w in self._leaves if w), default=0)
-        for i, key in enumerate(block_keys(tokens, self.block_size)):
-            if key in self.memory:
-                self.memory.move_to_end(key)
+        bs = self.block_size
+        for i, key in enumerate(block_keys(tokens, bs)):
+            # The ring layers hold positions >= length - slots; older slots now hold newer positions.
+            ring_from = max(i * bs, length - self._ring_slots)
+            old = self.memory.get(key)
+            if key in self.disk or (old is not None and old["ring_from"] <= ring_from):
+                if old is not None:
+                    self.memory.move_to_end(key)
                 continue
-            if key in self.disk:
-                continue
+            if old is not None:  # this row's ring layers cover more of the block: replace the entry
+                self.counters["bytes"] -= self._nbytes(self.memory.pop(key))
             with self.engine.context():
-                leaves = self._read(cache, jnp.int32(batch_index), jnp.int32(i * self.block_size))
-            in_ring = i * self.block_size >= length - ring  # the ring layers still hold these positions
+                leaves = self._read(cache, jnp.int32(batch_index), jnp.int32(i * bs))
+            in_ring = ring_from < (i + 1) * bs
             leaves = [None if w and not in_ring else np.asarray(x) for x, (*_, w) in zip(leaves, self._leaves)]
-            block = tokens[i * self.block_size:(i + 1) * self.block_size]
-            self._put(key, {"tokens": np.asarray(block, np.int32), "leaves": leaves})
+            self._put(key, {"tokens": np.asarray(tokens[i * bs:(i + 1) * bs], np.int32), "leaves": leaves,
+                            "ring_from": ring_from if in_ring else (i + 1) * bs})
             self.counters["blocks_stored"] += 1
 
     # ---- tiers
@@ -174,10 +179,11 @@ class PrefixCache:
             if entry is None or not np.array_equal(entry["tokens"], block):  # a miss (or a hash collision)
                 break
             found.append(entry)
-        if self.window:  # shorten until the window before the reuse point is complete in the ring layers
+        if self.window:  # shorten until the ring layers hold all the next token sees: [L - window + 1, L)
             def complete(k):
-                first = max(0, k * self.block_size - self.window + 1) // self.block_size
-                return all(all(x is not None for x in e["leaves"]) for e in found[first:k])
+                need = max(0, k * self.block_size - self.window + 1)
+                return all(e["ring_from"] <= max(need, i * self.block_size)
+                           for i, e in enumerate(found[:k]) if (i + 1) * self.block_size > need)
             while found and not complete(len(found)):
                 found.pop()
         return found
@@ -194,7 +200,8 @@ class PrefixCache:
             path = self._path(key)
             with np.load(path) as f:
                 present = f["present"]
-                entry = {"tokens": f["tokens"], "leaves": [f[f"leaf{i}"] if p else None for i, p in enumerate(present)]}
+                entry = {"tokens": f["tokens"], "ring_from": int(f["ring_from"]),
+                         "leaves": [f[f"leaf{i}"] if p else None for i, p in enumerate(present)]}
             del self.disk[key]
             path.unlink()
             self.counters["disk_hits"] += 1
@@ -220,7 +227,7 @@ class PrefixCache:
             return
         arrays = {f"leaf{i}": x for i, x in enumerate(entry["leaves"]) if x is not None}
         present = np.array([x is not None for x in entry["leaves"]])
-        np.savez(self._path(key), tokens=entry["tokens"], present=present, **arrays)
+        np.savez(self._path(key), tokens=entry["tokens"], present=present, ring_from=entry["ring_from"], **arrays)
         self.disk[key] = self._path(key).stat().st_size
         self.counters["disk_bytes"] += self.disk[key]
         while self.counters["disk_bytes"] > self.disk_bytes:
