@@ -125,3 +125,16 @@ def test_best_of_keeps_the_best_sample(engine):
     h = batcher.submit(PROMPT, opts(seed, n=1, best_of=4), scorer=scorer)
     batcher.run_until_idle()
     assert h.result().completions[0].token_ids == samples[by_score].token_ids
+
+
+def test_through_a_generator_uses_free_slots(engine):
+    from maxmodel.data.tokenizer import ByteTokenizer
+    from maxmodel.inference.beam import beam_search
+    from maxmodel.inference.generator import Generator
+    gen = Generator(engine, ByteTokenizer())
+    gen.batcher.slots[0] = object()  # an occupied slot: the beams must go elsewhere and leave it alone
+    before = np.asarray(engine.state.cache["layers"][0]["k"][:, 0])
+    out = beam_search(gen, PROMPT, 2, DEPTH, eos_ids=[EOS])
+    assert out == beam_search(engine, PROMPT, 2, DEPTH, slots=[5, 6], eos_ids=[EOS])
+    gen.batcher.slots[0] = None
+    np.testing.assert_array_equal(np.asarray(engine.state.cache["layers"][0]["k"][:, 0]), before)

@@ -117,13 +117,12 @@ def test_weight_swap_invalidates(engine):
 
 def test_chat_second_turn_reuses_first_answer(engine):
     from maxmodel.data.tokenizer import ByteTokenizer
-    from maxmodel.inference.batcher import Batcher
+    from maxmodel.inference.generator import Generator
     from maxmodel.inference.sampling import SamplingOptions
     opts = SamplingOptions(max_new_tokens=6, temperature=0.0, ignore_eos=True)
-    cached, cold = Batcher(engine, ByteTokenizer()), Batcher(engine, ByteTokenizer())
+    cached, cold = Generator(engine, ByteTokenizer()), Generator(engine, ByteTokenizer())
     pc = cache(engine)
-    cached.prefill = pc
-    cached.finish_hooks.append(pc.store_slot)
+    cached.attach_prefix_cache(pc)  # as load_engine(prefix_cache_gb=...) does
     p1 = prompt(8, 10)
     answer = cached.generate([p1], opts)[0].completions[0].token_ids
     p2 = p1 + answer + prompt(9, 5)                   # 21 tokens: the slot held p1 + answer[:-1] = 15
@@ -132,6 +131,7 @@ def test_chat_second_turn_reuses_first_answer(engine):
     assert pc.counters["prefill_tokens_saved"] - saved == 12 > len(p1)  # blocks of the answer were reused
     ref = cold.generate([p2], opts)[0].completions[0]
     assert turn2.token_ids == ref.token_ids
+    assert cached.stats()["prefix_hits"] == 1
     np.testing.assert_allclose(turn2.logprobs, ref.logprobs, rtol=0, atol=TOL)
 
 
