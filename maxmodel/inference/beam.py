@@ -118,11 +118,10 @@ def _search(engine, prefill, slots, prompt, num_beams, max_new, alpha, eos, earl
         if not running or t == max_new - 1:
             beams = [(tok, total, None) for tok, total, _ in running]
             break
-        if len(finished) == num_beams:
-            if early_stopping is True or finished[-1][0] >= _best_reachable(
-                    running[0][1], t + 1, max_new, alpha):
-                beams = []
-                break
+        if len(finished) == num_beams and (early_stopping is True or finished[-1][0] >= _best_reachable(
+                running[0][1], t + 1, max_new, alpha)):
+            beams = []  # nothing running can enter the pool any more (or HF's early_stopping=True)
+            break
         # Beam j moves to slots[j] with its parent's cache; one decode step writes its new token.
         perm = np.arange(engine.max_slots)
         tokens = np.asarray(engine.state.tokens).copy()

@@ -19,7 +19,9 @@ Sliding-window layers keep a ring of window+spare slots, so a row only holds the
 layers: a block records from which position on (`ring_from`) its ring layers' part was still in the ring
 when it was read, and a prefix of length L is reused only if every position the next token can see,
 [L - window + 1, L), is covered. Slots outside the window are never attended, so what they hold (zeros, or
-a newer position's keys read from a reused slot) does not change a single logit.
+a newer position's keys read from a reused slot) does not change a single logit. Only a row's last
+`window` positions are trusted when its blocks are stored: a row built from blocks is right from
+(reuse point - window + 1) on, never earlier.
 """
 from __future__ import annotations
 
@@ -79,7 +81,8 @@ class PrefixCache:
         self._zeros = [np.zeros(self._block_shape(row, leaf), row[leaf[0]][leaf[1]][leaf[2]].dtype)
                        for leaf in self._leaves]
         self.window = max((w for *_, w in self._leaves), default=0)
-        self._ring_slots = ring_slots = min((s for *_, s, w in self._leaves if w), default=engine.max_len)
+        self._min_window = min((w for *_, w in self._leaves if w), default=engine.max_len)
+        ring_slots = min((s for *_, s, w in self._leaves if w), default=engine.max_len)
         self.enabled = ring_slots >= block_size
         if not self.enabled:
             log.warning("prefix cache disabled: a sliding-window layer keeps %d slots, fewer than a block of %d",
@@ -151,8 +154,10 @@ class PrefixCache:
     def _store(self, cache, batch_index: int, tokens, length: int) -> None:
         bs = self.block_size
         for i, key in enumerate(block_keys(tokens, bs)):
-            # The ring layers hold positions >= length - slots; older slots now hold newer positions.
-            ring_from = max(i * bs, length - self._ring_slots)
+            # Trust the ring layers only for the last `window` positions: the ring holds length - slots on, but
+            # a row built from cached blocks is only right from (reuse point - window + 1) on, which is at most
+            # length - window (older slots hold zeros or, in a reused slot, newer positions).
+            ring_from = max(i * bs, length - self._min_window)
             old = self.memory.get(key)
             if key in self.disk or (old is not None and old["ring_from"] <= ring_from):
                 if old is not None:
