@@ -132,6 +132,7 @@ class Batcher:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.prefill = engine.prefill          # replaced by the prefix cache's caching prefill
+        self.finish_hooks: list[Callable] = []  # (slot, prompt + generated ids) before a finished slot is freed
 
     # ---- submitting
 
@@ -291,6 +292,8 @@ class Batcher:
         h._emit(Event("token", s.index, text, token, logprob, top, finish))
         if finish is not None:
             o.finish_reason = finish
+            for hook in self.finish_hooks:  # the prefix cache keeps the sequence's blocks (a chat's next turn)
+                hook(slot, h.prompt_ids + o.token_ids)
             self._free(slot)
             h.pending -= 1
             if h.pending == 0:

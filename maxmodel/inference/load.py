@@ -73,9 +73,11 @@ def _restore(path: Path, cfg, abstract, shardings):
     return params
 
 
-def load_engine(model_path, overrides=(), quantize: str | None = None, draft=None, **engine_options):
+def load_engine(model_path, overrides=(), quantize: str | None = None, draft=None, prefix_cache_gb: float = 0.0,
+                prefix_cache_dir=None, prefix_cache_disk_gb: float = 0.0, **engine_options):
     """A Generator over the model at `model_path`. `engine_options` are EngineOptions fields (max_slots,
-    max_len, prefill_buckets, spare, kv_int8)."""
+    max_len, prefill_buckets, spare, kv_int8). `prefix_cache_gb` > 0 keeps prompt-prefix KV blocks in that
+    much host memory (spilling to `prefix_cache_dir`, up to `prefix_cache_disk_gb`, default 4x the memory)."""
     import jax
     from flax import nnx
 
@@ -105,4 +107,10 @@ def load_engine(model_path, overrides=(), quantize: str | None = None, draft=Non
             from .quantize import quantize_params
             params = quantize_params(cfg, params, quantize)
     engine = Engine(cfg, graphdef, params, mesh, rules, EngineOptions(**engine_options))
-    return Generator(engine, tokenizer, name=path.resolve().name, model_dir=path)
+    generator = Generator(engine, tokenizer, name=path.resolve().name, model_dir=path)
+    if prefix_cache_gb > 0:
+        from .prefix_cache import PrefixCache
+        disk_gb = prefix_cache_disk_gb or 4 * prefix_cache_gb
+        generator.attach_prefix_cache(PrefixCache(engine, capacity_bytes=int(prefix_cache_gb * 2**30),
+                                                  disk_dir=prefix_cache_dir, disk_bytes=int(disk_gb * 2**30)))
+    return generator
