@@ -120,8 +120,13 @@ class _Slot:
 
 
 class Batcher:
-    def __init__(self, engine: Engine, tokenizer, eos_ids: tuple[int, ...] = ()):
+    def __init__(self, engine: Engine, tokenizer, eos_ids: tuple[int, ...] = (), speculative=None):
         self.engine, self.tokenizer, self.eos_ids = engine, tokenizer, set(eos_ids)
+        # speculative decoding (speculative.py): a SpeculativeConfig makes every step a draft-and-verify round
+        self.spec = None
+        if speculative is not None:
+            from .speculative import Speculator
+            self.spec = Speculator(engine, speculative)
         self.slots: list[_Slot | None] = [None] * engine.max_slots
         self.waiting: collections.deque[Handle] = collections.deque()
         self.prefill_hooks: list[Callable] = []  # prefix cache: (prompt_ids) -> (row, start) or None
@@ -207,6 +212,9 @@ class Batcher:
                 return
             num_top = self.engine.options.num_top if any(
                 s is not None and s.handle.options.logprobs for s in self.slots) else 0
+            if self.spec is not None:  # speculative round: several tokens per slot, each through _take
+                from .speculative import batcher_round
+                return batcher_round(self, active, num_top)
             out = self.engine.step(active, num_top)
             self.counters["steps"] += 1
             self.counters["occupied_slot_steps"] += int(active.sum())
@@ -251,6 +259,8 @@ class Batcher:
                                     [None] + [list(zip(map(int, i[:n]), map(float, v[:n]))) for i, v in
                                               zip(top_ids, top_lp)])
         num_top = self.engine.options.num_top if opts.logprobs else 0
+        if self.spec is not None:  # the draft model's copy of the prompt in the same slots
+            self.spec.prefill_insert(prompt, free[:opts.num_samples], stack_params([opts], 1))
         for index in range(opts.num_samples):
             slot = free[index]
             sp = stack_params([opts], 1, seeds=[opts.sample_seed(index)])
@@ -302,4 +312,4 @@ class Batcher:
     def stats(self) -> dict[str, Any]:
         active = sum(s is not None for s in self.slots)
         return {"queue_depth": len(self.waiting), "active_slots": active, "max_slots": self.engine.max_slots,
-                **self.counters}
+                **self.counters, **(self.spec.stats() if self.spec is not None else {})}
