@@ -23,7 +23,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -73,7 +72,7 @@ def prefill_rate(gen, prompt_len: int, repeats: int = 3) -> tuple[float, float]:
     best_prefill, best_ttft = float("inf"), float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        row, logits, _ = gen.engine.prefill(prompt)
+        _, logits, _ = gen.engine.prefill(prompt)
         np.asarray(logits)
         best_prefill = min(best_prefill, time.perf_counter() - t0)
         out = gen.generate([prompt], SamplingOptions(max_new_tokens=1, temperature=0.0, ignore_eos=True))[0]
@@ -123,7 +122,7 @@ def bench_maxmodel(args, results: list) -> None:
             rate, outs = generated_rate(spec, prompt, opts)
             stats = spec.stats()
             emit({"bench": "spec", "impl": "maxmodel", "drafter": name, "tokens_per_s": rate,
-                  "speedup": rate / plain, "acceptance_rate": stats.get("acceptance_rate"),
+                  "speedup": rate / plain, "acceptance_rate": stats.get("spec_acceptance_rate"),
                   "same_tokens_as_plain": outs[0].completions[0].token_ids == ref[0].completions[0].token_ids},
                  results)
             del spec
@@ -183,7 +182,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.skip = set(filter(None, args.skip.split(",")))
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    results = [{"bench": "load", "loadavg": open("/proc/loadavg").read().split()[:3]}]
+    results = [{"bench": "load", "loadavg": Path("/proc/loadavg").read_text().split()[:3]}]
     print(json.dumps(results[0]), flush=True)
     if "membw" not in args.skip:
         bench_membw(args, results)

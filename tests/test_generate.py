@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from maxmodel.cli import main as cli
-from maxmodel.interop import convert
 from maxmodel.inference.load import load_engine
 from maxmodel.inference.sampling import SamplingOptions
+from maxmodel.interop import convert
 
 SMALL = {"vocab_size": 97, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
          "num_attention_heads": 4, "max_position_embeddings": 64}

@@ -11,10 +11,11 @@ from .sampling import SamplingOptions
 
 
 class Generator:
-    def __init__(self, engine: Engine, tokenizer, name: str = "model", model_dir: Path | None = None):
+    def __init__(self, engine: Engine, tokenizer, name: str = "model", model_dir: Path | None = None,
+                 speculative=None):
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, name
         self.model_dir = model_dir
-        self.batcher = Batcher(engine, tokenizer, eos_ids=self._eos_ids())
+        self.batcher = Batcher(engine, tokenizer, eos_ids=self._eos_ids(), speculative=speculative)
         self.max_len, self.max_slots = engine.max_len, engine.max_slots
         self.prefix_cache = None
 
