@@ -1,0 +1,1 @@
+"""Generation: sampling, incremental detokenization and (beside them) the decode engine and server."""
