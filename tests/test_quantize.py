@@ -238,3 +238,26 @@ def test_sharded_quantized_params_keep_layout_and_logits():
             q["layers"]["attn"]["wq"].get_value().q.size // 4  # fsdp x tensor: a quarter per device
         sharded = _logits(graphdef, q, EVAL)
     np.testing.assert_allclose(np.asarray(sharded), np.asarray(one_device), atol=2e-4)
+
+
+@pytest.mark.parametrize("model", ["bert-tiny", "transformer-tiny"])
+def test_encoder_and_encoder_decoder(model):
+    """Every linear weight of the other architectures too (cross-attention, the MLM dense and pooler, the
+    tied table), and int8 logits close to float (untrained weights: E_mean only)."""
+    from maxmodel.models.registry import build_model
+    cfg = load_config(f"configs/models/{model}.yaml", ["model.vocab_size=512"])
+    with nnx.use_eager_sharding(False):
+        graphdef, params = nnx.split(build_model(cfg, nnx.Rngs(0)))
+    q = quantize_params(cfg, params, "int8")
+    names = _quantized_names(q)
+    per_layer = {n.split(".", 1)[1] for n in names if "layers" in n}
+    if model == "bert-tiny":
+        assert {"mlm_dense", "pooler"} <= names and "embed.table" in names and per_layer >= {"attn.wq", "mlp.wo"}
+    else:
+        assert {"cross.wq", "cross.wk", "cross.wv", "cross.wo"} <= per_layer and "embed.table" in names
+    tokens = EVAL[:2, :16]
+    kwargs = {"encoder_inputs": EVAL[2:4, :16]} if model == "transformer-tiny" else {}
+    run = jax.jit(lambda p: nnx.merge(graphdef, p)(tokens, **kwargs))
+    ref, out = run(params), run(q)
+    _, mean, top1 = _error(ref, out)
+    assert 0 < mean < 0.015 and top1 >= 0.9, (mean, top1)

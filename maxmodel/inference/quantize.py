@@ -8,7 +8,8 @@ that uses it (in a scanned stack, one layer at a time).
 
 Which weights: those whose logical axes (the trailing ones; a scanned stack adds a leading `layers`) are
 in LINEAR, i.e. attention wq/wk/wv/wo (self and cross), MLP wi/wg/wo (shared experts included), MoE
-expert_wi/wg/wo, the untied head, and the embedding table when it is tied (then it is the head too). The
+expert_wi/wg/wo, the untied head, the encoder's MLM dense and pooler, and the embedding table when it is
+tied (then it is the head too). The
 untied embedding table (a lookup, not a matmul), the MoE router (E columns, decides the routing), norms and
 biases stay float.
 
@@ -46,7 +47,9 @@ LINEAR = {
     ("exp", "embed", "exp_mlp"): (1, 1),         # expert_wi, expert_wg
     ("exp", "exp_mlp", "embed"): (1, 1),         # expert_wo
     ("embed", "vocab"): (1, 1),                  # untied head
+    ("embed", None): (1, 1),                     # encoder MLM dense and pooler (the MoE router: FLOAT_NAMES)
 }
+FLOAT_NAMES = {"router"}                         # linear, but kept float: E columns that decide the routing
 TIED_TABLE = ("vocab", "embed")                  # tied: contraction over embed, one scale per vocab row
 
 
@@ -103,9 +106,11 @@ def _check(mode: str, group_size: int):
         raise ConfigError("quantize.group_size", f"must be a positive integer, got {group_size!r}")
 
 
-def _layout(axes: tuple, tied: bool) -> tuple[int, int] | None:
-    """(n_in, n_after) when these logical axes are a linear weight's, else None."""
+def _layout(path: tuple, axes: tuple, tied: bool) -> tuple[int, int] | None:
+    """(n_in, n_after) when the parameter at `path` with these logical axes is a linear weight, else None."""
     axes = tuple(axes)
+    if path and path[-1] in FLOAT_NAMES:
+        return None
     for names, layout in LINEAR.items():
         if axes[len(axes) - len(names):] == names and all(a == "layers" for a in axes[:len(axes) - len(names)]):
             return layout
@@ -166,7 +171,7 @@ def quantize_params(cfg, params: nnx.State, mode: str, group_size: int = 128) ->
     for path, var in nnx.to_flat_state(params):
         axes = var.get_metadata().get("out_sharding") if isinstance(var, nnx.Param) else None
         value = var.get_value() if isinstance(var, nnx.Variable) else var
-        layout = _layout(axes, tied) if axes and isinstance(value, jax.Array) else None
+        layout = _layout(path, axes, tied) if axes and isinstance(value, jax.Array) else None
         if layout is not None:
             name = ".".join(str(p) for p in path)
             var = var.replace(quantize_array(value, *layout, mode, group_size, name))
@@ -184,15 +189,15 @@ def _bits(dtype) -> int:
 
 
 def weight_bytes(params, cfg=None) -> int:
-    """Bytes the tree's arrays occupy, one copy each (int4 codes at half a byte, as XLA stores them). With
-    `cfg`, only the linear weights: those quantize_params quantizes (quantized or still float)."""
-    tied = cfg is not None and bool(cfg.model.tie_embeddings)
-    total = 0
-    for var in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable)):
-        value = var.get_value() if isinstance(var, nnx.Variable) else var
-        if cfg is not None:
-            axes = var.get_metadata().get("out_sharding") if isinstance(var, nnx.Param) else None
-            if not (is_quantized(value) or (axes and _layout(axes, tied) is not None)):
-                continue
-        total += sum(leaf.size * _bits(leaf.dtype) // 8 for leaf in jax.tree.leaves(value))
+    """Bytes the tree's arrays occupy, one copy each (int4 codes at half a byte, as XLA stores them); any
+    pytree (a KV cache too). With `cfg` and an nnx.State, only the linear weights: those quantize_params
+    quantizes (quantized or still float)."""
+    if cfg is None:
+        return sum(x.size * _bits(x.dtype) // 8 for x in jax.tree.leaves(params))
+    tied, total = bool(cfg.model.tie_embeddings), 0
+    for path, var in nnx.to_flat_state(params):
+        value = var.get_value()
+        axes = var.get_metadata().get("out_sharding") if isinstance(var, nnx.Param) else None
+        if is_quantized(value) or (axes and _layout(path, axes, tied) is not None):
+            total += weight_bytes(value)
     return total
