@@ -29,10 +29,10 @@ import optax
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from maxmodel.config import load_config  # noqa: E402
-from maxmodel.data.builtin import builtin_documents, split_documents  # noqa: E402
-from maxmodel.inference.quantize import quantize_params, weight_bytes  # noqa: E402
-from maxmodel.models.transformer import Transformer  # noqa: E402
+from maxmodel.config import load_config
+from maxmodel.data.builtin import builtin_documents, split_documents
+from maxmodel.inference.quantize import quantize_params, weight_bytes
+from maxmodel.models.transformer import Transformer
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "experiments" / "bench-50m.yaml"
 
@@ -113,7 +113,7 @@ def main(argv=None) -> dict:
 
     kv_f = jax.eval_shape(lambda: model.init_cache(args.kv_batch, args.kv_len))
     kv_q = jax.eval_shape(lambda: model.init_cache(args.kv_batch, args.kv_len, quantized=True))
-    kv_bytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa: E731
+    kv_bytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
     result = {
         "model": "bench-50m", "params": int(sum(x.size for x in jax.tree.leaves(params))),
         "train_steps": args.train_steps, "train_loss": loss, "train_s": round(train_s, 1),
@@ -124,7 +124,7 @@ def main(argv=None) -> dict:
                            "int8": kv_bytes(kv_q), "ratio": kv_bytes(kv_f) / kv_bytes(kv_q)},
         "logit_error_vs_float": errors, "eval_tokens": int(text.size),
         "decode_step_ms": {k: round(v, 2) for k, v in decode_ms.items()},
-        "loadavg": open("/proc/loadavg").read().split()[:3], "cpus": os.cpu_count(),
+        "loadavg": Path("/proc/loadavg").read_text().split()[:3], "cpus": os.cpu_count(),
     }
     lw = result["linear_weight_bytes"]
     result["linear_ratio"] = {"int8": lw["float32"] / lw["int8"], "int4": lw["float32"] / lw["int4"]}

@@ -43,7 +43,7 @@ def _tokens(rng, batch: int, length: int = 32) -> np.ndarray:
     return np.where(noise, rng.integers(0, 512, (batch, length)), rows)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fresh(*extra: str):
     """(cfg, float params) of an untrained TINY model: for what does not depend on the values."""
     cfg = load_config(overrides=TINY + list(extra))
@@ -51,7 +51,7 @@ def _fresh(*extra: str):
         return cfg, nnx.split(Transformer(cfg, nnx.Rngs(0)))[1]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _trained(*extra: str):
     """(cfg, graphdef, float params) of a TINY model after 60 Adam steps on the pattern."""
     cfg = load_config(overrides=TINY + list(extra))

@@ -126,7 +126,7 @@ def _scale_sharding(sharding, i0: int, i1: int):
     return sharding
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernel(n_in: int, n_after: int, mode: str, groups: int, out_shardings):
     """The jitted quantizer for one layout (jit then caches one program per weight shape)."""
     code_dtype, qmax = MODES[mode]
