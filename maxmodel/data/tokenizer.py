@@ -39,7 +39,7 @@ class ByteTokenizer:
         return [b + 3 for b in text.encode("utf-8")]
 
     def decode(self, ids) -> str:
-        return bytes(int(i) - 3 for i in ids if int(i) >= 3).decode("utf-8", errors="replace")
+        return bytes(int(i) - 3 for i in ids if 3 <= int(i) < 259).decode("utf-8", errors="replace")
 
 
 class SentencePieceTokenizer:

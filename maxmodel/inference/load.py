@@ -1,0 +1,105 @@
+"""MODEL -> a ready `Generator`: a model directory (`maxmodel export`, `maxmodel convert from-hf`) or a run
+directory (its latest checkpoint), with its own tokenizer; no conversion step."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from maxmodel.config import ConfigError
+from maxmodel.config.loader import apply_mapping, load_config, parse_overrides, set_value
+
+log = logging.getLogger("maxmodel.inference")
+
+
+def model_config(path: Path, overrides=()):
+    """The model's config: its config.yaml (resolved run config, or the converter's), else export.json's model;
+    `overrides` (key=value) on top. Decoding needs no pipeline or sequence split: those axes are folded."""
+    if (path / "config.yaml").is_file():
+        cfg = load_config(path / "config.yaml", overrides)
+    elif (path / "export.json").is_file():
+        from maxmodel.config.derive import derive_values
+        from maxmodel.config.validate import validate
+        cfg = load_config(None, (), derive=False)
+        apply_mapping(cfg, {"model": json.loads((path / "export.json").read_text())["model"]},
+                      source=str(path / "export.json"))
+        for key, value in parse_overrides(list(overrides)):
+            set_value(cfg, key, value, from_text=True)
+        derive_values(cfg)
+        validate(cfg)
+    else:
+        raise ConfigError("MODEL", f"{path} is not a model directory or a run directory (no config.yaml or "
+                                   f"export.json)")
+    if cfg.model.arch != "decoder":
+        raise ConfigError("model.arch", f"generation needs a decoder-only model; {path} is '{cfg.model.arch}'")
+    if cfg.mesh.stage != 1 or cfg.mesh.sequence != 1:
+        log.info("decoding folds mesh.stage=%d and mesh.sequence=%d into data", cfg.mesh.stage, cfg.mesh.sequence)
+    cfg.mesh.stage = cfg.mesh.sequence = 1
+    if cfg.mesh.rules == "pipeline":
+        cfg.mesh.rules = "default"
+    return cfg
+
+
+def model_tokenizer(path: Path, cfg):
+    """The tokenizer the model was trained with: tokenizer.json / tokenizer.model beside the weights, else
+    the run's (data.tokenizer, or the sentencepiece model the run trained into its directory)."""
+    from maxmodel.data.tokenizer import load_tokenizer
+    for name in ("tokenizer.json", "tokenizer.model"):
+        if (path / name).is_file():
+            return load_tokenizer(str(path / name))
+    if cfg.data.tokenizer == "spm":
+        raise ConfigError("MODEL", f"{path} has no tokenizer.json or tokenizer.model (the run's sentencepiece "
+                                   f"model) and data.tokenizer is 'spm'; set data.tokenizer=PATH")
+    return load_tokenizer(cfg.data.tokenizer)
+
+
+def _restore(path: Path, cfg, abstract, shardings):
+    import orbax.checkpoint as ocp
+
+    from maxmodel.train.checkpoint import ITEMS, abstract_like, as_path
+    from maxmodel.train.export import load_params
+    if (path / "export.json").is_file() and (path / "params").is_dir():
+        return load_params(str(path), abstract_like(abstract, shardings))
+    ckpt_dir = as_path(cfg.checkpoint.dir or path / "checkpoints")
+    manager = ocp.CheckpointManager(ckpt_dir, item_names=ITEMS, options=ocp.CheckpointManagerOptions(read_only=True))
+    step = manager.latest_step()
+    if step is None:
+        raise ConfigError("MODEL", f"{path} has no parameters: no params/ with export.json and no checkpoint in "
+                                   f"{ckpt_dir}")
+    log.info("loading step %d from %s", step, ckpt_dir)
+    params = manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_like(abstract, shardings)))).params
+    manager.close()
+    return params
+
+
+def load_engine(model_path, overrides=(), quantize: str | None = None, draft=None, **engine_options):
+    """A Generator over the model at `model_path`. `engine_options` are EngineOptions fields (max_slots,
+    max_len, prefill_buckets, spare, kv_int8)."""
+    import jax
+    from flax import nnx
+
+    from maxmodel import distributed
+    from maxmodel.parallel.mesh import build_mesh
+    from maxmodel.parallel.rules import logical_rules
+    from maxmodel.train.step import abstract_state, concrete_shardings
+
+    from .engine import Engine, EngineOptions
+    from .generator import Generator
+
+    path = Path(model_path)
+    if not path.is_dir():
+        raise ConfigError("MODEL", f"{path} is not a directory")
+    cfg = model_config(path, overrides)
+    distributed.initialize(cfg.run.cpu_devices)
+    tokenizer = model_tokenizer(path, cfg)
+    mesh = build_mesh(cfg.mesh)
+    rules = logical_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        graphdef, abstract = abstract_state(cfg)
+        params = _restore(path, cfg, abstract, concrete_shardings(abstract, mesh))
+        if quantize:
+            from .quantize import quantize_params
+            params = quantize_params(cfg, params, quantize)
+    engine = Engine(cfg, graphdef, params, mesh, rules, EngineOptions(**engine_options))
+    return Generator(engine, tokenizer, name=path.resolve().name, model_dir=path)
