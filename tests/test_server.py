@@ -14,7 +14,6 @@ import time
 import numpy as np
 import pytest
 import requests
-
 from conftest import TINY
 
 openai = pytest.importorskip("openai")
@@ -79,18 +78,13 @@ def greedy(engine, prompt: str, max_tokens: int, **kw):
 
 
 def forward_logprobs(engine, rows: list[list[int]]) -> np.ndarray:
-    """log_softmax of the plain forward pass (no KV cache) over rows padded at the end (causal: padding
-    after a position does not change it), 8 rows (one per emulated device)."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-    e = engine.engine
+    """log_softmax of the engine's plain forward pass (no KV cache) over rows padded at the end (causal:
+    padding after a position does not change it), at least 8 rows (one per emulated device)."""
     tokens = np.zeros((max(8, len(rows)), max(map(len, rows))), np.int32)
     for i, r in enumerate(rows):
         tokens[i, :len(r)] = r
-    with e.context():
-        logits = nnx.merge(e.graphdef, e.params)(jnp.asarray(tokens))
-    return np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1))[:len(rows)]
+    logits = np.asarray(engine.engine.logits_of(tokens), np.float64)[:len(rows)]
+    return logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
 
 
 def post(server, path, body, key=KEY, **kw):
@@ -336,3 +330,17 @@ def test_lm_eval_local_completions_scores_with_the_forward_pass_loglikelihoods(s
         want = sum(row[len(ctx) + j - 1, t] for j, t in enumerate(cont))
         assert ll == pytest.approx(want, abs=1e-4)
     assert 0 <= out["results"]["serve_tiny"]["acc,none"] <= 1
+
+
+# ---------------------------------------------------------------- the command
+
+def test_serve_command_on_a_directory_that_is_not_a_model_exits_2_naming_it(tmp_path, capsys):
+    from maxmodel.cli import main as cli_main
+    from maxmodel.inference.serve_cli import engine_kwargs, parse_args
+    assert cli_main(["serve", str(tmp_path)]) == 2
+    assert str(tmp_path) in capsys.readouterr().err
+    args = parse_args(["m", "--max-batch", "4", "--max-len", "128", "--kv-cache-dtype", "int8", "--quantize", "int4",
+                       "model.rope_theta=1e4"])
+    assert (args.host, args.port, args.api_key, args.overrides) == ("127.0.0.1", 8000, None, ["model.rope_theta=1e4"])
+    assert engine_kwargs(args) == {"max_slots": 4, "max_len": 128, "kv_int8": True, "quantize": "int4"}
+    assert cli_main(["serve", str(tmp_path), "--max-batch", "0"]) == 2

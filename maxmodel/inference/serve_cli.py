@@ -36,7 +36,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--kv-cache-dtype", choices=("int8",), default=None, help="quantize the KV cache")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     for flag, value in (("--port", args.port), ("--max-batch", args.max_batch), ("--max-len", args.max_len)):
         if value is not None and value < (0 if flag == "--port" else 1):
             raise ConfigError(flag, f"must be a positive integer, got {value}")

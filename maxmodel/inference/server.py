@@ -21,8 +21,9 @@ import logging
 import socket
 import threading
 import time
+from typing import Self
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
@@ -30,8 +31,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import server_openai as fmt
 from .server_metrics import Clock, CountRequests, Metrics, RequireKey
-from .server_schema import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
-                            bad_request, from_value_error, sampling_options, validation_error)
+from .server_schema import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    bad_request,
+    from_value_error,
+    sampling_options,
+    validation_error,
+)
 
 log = logging.getLogger("maxmodel.server")
 
@@ -370,7 +380,7 @@ class ServerThread:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def __enter__(self) -> ServerThread:
+    def __enter__(self) -> Self:
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict
 
 from .sampling import SamplingOptions
 
+
 class APIError(Exception):
     """An answer in OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
 
