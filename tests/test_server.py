@@ -12,11 +12,12 @@ import threading
 import time
 
 import numpy as np
+import openai
 import pytest
 import requests
 from conftest import TINY
 
-openai = pytest.importorskip("openai")
+pytestmark = pytest.mark.xdist_group("server")  # one worker builds the model, the engine and the server
 
 KEY = "test-key-123"
 MAX_LEN = 256  # room for a long stream to be cut off (the disconnect test)
@@ -128,6 +129,13 @@ def test_openai_client_completions_equal_engine_greedy(client, engine):
     assert lp.tokens == [engine.tokenizer.decode([t]) for t in want[1].token_ids]
     assert all(len(top) <= 4 and max(top.values()) == pytest.approx(tl, abs=1e-5)  # greedy: the best one
                for top, tl in zip(lp.top_logprobs, lp.token_logprobs))
+
+    # n seeded samples: the engine's, in order; echo puts the prompt in front
+    from maxmodel.inference.sampling import SamplingOptions
+    (want_n,) = engine.generate([PROMPTS[2]], SamplingOptions(max_new_tokens=6, temperature=1.0, n=2, seed=7))
+    r = client.completions.create(model=engine.model_name, prompt=PROMPTS[2], max_tokens=6, n=2, seed=7, echo=True)
+    assert [c.text for c in r.choices] == [PROMPTS[2] + w.text for w in want_n.completions]
+    assert want_n.completions[0].token_ids != want_n.completions[1].token_ids
 
 
 def test_openai_client_chat_equal_engine_greedy(client, engine):
@@ -304,7 +312,7 @@ def test_an_engine_failure_fails_only_its_request(server, engine, monkeypatch):
 # ---------------------------------------------------------------- lm-eval
 
 def test_lm_eval_local_completions_scores_with_the_forward_pass_loglikelihoods(server, engine, tmp_path):
-    lm_eval = pytest.importorskip("lm_eval")
+    import lm_eval
     from lm_eval.api.registry import get_model
     docs = [{"question": "the quick brown", "choices": ["fox", "dog"], "answer": 0},
             {"question": "hello", "choices": ["world", "there, model"], "answer": 1}]
