@@ -19,6 +19,8 @@ COMMANDS = {
     "data": ("maxmodel.data.cli", "prepare data: tokenize sources into ArrayRecord shards"),
     "tokenizer": ("maxmodel.data.tokenizer_cli", "train a sentencepiece tokenizer; encode/decode text"),
     "convert": ("maxmodel.interop.cli", "convert Hugging Face checkpoints to and from maxmodel (from-hf, to-hf)"),
+    "generate": ("maxmodel.inference.generate_cli", "generate text with a trained or converted model (KV cache, "
+                                                    "continuous batching, sampling, beams, speculation)"),
     "bench": ("maxmodel.bench", "time the train step of a config: tokens/s, step time, compile, MFU, memory"),
     "plot": ("maxmodel.train.plot", "draw loss/eval/LR/throughput curves of one or more runs to a PNG"),
     "serve": ("maxmodel.inference.serve_cli", "serve a model over an OpenAI-compatible HTTP API"),

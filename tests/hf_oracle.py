@@ -5,6 +5,7 @@
                                              kwargs, saved with save_pretrained; with "tokens", its logits
   python hf_oracle.py load DIR [ORIGINAL]    load DIR with transformers; report its class, its parameters'
                                              dtypes, loading problems and, given ORIGINAL, the tensors that differ
+  python hf_oracle.py generate DIR IDS N     transformers' greedy generate: N new ids per prompt of IDS (JSON)
 
 Each prints one JSON line. The tests call it through `run` below, which imports neither torch nor
 transformers (this module imports them only in its modes).
@@ -98,6 +99,20 @@ def load(directory: str, original: str | None = None) -> dict:
     return out
 
 
+def generate(directory: str, prompts_json: str, new_tokens: str) -> dict:
+    """transformers' greedy `generate` (its own KV cache) for each prompt of a JSON list of id lists, alone."""
+    import torch
+    model = _model_class(directory).from_pretrained(directory, attn_implementation="eager").float().eval()
+    out = []
+    with torch.inference_mode():
+        for prompt in json.loads(prompts_json):
+            ids = torch.tensor([prompt], dtype=torch.long)
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=int(new_tokens),
+                                 min_new_tokens=int(new_tokens), do_sample=False, pad_token_id=0)
+            out.append(gen[0, ids.shape[1]:].tolist())
+    return {"tokens": out}
+
+
 def main(argv: list[str]) -> int:
     import torch
     torch.set_num_threads(1)  # tiny models; the test machines' cores are shared with the JAX side
@@ -105,8 +120,10 @@ def main(argv: list[str]) -> int:
         result = build(json.loads(argv[1]))
     elif argv[0] == "load":
         result = load(*argv[1:3])
+    elif argv[0] == "generate":
+        result = generate(*argv[1:4])
     else:
-        raise SystemExit(f"unknown mode {argv[0]!r}: build | load")
+        raise SystemExit(f"unknown mode {argv[0]!r}: build | load | generate")
     print(json.dumps(result))
     return 0
 

@@ -14,7 +14,8 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -91,7 +92,7 @@ class Handle:
         if self.on_event is not None:
             try:
                 self.on_event(event)
-            except Exception:  # noqa: BLE001 - a consumer's bug must not stop the batch
+            except Exception:
                 log.exception("on_event callback failed; cancelling the request")
                 self.cancelled = True
 
@@ -120,11 +121,15 @@ class _Slot:
 
 
 class Batcher:
-    def __init__(self, engine: Engine, tokenizer, eos_ids: tuple[int, ...] = ()):
+    def __init__(self, engine: Engine, tokenizer, eos_ids: tuple[int, ...] = (), speculative=None):
         self.engine, self.tokenizer, self.eos_ids = engine, tokenizer, set(eos_ids)
+        # speculative decoding (speculative.py): a SpeculativeConfig makes every step a draft-and-verify round
+        self.spec = None
+        if speculative is not None:
+            from .speculative import Speculator
+            self.spec = Speculator(engine, speculative)
         self.slots: list[_Slot | None] = [None] * engine.max_slots
         self.waiting: collections.deque[Handle] = collections.deque()
-        self.prefill_hooks: list[Callable] = []  # prefix cache: (prompt_ids) -> (row, start) or None
         self.counters = collections.Counter()
         self._lock = threading.Lock()          # guards `waiting`
         self._wake = threading.Condition(self._lock)
@@ -132,6 +137,7 @@ class Batcher:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.prefill = engine.prefill          # replaced by the prefix cache's caching prefill
+        self.finish_hooks: list[Callable] = []  # (slot, prompt + generated ids) before a finished slot is freed
 
     # ---- submitting
 
@@ -190,7 +196,7 @@ class Batcher:
                     return
             try:
                 self.iteration()
-            except Exception as e:  # noqa: BLE001 - a failed decode step fails the requests in it, not the server
+            except Exception as e:
                 log.exception("decode step failed")
                 for i, s in enumerate(self.slots):
                     if s is not None:
@@ -207,6 +213,9 @@ class Batcher:
                 return
             num_top = self.engine.options.num_top if any(
                 s is not None and s.handle.options.logprobs for s in self.slots) else 0
+            if self.spec is not None:  # speculative round: several tokens per slot, each through _take
+                from .speculative import batcher_round
+                return batcher_round(self, active, num_top)
             out = self.engine.step(active, num_top)
             self.counters["steps"] += 1
             self.counters["occupied_slot_steps"] += int(active.sum())
@@ -233,7 +242,7 @@ class Batcher:
                 handle = self.waiting.popleft()
             try:
                 self._start(handle, free)
-            except Exception as e:  # noqa: BLE001 - this request fails alone
+            except Exception as e:
                 log.exception("prefill failed")
                 for i, s in enumerate(self.slots):
                     if s is not None and s.handle is handle:
@@ -251,6 +260,8 @@ class Batcher:
                                     [None] + [list(zip(map(int, i[:n]), map(float, v[:n]))) for i, v in
                                               zip(top_ids, top_lp)])
         num_top = self.engine.options.num_top if opts.logprobs else 0
+        if self.spec is not None:  # the draft model's copy of the prompt in the same slots
+            self.spec.prefill_insert(prompt, free[:opts.num_samples], stack_params([opts], 1))
         for index in range(opts.num_samples):
             slot = free[index]
             sp = stack_params([opts], 1, seeds=[opts.sample_seed(index)])
@@ -291,6 +302,8 @@ class Batcher:
         h._emit(Event("token", s.index, text, token, logprob, top, finish))
         if finish is not None:
             o.finish_reason = finish
+            for hook in self.finish_hooks:  # the prefix cache keeps the sequence's blocks (a chat's next turn)
+                hook(slot, h.prompt_ids + o.token_ids)
             self._free(slot)
             h.pending -= 1
             if h.pending == 0:
@@ -302,4 +315,4 @@ class Batcher:
     def stats(self) -> dict[str, Any]:
         active = sum(s is not None for s in self.slots)
         return {"queue_depth": len(self.waiting), "active_slots": active, "max_slots": self.engine.max_slots,
-                **self.counters}
+                **self.counters, **(self.spec.stats() if self.spec is not None else {})}

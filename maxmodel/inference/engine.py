@@ -27,8 +27,15 @@ from flax import nnx
 from maxmodel.models import kv_cache
 from maxmodel.models.sharding import constrain
 
-from .sampling import MAX_LOGPROBS, SampleOut, SamplingParams, count_tokens, prompt_token_mask, sample, \
-    token_logprobs
+from .sampling import (
+    MAX_LOGPROBS,
+    SampleOut,
+    SamplingParams,
+    count_tokens,
+    prompt_token_mask,
+    sample,
+    token_logprobs,
+)
 
 
 @dataclasses.dataclass
@@ -193,7 +200,7 @@ class Engine:
                 row, logits, scored = self._prefill(self.params, row, jnp.asarray(tokens), jnp.asarray([start]),
                                                     jnp.asarray([m]), jnp.asarray(targets), echo=echo)
                 if echo:
-                    scores.append(jax.tree.map(lambda a: np.asarray(a)[0, :len(nxt)], scored))
+                    scores.append(tuple(np.asarray(a)[0, :len(nxt)] for a in scored))
                 start += m
         if not echo:
             return row, logits, None

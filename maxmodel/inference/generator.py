@@ -11,11 +11,19 @@ from .sampling import SamplingOptions
 
 
 class Generator:
-    def __init__(self, engine: Engine, tokenizer, name: str = "model", model_dir: Path | None = None):
+    def __init__(self, engine: Engine, tokenizer, name: str = "model", model_dir: Path | None = None,
+                 speculative=None):
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, name
         self.model_dir = model_dir
-        self.batcher = Batcher(engine, tokenizer, eos_ids=self._eos_ids())
+        self.batcher = Batcher(engine, tokenizer, eos_ids=self._eos_ids(), speculative=speculative)
         self.max_len, self.max_slots = engine.max_len, engine.max_slots
+        self.prefix_cache = None
+
+    def attach_prefix_cache(self, cache) -> None:
+        """Prefill through `cache` (a PrefixCache) and keep finished sequences' blocks (chat turns)."""
+        self.prefix_cache = cache
+        self.batcher.prefill = cache
+        self.batcher.finish_hooks.append(cache.store_slot)
 
     def _eos_ids(self) -> tuple[int, ...]:
         """The tokenizer's EOS, and those a Hugging Face generation_config.json names (LLaMA 3: several)."""
@@ -58,7 +66,7 @@ class Generator:
         self.batcher.stop()
 
     def stats(self) -> dict:
-        return self.batcher.stats()
+        return self.batcher.stats() | (self.prefix_cache.stats() if self.prefix_cache is not None else {})
 
     def set_params(self, params) -> None:
         """New weights (e.g. the RL policy after an update); waits for the current step to finish."""

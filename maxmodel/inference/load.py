@@ -73,27 +73,63 @@ def _restore(path: Path, cfg, abstract, shardings):
     return params
 
 
-def load_engine(model_path, overrides=(), quantize: str | None = None, draft=None, **engine_options):
+def load_engine(model_path, overrides=(), quantize: str | None = None, draft=None, draft_tokens: int = 4,
+                ngram: int = 0, prefix_cache_gb: float = 0.0, prefix_cache_dir=None, prefix_cache_disk_gb: float = 0.0,
+                **engine_options):
     """A Generator over the model at `model_path`. `engine_options` are EngineOptions fields (max_slots,
-    max_len, prefill_buckets, spare, kv_int8)."""
+    max_len, prefill_buckets, spare, kv_int8). Speculative decoding: `draft` = a draft model directory
+    (loaded like the target, same vocabulary) proposing `draft_tokens` per round, or else `ngram` = N for
+    the draft-free n-gram drafter. `prefix_cache_gb` > 0 keeps prompt-prefix KV blocks in that much host
+    memory (spilling to `prefix_cache_dir`, up to `prefix_cache_disk_gb`, default 4x the memory)."""
+    from maxmodel import distributed
+
+    from .generator import Generator
+
+    path = Path(model_path)
+    cfg = model_config(_as_dir(path), overrides)
+    distributed.initialize(cfg.run.cpu_devices)
+    speculative = None
+    if draft is not None or ngram:
+        from .speculative import SpeculativeConfig
+        # ring buffers keep k+1 spare slots so that rejected tokens never overwrite keys still in the window
+        engine_options["spare"] = max(engine_options.get("spare", 0), draft_tokens + 1)
+    engine, tokenizer = _engine(path, cfg, quantize, engine_options)
+    if draft is not None:
+        draft_engine, _ = _engine(Path(draft), model_config(_as_dir(Path(draft))), quantize, engine_options)
+        speculative = SpeculativeConfig(draft_engine, k=draft_tokens)
+    elif ngram:
+        speculative = SpeculativeConfig(None, k=draft_tokens, ngram=ngram)
+    generator = Generator(engine, tokenizer, name=path.resolve().name, model_dir=path, speculative=speculative)
+    if prefix_cache_gb > 0:
+        from .prefix_cache import PrefixCache
+        disk_gb = prefix_cache_disk_gb or 4 * prefix_cache_gb
+        generator.attach_prefix_cache(PrefixCache(engine, capacity_bytes=int(prefix_cache_gb * 2**30),
+                                                  disk_dir=prefix_cache_dir, disk_bytes=int(disk_gb * 2**30)))
+    return generator
+
+
+def _as_dir(path: Path) -> Path:
+    if not path.is_dir():
+        raise ConfigError("MODEL", f"{path} is not a directory")
+    return path
+
+
+def _engine(path: Path, cfg, quantize, engine_options):
+    """(Engine, tokenizer) for the model directory `path` with its resolved config `cfg`."""
     import jax
     from flax import nnx
 
-    from maxmodel import distributed
     from maxmodel.parallel.mesh import build_mesh
     from maxmodel.parallel.rules import logical_rules
     from maxmodel.train.step import abstract_state, concrete_shardings
 
     from .engine import Engine, EngineOptions
-    from .generator import Generator
 
-    path = Path(model_path)
-    if not path.is_dir():
-        raise ConfigError("MODEL", f"{path} is not a directory")
-    cfg = model_config(path, overrides)
-    distributed.initialize(cfg.run.cpu_devices)
     tokenizer = model_tokenizer(path, cfg)
-    mesh = build_mesh(cfg.mesh)
+    devices = jax.devices()
+    if devices[0].platform == "cpu" and jax.process_count() == 1:  # the emulated devices run.cpu_devices asks for
+        devices = devices[:cfg.run.cpu_devices]
+    mesh = build_mesh(cfg.mesh, devices)
     rules = logical_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         graphdef, abstract = abstract_state(cfg)
@@ -101,5 +137,4 @@ def load_engine(model_path, overrides=(), quantize: str | None = None, draft=Non
         if quantize:
             from .quantize import quantize_params
             params = quantize_params(cfg, params, quantize)
-    engine = Engine(cfg, graphdef, params, mesh, rules, EngineOptions(**engine_options))
-    return Generator(engine, tokenizer, name=path.resolve().name, model_dir=path)
+    return Engine(cfg, graphdef, params, mesh, rules, EngineOptions(**engine_options)), tokenizer

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import yaml
@@ -99,6 +100,9 @@ def export(cfg, step: int | None, out: str, dtype: str | None) -> Path:
         from maxmodel.data.tokenizer import copy_hf_tokenizer
         if cfg.data.tokenizer.endswith(".json"):  # a Hugging Face tokenizer: `convert to-hf` carries it on
             copy_hf_tokenizer(Path(cfg.data.tokenizer), out_dir)
+        spm = Path(cfg.data.tokenizer) if cfg.data.tokenizer.endswith(".model") else run_dir_of(cfg) / "tokenizer.model"
+        if spm.is_file():  # the sentencepiece model the run trained (or was given): generation needs it
+            shutil.copy(spm, out_dir / "tokenizer.model")
         (out_dir / "export.json").write_text(json.dumps(
             {"step": step, "source": str(ckpt_dir), "dtype": dtype or cfg.train.param_dtype,
              "model": to_dict(cfg.model)}, indent=1))
