@@ -344,11 +344,14 @@ def test_lm_eval_local_completions_scores_with_the_forward_pass_loglikelihoods(s
 
 def test_serve_command_on_a_directory_that_is_not_a_model_exits_2_naming_it(tmp_path, capsys):
     from maxmodel.cli import main as cli_main
-    from maxmodel.inference.serve_cli import engine_kwargs, parse_args
+    from maxmodel.inference.generate_cli import engine_kwargs
+    from maxmodel.inference.serve_cli import parse_args
     assert cli_main(["serve", str(tmp_path)]) == 2
     assert str(tmp_path) in capsys.readouterr().err
     args = parse_args(["m", "--max-batch", "4", "--max-len", "128", "--kv-cache-dtype", "int8", "--quantize", "int4",
-                       "model.rope_theta=1e4"])
-    assert (args.host, args.port, args.api_key, args.overrides) == ("127.0.0.1", 8000, None, ["model.rope_theta=1e4"])
-    assert engine_kwargs(args) == {"max_slots": 4, "max_len": 128, "kv_int8": True, "quantize": "int4"}
+                       "model.rope_theta=1e4", "--prefix-cache-gb", "0.5", "--port", "9000"])
+    assert (args.model, args.host, args.port, args.api_key, args.overrides) == \
+        ("m", "127.0.0.1", 9000, None, ["model.rope_theta=1e4"])
+    assert engine_kwargs(args) == {"max_slots": 4, "max_len": 128, "kv_int8": True, "quantize": "int4",
+                                   "prefix_cache_gb": 0.5}
     assert cli_main(["serve", str(tmp_path), "--max-batch", "0"]) == 2

@@ -263,6 +263,8 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
         for m in messages:
             m.setdefault("content", "")
+            if m["role"] == "developer":  # OpenAI's newer name for the system turn
+                m["role"] = "system"
         try:
             text = engine.render_chat(messages, add_generation_prompt=req.add_generation_prompt is not False)
         except ValueError as e:
