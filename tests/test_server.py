@@ -91,7 +91,7 @@ def forward_logprobs(engine, rows: list[list[int]]) -> np.ndarray:
 def post(server, path, body, key=KEY, **kw):
     headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
     data = body if isinstance(body, str) else json.dumps(body)
-    return requests.post(server.url + path, data=data, headers=headers, timeout=60, **kw)
+    return requests.post(server.url + path, data=data, headers=headers, **{"timeout": 60} | kw)
 
 
 def assert_serving(server, engine):
@@ -279,8 +279,8 @@ def test_metrics_count_requests_tokens_and_latencies(server, engine):
     assert delta("maxmodel_engine_generated_tokens_total") >= 3
 
 
-def test_a_stream_whose_client_disconnects_frees_its_slot(client, engine):
-    before = engine.stats()["generated_tokens"]
+def test_a_client_that_disconnects_frees_its_slot(client, server, engine):
+    before = engine.stats().get("generated_tokens", 0)
     stream = client.completions.create(model=engine.model_name, prompt="the", max_tokens=MAX_LEN - 4,
                                        temperature=0, stream=True, extra_body={"ignore_eos": True})
     it = iter(stream)
@@ -291,7 +291,22 @@ def test_a_stream_whose_client_disconnects_frees_its_slot(client, engine):
     while engine.stats()["active_slots"] and time.monotonic() < deadline:
         time.sleep(0.01)
     assert engine.stats()["active_slots"] == 0
-    assert engine.stats()["generated_tokens"] - before < MAX_LEN - 4  # cancelled, not run to the end
+    assert engine.stats().get("generated_tokens", 0) - before < MAX_LEN - 4  # cancelled, not run to the end
+
+    # a non-streaming client that gives up (its read timeout closes the connection) too
+    def answered():  # requests the server has finished (answered or abandoned) on /v1/completions
+        return sum(v for (name, labels), v in scrape(server).items() if name == "maxmodel_http_requests_total"
+                   and ("endpoint", "/v1/completions") in labels)
+
+    before, done = engine.stats().get("generated_tokens", 0), answered()
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        post(server, "/v1/completions", {"prompt": "the", "max_tokens": MAX_LEN - 4, "ignore_eos": True,
+                                         "temperature": 0}, timeout=0.3)
+    deadline = time.monotonic() + 10
+    while answered() == done and time.monotonic() < deadline:  # its handler has returned
+        time.sleep(0.02)
+    assert answered() == done + 1 and engine.stats()["active_slots"] == 0
+    assert engine.stats().get("generated_tokens", 0) - before < MAX_LEN - 4
 
 
 def test_an_engine_failure_fails_only_its_request(server, engine, monkeypatch):

@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Self
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
@@ -45,6 +45,7 @@ from .server_schema import (
 
 log = logging.getLogger("maxmodel.server")
 
+DISCONNECT_POLL_S = 0.1  # how often a non-streaming request checks that its client is still there
 PATHS = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics", "/tokenize",
          "/detokenize", "/tokenizer_info"}
 
@@ -161,8 +162,15 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                                  background=BackgroundTask(sub.cancel))
 
-    async def collect(sub: Submission, clock: Clock) -> list:
-        """Wait for every engine request of a non-streaming call; its results."""
+    async def collect(sub: Submission, clock: Clock, request: Request) -> list:
+        """Wait for every engine request of a non-streaming call; its results. A client that hangs up
+        meanwhile cancels them (nothing would read the answer)."""
+        async def watch():
+            while not await request.is_disconnected():
+                await asyncio.sleep(DISCONNECT_POLL_S)
+            sub.cancel()
+
+        watcher = asyncio.create_task(watch())
         try:
             async for i, ev, at in sub.events():
                 if ev.kind == "token":
@@ -170,6 +178,7 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
                 elif ev.kind == "error":
                     raise engine_error(ev)
         finally:
+            watcher.cancel()
             sub.cancel()
         return await sub.results()
 
@@ -190,7 +199,7 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
                                             "owned_by": "maxmodel", "max_model_len": engine.max_len}]}
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
         req.check_unsupported()
         prompt = req.prompt
@@ -247,7 +256,7 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
                     sub.cancel()
             return streaming(sub, body())
 
-        results = await collect(sub, clock)
+        results = await collect(sub, clock, request)
         choices = [fmt.completion_choice(tokens, i * n + comp.index, comp, res, texts[i], bool(req.echo), want_lp)
                    for i, res in enumerate(results) for comp in res.completions]
         choices.sort(key=lambda c: c["index"])
@@ -257,7 +266,7 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
                             usage=fmt.usage(sum(map(len, ids)), completion_tokens))
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest):
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
         check_model(req.model)
         req.check_unsupported()
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
@@ -315,7 +324,7 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
                     sub.cancel()
             return streaming(sub, body())
 
-        (result,) = await collect(sub, clock)
+        (result,) = await collect(sub, clock, request)
         choices = [fmt.chat_choice(tokens, c.index, c, want_lp) for c in result.completions]
         completion_tokens = sum(len(c.token_ids) for c in result.completions)
         clock.finish(len(ids), completion_tokens)
