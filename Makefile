@@ -5,8 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
 # dev: test tools; tpu: libtpu, so `maxmodel compile` can compile for TPU topologies on this CPU host;
-# seqio: the seqio bridge (tensorflow, ~2.4 GB), whose tests run in CI; interop: safetensors, for `maxmodel convert`.
-EXTRAS ?= dev,tpu,seqio,interop
+# seqio: the seqio bridge (tensorflow, ~2.4 GB), whose tests run in CI; interop: safetensors, for `maxmodel convert`;
+# serve: FastAPI, uvicorn and prometheus-client, for `maxmodel serve`.
+EXTRAS ?= dev,tpu,seqio,interop,serve
 
 # The Hugging Face side of tests/test_interop_*.py (torch + transformers) lives in its own venv and runs out of
 # process (tests/hf_oracle.py), so maxmodel's venv never imports torch. Its packages are the `hf` extra's; a

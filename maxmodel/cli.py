@@ -23,6 +23,7 @@ COMMANDS = {
                                                     "continuous batching, sampling, beams, speculation)"),
     "bench": ("maxmodel.bench", "time the train step of a config: tokens/s, step time, compile, MFU, memory"),
     "plot": ("maxmodel.train.plot", "draw loss/eval/LR/throughput curves of one or more runs to a PNG"),
+    "serve": ("maxmodel.inference.serve_cli", "serve a model over an OpenAI-compatible HTTP API"),
 }
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PREEMPTED = 0, 1, 2, 3
