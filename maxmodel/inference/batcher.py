@@ -145,6 +145,8 @@ class Batcher:
         options.validate(self.engine.vocab_size)
         if not prompt_ids:
             raise ValueError("prompt: empty")
+        if min(prompt_ids) < 0 or max(prompt_ids) >= self.engine.vocab_size:
+            raise ValueError(f"prompt: token ids must lie in [0, {self.engine.vocab_size})")
         if len(prompt_ids) >= self.engine.max_len:
             raise ValueError(f"prompt: {len(prompt_ids)} tokens leave no room to generate within the model's "
                              f"context of {self.engine.max_len}")
@@ -186,6 +188,10 @@ class Batcher:
                 self._wake.notify()
             self._thread.join()
             self._thread = None
+
+    def alive(self) -> bool:
+        """The background loop is running (or none was started: the caller drives the loop)."""
+        return self._thread is None or self._thread.is_alive()
 
     def _loop(self) -> None:
         while True:
@@ -315,4 +321,5 @@ class Batcher:
     def stats(self) -> dict[str, Any]:
         active = sum(s is not None for s in self.slots)
         return {"queue_depth": len(self.waiting), "active_slots": active, "max_slots": self.engine.max_slots,
+                "requests": 0, "steps": 0, "occupied_slot_steps": 0, "prompt_tokens": 0, "generated_tokens": 0,
                 **self.counters, **(self.spec.stats() if self.spec is not None else {})}

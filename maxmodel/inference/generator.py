@@ -16,7 +16,7 @@ class Generator:
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, name
         self.model_dir = model_dir
         self.batcher = Batcher(engine, tokenizer, eos_ids=self._eos_ids(), speculative=speculative)
-        self.max_len, self.max_slots = engine.max_len, engine.max_slots
+        self.max_len, self.max_slots, self.vocab_size = engine.max_len, engine.max_slots, engine.vocab_size
         self.prefix_cache = None
 
     def attach_prefix_cache(self, cache) -> None:
