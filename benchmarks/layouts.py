@@ -40,6 +40,7 @@ from maxmodel.parallel.mesh import build_mesh
 from maxmodel.parallel.rules import logical_rules
 from maxmodel.train.step import abstract_state, build_train_step, create_params, global_batch
 import numpy as np
+from maxmodel import jsonio
 mesh = build_mesh(cfg.mesh)
 src = SyntheticSource(cfg.model.vocab_size, cfg.train.seq_len, 0)
 with jax.set_mesh(mesh), nnx.logical_axis_rules(logical_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)):
@@ -55,7 +56,7 @@ with jax.set_mesh(mesh), nnx.logical_axis_rules(logical_rules(cfg.mesh.rules, cf
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
 step = statistics.median(times[2:])
-print(json.dumps({"step_time": step, "tokens_per_sec": cfg.train.batch_size * cfg.train.seq_len / step,
+print(jsonio.dumps({"step_time": step, "tokens_per_sec": cfg.train.batch_size * cfg.train.seq_len / step,
                   "loss": float(m["loss"])}))
 """
 
@@ -81,7 +82,7 @@ def main() -> int:
     if ns.out:
         with open(ns.out, "a") as f:
             for r in rows:
-                f.write(json.dumps(r) + "\n")
+                f.write(jsonio.dumps(r) + "\n")
     return 0
 
 

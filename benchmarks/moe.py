@@ -12,10 +12,11 @@ the CPU (they share its cores) and --expert sets mesh.expert (the rest is data).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
+
+from maxmodel import jsonio
 
 
 def variants(args) -> dict[str, list[str]]:
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
         return 2
     results = {name: time_variant(ov, args, devices) for name, ov in variants(args).items()}
     if args.json:
-        print(json.dumps({"device": devices[0].device_kind, "devices": len(devices), "expert": args.expert,
+        print(jsonio.dumps({"device": devices[0].device_kind, "devices": len(devices), "expert": args.expert,
                           "batch": args.batch, "seq": args.seq, "results": results}, indent=1))
         return 0
     print(f"{devices[0].device_kind} × {len(devices)} (mesh.expert={args.expert}), batch {args.batch} × seq "

@@ -11,7 +11,6 @@ term; peak from the chip table, or on CPU a large matmul measured in this same r
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import runpy
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from maxmodel import jsonio
 from maxmodel.config import ConfigError, load_config
 from maxmodel.config.loader import split_config_args
 
@@ -140,7 +140,7 @@ def main(argv: list[str]) -> int:
     result = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "revision": git_revision(),
               "config": config_file or "base", "overrides": overrides, "label": args.label,
               "load_average": os.getloadavg()[0], **time_steps(cfg, args.steps, args.warmup)}
-    line = json.dumps(result)
+    line = jsonio.dumps(result)
     print(line)
     path = Path(args.results)
     path.parent.mkdir(parents=True, exist_ok=True)

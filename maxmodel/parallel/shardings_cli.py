@@ -7,9 +7,9 @@ policy; and XLA's own memory figures for the compiled step on this host's device
 from __future__ import annotations
 
 import argparse
-import json
 import math
 
+from maxmodel import jsonio
 from maxmodel.config import load_config_args
 
 MIB = 1024 ** 2
@@ -108,5 +108,5 @@ def main(argv: list[str]) -> int:
     ns = parser.parse_args(argv)
     cfg = load_config_args(ns.args)
     out = collect(cfg, not ns.no_compile)
-    print(json.dumps(out)) if ns.json else print_table(out)
+    print(jsonio.dumps(out)) if ns.json else print_table(out)
     return 0

@@ -9,11 +9,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import sys
 
+from maxmodel import jsonio
 from maxmodel.config.errors import ConfigError
 
 SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12, "p": 1e15}
@@ -118,7 +118,7 @@ def run_plan(argv: list[str]) -> int:
     if args.compile:
         plan["compile"] = run_compile(plan, args)
     if args.json:
-        print(json.dumps(plan, default=float))
+        print(jsonio.dumps(plan))
     else:
         sys.stdout.write(_plain(plan))
     return 0
@@ -180,7 +180,7 @@ def run_fit(argv: list[str]) -> int:
         from .plot import plot_fit
 
         result["plot"] = str(plot_fit(runs, result, args.plot))
-    print(json.dumps(result, default=float) if args.json else fit_table(result), end="" if not args.json else "\n")
+    print(jsonio.dumps(result) if args.json else fit_table(result), end="" if not args.json else "\n")
     return 0
 
 

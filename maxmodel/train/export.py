@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from maxmodel import jsonio
 from maxmodel.config import ConfigError, load_config_args
 from maxmodel.config.loader import config_from_dict
 
@@ -99,7 +100,7 @@ def export(cfg, step: int | None, out: str, dtype: str | None) -> Path:
         from maxmodel.data.tokenizer import copy_hf_tokenizer
         if cfg.data.tokenizer.endswith(".json"):  # a Hugging Face tokenizer: `convert to-hf` carries it on
             copy_hf_tokenizer(Path(cfg.data.tokenizer), out_dir)
-        (out_dir / "export.json").write_text(json.dumps(
+        (out_dir / "export.json").write_text(jsonio.dumps(
             {"step": step, "source": str(ckpt_dir), "dtype": dtype or cfg.train.param_dtype,
              "model": to_dict(cfg.model)}, indent=1))
     return out_dir

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -13,7 +12,7 @@ import yaml
 from flax import nnx
 from tqdm import tqdm
 
-from maxmodel import distributed
+from maxmodel import distributed, jsonio
 from maxmodel.config.schema import Config, to_dict
 from maxmodel.data.pipeline import make_train_data
 from maxmodel.parallel.mesh import build_mesh
@@ -203,7 +202,7 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
             goodput.lap("checkpoint")
         result.stats["goodput"] = goodput.metrics()
         if main:
-            (run_dir / "goodput.json").write_text(json.dumps(goodput.metrics(), indent=1))
+            (run_dir / "goodput.json").write_text(jsonio.dumps(goodput.metrics(), indent=1))
         log.info("%s", goodput.summary())
         result.final_step = step
         result.params, result.graphdef, result.tokenizer, result.mesh = params, graphdef, data.tokenizer, mesh
