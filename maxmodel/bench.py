@@ -59,14 +59,14 @@ def time_steps(cfg, steps: int, warmup: int) -> dict:
     from maxmodel import distributed
     from maxmodel.data.pipeline import make_train_data
     from maxmodel.parallel.mesh import build_mesh
-    from maxmodel.parallel.rules import logical_rules
+    from maxmodel.parallel.rules import mesh_rules
     from maxmodel.train.metrics import flops_per_token, matmul_params, peak_flops_per_device
     from maxmodel.train.step import abstract_state, build_train_step, create_params, global_batch
 
     distributed.initialize(cfg.run.cpu_devices)
     peak, peak_source = peak_flops_per_device(remeasure=True)  # same load as the steps timed below
     mesh = build_mesh(cfg.mesh)
-    rules = logical_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)
+    rules = mesh_rules(cfg.mesh, mesh)
     data = make_train_data(cfg, Path(cfg.run.output_dir) / cfg.run.name)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         graphdef, abstract = abstract_state(cfg)

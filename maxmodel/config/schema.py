@@ -96,7 +96,7 @@ class MeshConfig(MeshAxes):
     """Within-slice (ICI) sizes; `dcn` holds the across-slice sizes. -1 fills the remainder."""
     data: int = -1
     dcn: MeshAxes = field(default_factory=MeshAxes)
-    rules: str = "default"                # a preset from maxmodel/parallel/rules.py
+    rules: str = "auto"                   # a preset from maxmodel/parallel/rules.py; auto = pipeline if stage > 1
     rule_overrides: dict[str, Any] = field(default_factory=dict)  # logical name -> mesh axis / list / null
     zero1: bool = False                   # also shard optimizer state over `data` (ZeRO stage 1)
 

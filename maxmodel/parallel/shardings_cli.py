@@ -39,13 +39,13 @@ def collect(cfg, compile_step: bool) -> dict:
     from maxmodel.train.step import abstract_state, batch_keys, batch_sharding, build_train_step
 
     from .mesh import build_mesh
-    from .rules import logical_rules
+    from .rules import mesh_rules, resolve_preset
 
     distributed.initialize(cfg.run.cpu_devices)
     mesh = build_mesh(cfg.mesh)
     shape = dict(mesh.shape)
-    rules = logical_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)
-    out: dict = {"mesh": shape, "rules": cfg.mesh.rules, "parameters": []}
+    rules = mesh_rules(cfg.mesh, mesh)
+    out: dict = {"mesh": shape, "rules": resolve_preset(cfg.mesh.rules, shape["stage"]), "parameters": []}
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         graphdef, abstract = abstract_state(cfg)
         ts = build_train_step(cfg, graphdef, abstract, mesh)

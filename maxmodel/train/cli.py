@@ -57,12 +57,12 @@ def report(cfg, result) -> None:
         import jax
         from flax import nnx
 
-        from maxmodel.parallel.rules import logical_rules
+        from maxmodel.parallel.rules import mesh_rules
 
         from .sample import greedy_continue, greedy_translate
         rows = result.mesh.shape["data"] * result.mesh.shape["fsdp"] * result.mesh.shape["expert"]
         tok = result.tokenizer
-        with jax.set_mesh(result.mesh), nnx.logical_axis_rules(logical_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)):
+        with jax.set_mesh(result.mesh), nnx.logical_axis_rules(mesh_rules(cfg.mesh, result.mesh)):
             if cfg.train.objective == "seq2seq":  # the prompt is the source; the decoder writes its target
                 out = greedy_translate(result.graphdef, result.params, tok.encode(cfg.run.sample_prompt),
                                        tok.bos_id, tok.eos_id, cfg.run.sample_tokens, cfg.train.seq_len, rows)

@@ -61,7 +61,7 @@ def export(cfg, step: int | None, out: str, dtype: str | None) -> Path:
 
     from maxmodel import distributed
     from maxmodel.parallel.mesh import build_mesh
-    from maxmodel.parallel.rules import logical_rules
+    from maxmodel.parallel.rules import mesh_rules
 
     from .checkpoint import ITEMS, abstract_like, as_path, check_manifest
     from .loop import run_dir_of
@@ -85,7 +85,7 @@ def export(cfg, step: int | None, out: str, dtype: str | None) -> Path:
         raise ConfigError("--step", f"checkpoint {ckpt_dir / str(step)} is damaged: {problem}")
 
     mesh = build_mesh(cfg.mesh)
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(logical_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)):
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(mesh_rules(cfg.mesh, mesh)):
         _, abstract = abstract_state(cfg)
         shardings = concrete_shardings(abstract, mesh)
         params = manager.restore(step, args=ocp.args.Composite(
