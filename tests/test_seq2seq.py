@@ -150,7 +150,7 @@ def test_trains_on_the_builtin_corpus_with_falling_loss(tmp_path):
     tok = result.tokenizer
     with jax.set_mesh(result.mesh), nnx.logical_axis_rules(mesh_rules(cfg.mesh, result.mesh)):
         out = greedy_translate(result.graphdef, result.params, tok.encode("The "), tok.bos_id, tok.eos_id,
-                               new_tokens=8, max_len=32, rows=8)
+                               new_tokens=8, max_len=32, mesh=result.mesh)
     assert 0 < len(out) <= 8 and all(0 <= t < 512 for t in out)
 
 
