@@ -63,8 +63,11 @@ def plan_parser() -> Parser:
     g.add_argument("--deadline-days", type=number, help="with --chip and no --chips: chips needed to finish")
     g.add_argument("--price-per-chip-hour", type=number, help="price in dollars: adds the cost")
     g = p.add_argument_group("law")
-    g.add_argument("--law", default="chinchilla-3", choices=list(LAWS), help="scaling law (default chinchilla-3)")
-    g.add_argument("--unique-tokens", type=number, help="unique tokens available (data-constrained law)")
+    g.add_argument("--law", default=None, choices=list(LAWS),
+                   help="scaling law (default chinchilla-3; muennighoff with --unique-tokens)")
+    g.add_argument("--unique-tokens", type=number,
+                   help="unique tokens available: the data-constrained law (Muennighoff et al. 2023) on the "
+                        "chosen base law; its own jointly fitted base unless --law is given")
     g.add_argument("--inference-tokens", type=number, help="tokens the model will serve (inference-aware)")
     g = p.add_argument_group("shape and training")
     g.add_argument("--vocab", type=integer, default=32000)
