@@ -2,12 +2,16 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
-# dev: test tools; tpu: libtpu, so `maxmodel compile` can compile for TPU topologies on this CPU host;
-# seqio: the seqio bridge (tensorflow, ~2.4 GB), whose tests run in CI; interop: safetensors, for `maxmodel convert`;
-# serve: FastAPI, uvicorn and prometheus-client, for `maxmodel serve`.
-EXTRAS ?= dev,tpu,seqio,interop,serve
+# What each target installs into .venv: `make train` only maxmodel's own dependencies (what training the default
+# model needs); the extras of pyproject.toml come with the targets that use them. A stamp per part records
+# what is already in.
+#   dev: test tools and ruff; tpu: libtpu, so `maxmodel compile` can compile for TPU topologies on this CPU host;
+#   seqio: the seqio bridge (tensorflow, ~2.4 GB), whose tests run in CI; interop: safetensors, for `maxmodel convert`;
+#   serve: FastAPI, uvicorn and prometheus-client, for `maxmodel serve`.
+TEST_EXTRAS := dev,tpu,seqio,interop,serve
+BASE_STAMP := $(VENV)/.installed-base
+extra_stamp = $(VENV)/.installed-$(1)
 
 # The Hugging Face side of tests/test_interop_*.py (torch + transformers) lives in its own venv and runs out of
 # process (tests/hf_oracle.py), so maxmodel's venv never imports torch. Its packages are the `hf` extra's; a
@@ -17,17 +21,33 @@ HF_VENV := .venv-hf
 HF_STAMP := $(HF_VENV)/.installed
 WHEELS ?= /opt/wheels
 
-.PHONY: setup setup-hf train test lint clean
+.PHONY: setup setup-dev setup-tpu setup-seqio setup-interop setup-serve setup-test setup-hf train test lint clean
 
-$(STAMP): pyproject.toml
+$(BASE_STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; v = sys.version_info; sys.exit(0 if v >= (3, 12) else \
 	  f"maxmodel needs Python >= 3.12, found {v.major}.{v.minor} ({sys.executable}); run: make PYTHON=/path/to/python3.12")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
-	touch $(STAMP)
+	$(BIN)/pip install -q -e .
+	touch $@
 
-setup: $(STAMP)
+# One extra: `make setup-tpu` installs .[tpu] into the same venv (and the base first); `test` is all that
+# the test suite needs, in one resolve.
+$(VENV)/.installed-test: pyproject.toml $(BASE_STAMP)
+	$(BIN)/pip install -q -e '.[$(TEST_EXTRAS)]'
+	touch $@
+
+$(VENV)/.installed-%: pyproject.toml $(BASE_STAMP)
+	$(BIN)/pip install -q -e '.[$*]'
+	touch $@
+
+setup: $(BASE_STAMP)
+setup-dev: $(call extra_stamp,dev)
+setup-tpu: $(call extra_stamp,tpu)
+setup-seqio: $(call extra_stamp,seqio)
+setup-interop: $(call extra_stamp,interop)
+setup-serve: $(call extra_stamp,serve)
+setup-test: $(call extra_stamp,test)
 
 $(HF_STAMP): pyproject.toml
 	@set -e; \
@@ -45,13 +65,13 @@ $(HF_STAMP): pyproject.toml
 
 setup-hf: $(HF_STAMP)
 
-train: $(STAMP)
+train: $(BASE_STAMP)
 	$(BIN)/maxmodel train
 
-test: $(STAMP) $(HF_STAMP)
+test: setup-test $(HF_STAMP)
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup --timeout=900 tests
 
-lint: $(STAMP)
+lint: setup-dev
 	$(BIN)/ruff check maxmodel tests
 
 clean:

@@ -13,7 +13,6 @@ Not part of the test suite.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -25,6 +24,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from maxmodel import jsonio
 from maxmodel.config.schema import CheckpointConfig
 from maxmodel.train.checkpoint import Checkpointer
 
@@ -119,7 +119,7 @@ def main() -> None:
         "async_write_vs_disk": state_bytes / asyn["total_s"] / disk,
         "async_blocking_vs_sync": asyn["blocking_s"] / sync["blocking_s"],
     }
-    print(json.dumps(out, indent=1))
+    print(jsonio.dumps(out, indent=1))
     print(f"\n{n_params / 1e6:.0f}M params, state {state_bytes / 1e9:.2f} GB on {out['devices']}")
     print(f"disk sequential write (fsync): {out['disk_seq_write_MBps']:.0f} MB/s")
     print(f"sync save : blocks {sync['blocking_s']:.2f} s, {out['sync_write_MBps']:.0f} MB/s "

@@ -11,7 +11,6 @@ checkpoint size.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -20,6 +19,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from maxmodel import jsonio
 
 REPO = Path(__file__).resolve().parents[1]
 FIXED_COST = ("import maxmodel.interop.convert, jax, orbax.checkpoint, flax.nnx, safetensors; "
@@ -51,7 +52,7 @@ def write_checkpoint(out: Path, layers: int, hidden: int, ffn: int, vocab: int, 
     writer.add("model.norm.weight", np.ones(hidden, np.float32))
     add("lm_head.weight", vocab, hidden)
     writer.close()
-    (out / "config.json").write_text(json.dumps({
+    (out / "config.json").write_text(jsonio.dumps({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
         "intermediate_size": ffn, "num_attention_heads": heads, "num_key_value_heads": heads,
         "num_hidden_layers": layers, "vocab_size": vocab, "max_position_embeddings": 4096,
@@ -123,7 +124,7 @@ def main(argv=None) -> dict:
             f" = imports + {anon - result['imports']['peak_anon_gib']:.2f} GiB "
             f"({(anon - result['imports']['peak_anon_gib']) / gib:.0%} of the checkpoint)")
         print(f"  {name:8s} peak RSS {rss:5.2f} GiB, anonymous {anon:5.2f} GiB{extra}, {secs:.1f} s")
-    (out / "result.json").write_text(json.dumps(result, indent=1))
+    (out / "result.json").write_text(jsonio.dumps(result, indent=1))
     return result
 
 

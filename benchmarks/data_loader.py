@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from maxmodel import jsonio
+
 
 def make_corpus(root: Path, megabytes: float) -> Path:
     from maxmodel.data.builtin import builtin_documents
@@ -27,7 +29,7 @@ def make_corpus(root: Path, megabytes: float) -> Path:
     path, size, i = root / "corpus.jsonl", 0, 0
     with open(path, "w") as f:
         while size < megabytes * 1e6:
-            line = json.dumps({"text": docs[i % len(docs)]}) + "\n"
+            line = jsonio.dumps({"text": docs[i % len(docs)]}) + "\n"
             f.write(line)
             size, i = size + len(line), i + 1
     return path
@@ -92,7 +94,7 @@ def main() -> None:
         loader = min(out["loader_first_fit"]["tokens_per_sec"], out["loader_concat"]["tokens_per_sec"])
         out["loader_over_trainer"] = round(loader / consumed, 1)
         out["prepare_over_trainer"] = round(out["prepare_tokens_per_sec"] / consumed, 1)
-    print(json.dumps(out, indent=1))
+    print(jsonio.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ LAYOUTS = {
     "data=2 fsdp=2 tensor=2": ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
     "data=2 sequence=4 allgather": ["mesh.data=2", "mesh.sequence=4", "model.attention.context_parallel=allgather"],
     "data=2 sequence=4 ring": ["mesh.data=2", "mesh.sequence=4", "model.attention.context_parallel=ring"],
-    "stage=4 data=2 gpipe": ["mesh.data=2", "mesh.stage=4", "mesh.rules=pipeline", "pipeline.microbatches=4"],
-    "stage=2 fsdp=2 tensor=2": ["mesh.data=1", "mesh.stage=2", "mesh.fsdp=2", "mesh.tensor=2", "mesh.rules=pipeline",
+    "stage=4 data=2 gpipe": ["mesh.data=2", "mesh.stage=4", "pipeline.microbatches=4"],
+    "stage=2 fsdp=2 tensor=2": ["mesh.data=1", "mesh.stage=2", "mesh.fsdp=2", "mesh.tensor=2",
                                 "pipeline.microbatches=4"],
 }
 
@@ -37,12 +37,13 @@ import jax
 from flax import nnx
 from maxmodel.data.windows import SyntheticSource
 from maxmodel.parallel.mesh import build_mesh
-from maxmodel.parallel.rules import logical_rules
+from maxmodel.parallel.rules import mesh_rules
 from maxmodel.train.step import abstract_state, build_train_step, create_params, global_batch
 import numpy as np
+from maxmodel import jsonio
 mesh = build_mesh(cfg.mesh)
 src = SyntheticSource(cfg.model.vocab_size, cfg.train.seq_len, 0)
-with jax.set_mesh(mesh), nnx.logical_axis_rules(logical_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)):
+with jax.set_mesh(mesh), nnx.logical_axis_rules(mesh_rules(cfg.mesh, mesh)):
     graphdef, abstract = abstract_state(cfg)
     ts = build_train_step(cfg, graphdef, abstract, mesh)
     params = create_params(cfg, ts.param_shardings); opt = ts.init_opt(params)
@@ -55,7 +56,7 @@ with jax.set_mesh(mesh), nnx.logical_axis_rules(logical_rules(cfg.mesh.rules, cf
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
 step = statistics.median(times[2:])
-print(json.dumps({"step_time": step, "tokens_per_sec": cfg.train.batch_size * cfg.train.seq_len / step,
+print(jsonio.dumps({"step_time": step, "tokens_per_sec": cfg.train.batch_size * cfg.train.seq_len / step,
                   "loss": float(m["loss"])}))
 """
 
@@ -80,8 +81,7 @@ def main() -> int:
               f"loss {result['loss']:.4f}", flush=True)
     if ns.out:
         with open(ns.out, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+            f.writelines(jsonio.dumps(r) + "\n" for r in rows)
     return 0
 
 

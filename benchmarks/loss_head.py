@@ -4,13 +4,13 @@ the fused chunked path (train.loss_chunk). Default shape: bench-50m (B 8, L 512,
   python benchmarks/loss_head.py [--chunks 0,64,128,256] [--repeats 3]
 Prints one JSON line per variant: median seconds, GFLOP/s (6·B·L·D·V per step) and XLA's temp memory."""
 import argparse
-import json
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 
+from maxmodel import jsonio
 from maxmodel.train.chunked_loss import fused_cross_entropy
 from maxmodel.train.loss import cross_entropy_sums
 
@@ -45,5 +45,5 @@ for chunk in map(int, args.chunks.split(",")):
         jax.block_until_ready(compiled(h, w))
         times.append(time.perf_counter() - t0)
     t = statistics.median(times)
-    print(json.dumps({"chunk": chunk, "seconds": t, "gflops": 6 * b * length * d * v / t / 1e9,
+    print(jsonio.dumps({"chunk": chunk, "seconds": t, "gflops": 6 * b * length * d * v / t / 1e9,
                       "temp_bytes": compiled.memory_analysis().temp_size_in_bytes}), flush=True)

@@ -12,10 +12,11 @@ the CPU (they share its cores) and --expert sets mesh.expert (the rest is data).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
+
+from maxmodel import jsonio
 
 
 def variants(args) -> dict[str, list[str]]:
@@ -35,7 +36,7 @@ def time_variant(overrides, args, devices):
     from maxmodel.config import load_config
     from maxmodel.models.params import count_params
     from maxmodel.parallel.mesh import build_mesh
-    from maxmodel.parallel.rules import logical_rules
+    from maxmodel.parallel.rules import mesh_rules
     from maxmodel.train.step import abstract_state, build_train_step, create_params, global_batch
 
     cfg = load_config(overrides=overrides + [f"train.batch_size={args.batch}", f"train.seq_len={args.seq}",
@@ -43,7 +44,7 @@ def time_variant(overrides, args, devices):
     counts = count_params(cfg)
     mesh = build_mesh(cfg.mesh, devices)
     rng = np.random.default_rng(0)
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(logical_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)):
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(mesh_rules(cfg.mesh, mesh)):
         graphdef, abstract = abstract_state(cfg)
         ts = build_train_step(cfg, graphdef, abstract, mesh)
         params = create_params(cfg, ts.param_shardings)
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
         return 2
     results = {name: time_variant(ov, args, devices) for name, ov in variants(args).items()}
     if args.json:
-        print(json.dumps({"device": devices[0].device_kind, "devices": len(devices), "expert": args.expert,
+        print(jsonio.dumps({"device": devices[0].device_kind, "devices": len(devices), "expert": args.expert,
                           "batch": args.batch, "seq": args.seq, "results": results}, indent=1))
         return 0
     print(f"{devices[0].device_kind} × {len(devices)} (mesh.expert={args.expert}), batch {args.batch} × seq "

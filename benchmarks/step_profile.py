@@ -63,7 +63,7 @@ def main(argv: list[str]) -> int:
     from maxmodel.config.loader import split_config_args
     from maxmodel.data.pipeline import make_train_data
     from maxmodel.parallel.mesh import build_mesh
-    from maxmodel.parallel.rules import logical_rules
+    from maxmodel.parallel.rules import mesh_rules
     from maxmodel.train.step import abstract_state, build_train_step, create_params, global_batch
 
     config_file, overrides = split_config_args(args.args)
@@ -71,7 +71,7 @@ def main(argv: list[str]) -> int:
     distributed.initialize(cfg.run.cpu_devices)
     mesh = build_mesh(cfg.mesh)
     with tempfile.TemporaryDirectory() as tmp, jax.set_mesh(mesh), \
-            nnx.logical_axis_rules(logical_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)):
+            nnx.logical_axis_rules(mesh_rules(cfg.mesh, mesh)):
         graphdef, abstract = abstract_state(cfg)
         ts = build_train_step(cfg, graphdef, abstract, mesh)
         params = create_params(cfg, ts.param_shardings)

@@ -11,7 +11,6 @@ term; peak from the chip table, or on CPU a large matmul measured in this same r
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import runpy
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from maxmodel import jsonio
 from maxmodel.config import ConfigError, load_config
 from maxmodel.config.loader import split_config_args
 
@@ -59,14 +59,14 @@ def time_steps(cfg, steps: int, warmup: int) -> dict:
     from maxmodel import distributed
     from maxmodel.data.pipeline import make_train_data
     from maxmodel.parallel.mesh import build_mesh
-    from maxmodel.parallel.rules import logical_rules
+    from maxmodel.parallel.rules import mesh_rules
     from maxmodel.train.metrics import flops_per_token, matmul_params, peak_flops_per_device
     from maxmodel.train.step import abstract_state, build_train_step, create_params, global_batch
 
     distributed.initialize(cfg.run.cpu_devices)
     peak, peak_source = peak_flops_per_device(remeasure=True)  # same load as the steps timed below
     mesh = build_mesh(cfg.mesh)
-    rules = logical_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)
+    rules = mesh_rules(cfg.mesh, mesh)
     data = make_train_data(cfg, Path(cfg.run.output_dir) / cfg.run.name)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         graphdef, abstract = abstract_state(cfg)
@@ -140,7 +140,7 @@ def main(argv: list[str]) -> int:
     result = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "revision": git_revision(),
               "config": config_file or "base", "overrides": overrides, "label": args.label,
               "load_average": os.getloadavg()[0], **time_steps(cfg, args.steps, args.warmup)}
-    line = json.dumps(result)
+    line = jsonio.dumps(result)
     print(line)
     path = Path(args.results)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -30,14 +30,14 @@ def multihost(spec: dict, out: str) -> None:
     from maxmodel.config import load_config
     from maxmodel.data.pipeline import make_train_data
     from maxmodel.parallel.mesh import build_mesh
-    from maxmodel.parallel.rules import logical_rules
+    from maxmodel.parallel.rules import mesh_rules
     from maxmodel.train.step import global_batch
     cfg = load_config(overrides=spec["overrides"])
     mesh = build_mesh(cfg.mesh)
     assert jax.process_count() == 2 and mesh.devices.size == 4
     data = make_train_data(cfg, Path(spec["run_dir"]), jax.process_index(), jax.process_count())
     local, gathered = [], []
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(logical_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)):
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(mesh_rules(cfg.mesh, mesh)):
         for _ in range(spec["batches"]):
             rows = next(data.train)
             batch = global_batch(rows, mesh)  # jax.make_array_from_process_local_data

@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from maxmodel.config import load_config
 from maxmodel.config.schema import CheckpointConfig
 from maxmodel.parallel.mesh import build_mesh
-from maxmodel.parallel.rules import logical_rules
+from maxmodel.parallel.rules import mesh_rules
 from maxmodel.train.checkpoint import MANIFEST, Checkpointer, abstract_like
 from maxmodel.train.step import abstract_state, build_train_step, create_params
 
@@ -115,7 +115,7 @@ def test_resharding_restore_fsdp8_to_data2_tensor2_on_4_devices(tmp_path):
     def setup(mesh_overrides, devices):
         cfg = load_config(overrides=TINY + ["data.source=synthetic"] + mesh_overrides)
         mesh = build_mesh(cfg.mesh, devices=devices)
-        return cfg, mesh, logical_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)
+        return cfg, mesh, mesh_rules(cfg.mesh, mesh)
 
     cfg, mesh, rules = setup(["mesh.data=1", "mesh.fsdp=8"], jax.devices())
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):

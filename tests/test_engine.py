@@ -15,7 +15,7 @@ from maxmodel.inference.engine import Engine, EngineOptions
 from maxmodel.inference.sampling import SamplingOptions
 from maxmodel.models.registry import build_model
 from maxmodel.parallel.mesh import build_mesh
-from maxmodel.parallel.rules import logical_rules
+from maxmodel.parallel.rules import mesh_rules
 from maxmodel.train.step import abstract_state, concrete_shardings, create_params
 
 SMALL = ["model.d_model=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2", "model.d_ff=128",
@@ -62,7 +62,7 @@ def test_cached_decoding_equals_the_full_forward_pass(extra):
 def make_engine(extra=(), devices=1, mesh_args=("mesh.data=1",), seed=0, **options):
     cfg = load_config_args(SMALL + list(mesh_args) + [f"train.seed={seed}"] + list(extra))
     mesh = build_mesh(cfg.mesh, jax.devices()[:devices])
-    rules = logical_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)
+    rules = mesh_rules(cfg.mesh, mesh)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         graphdef, abstract = abstract_state(cfg)
         params = create_params(cfg, concrete_shardings(abstract, mesh))

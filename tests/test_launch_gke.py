@@ -69,3 +69,11 @@ def test_output_file_holds_the_same_manifest(capsys, tmp_path):
 def test_bad_input_exits_2_naming_it(args, named, capsys):
     assert cli.main(["gke", "--dry-run", *args]) == 2
     assert named in capsys.readouterr().err
+
+
+def test_two_slices_without_mesh_arguments(capsys):
+    """mesh.dcn.data=-1 by default fills the slices, so `-- train` alone renders (one Job per slice)."""
+    doc = render(capsys, *BASE, "--slices", "2", "--", "train", "run.output_dir=gs://bucket/runs")
+    [job] = doc["spec"]["replicatedJobs"]
+    [container] = job["template"]["spec"]["template"]["spec"]["containers"]
+    assert job["replicas"] == 2 and container["command"] == ["maxmodel", "train", "run.output_dir=gs://bucket/runs"]

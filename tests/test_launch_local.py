@@ -55,6 +55,21 @@ def test_two_processes_of_two_devices_share_a_runtime():
         assert f"[p{i}] psum 6.0" in out.stdout
 
 
+
+def test_two_process_training_exits_0_and_prints_its_sample(tmp_path):
+    """The README's multi-process run with the default end-of-run sample: every process joins the sample's
+    forward, process 0 prints it, and the launcher's exit code is training's."""
+    tiny = ["model.d_model=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
+            "model.d_ff=128", "data.tokenizer=bytes", "train.seq_len=32", "train.batch_size=8",
+            "run.progress=false", "checkpoint.async=false"]
+    out = subprocess.run(launcher("--processes", "2", "--devices-per-process", "2", "--", "train", *tiny,
+                                  "train.steps=3", "mesh.data=2", "mesh.fsdp=2", f"run.output_dir={tmp_path}"),
+                         env=clean_env(), capture_output=True, text=True, timeout=400, check=False)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "[p0] sample (greedy): The " in out.stdout, out.stdout[-4000:]
+    assert "[p1] sample" not in out.stdout and "sample failed" not in out.stdout + out.stderr
+
+
 class Watched:
     """A launcher started in the background with its output collected line by line."""
 

@@ -128,7 +128,7 @@ def test_logs_status_stop_delete(capsys):
     (["create", "--tpu-type", "v5p-256", "--name", "n", "--project", "p"], "--zone"),
     (["create", "--tpu-type", "v5p-256", "--name", "n", "--zone", "z"], "--project"),
     (["create", "--tpu-type", "v5p-256", *WHERE], "--name"),
-    (["run", *TWO_SLICES, "--", "train"], "mesh.dcn.data"),                       # 2 slices, dcn all 1
+    (["run", *TWO_SLICES, "--", "train", "mesh.dcn.data=3"], "mesh.dcn.data"),    # 3 across 2 slices
     (["run", *TWO_SLICES, "--", "train", "mesh.dcn.data=2", "mesh.data=1", "mesh.fsdp=64"], "mesh.fsdp"),
     (["run", *TWO_SLICES], "after --"),
     (["logs", *TWO_SLICES, "--slice", "2"], "--slice"),
@@ -143,3 +143,14 @@ def test_gcloud_environment_supplies_project_and_zone(capsys, monkeypatch):
     monkeypatch.setenv("CLOUDSDK_CORE_PROJECT", "env-proj")
     assert dry(capsys, "delete", "--name", "one") == [
         "gcloud compute tpus tpu-vm delete one --zone=europe-west4-a --project=env-proj --quiet"]
+
+
+def test_two_slices_without_mesh_arguments_put_data_across_slices(capsys):
+    """mesh.dcn.data defaults to -1: the README's multi-slice example needs no mesh arguments."""
+    from maxmodel.config import load_config
+    from maxmodel.parallel.mesh import mesh_shape
+    lines = dry(capsys, "run", *TWO_SLICES, "--", "train", "run.output_dir=gs://bucket/runs")
+    assert len(lines) == 3 and all("maxmodel train run.output_dir=gs://bucket/runs >" in x for x in lines[1:])
+    ici, dcn = mesh_shape(load_config().mesh, 2 * 128, num_slices=2)
+    assert dcn == {"data": 2, "stage": 1, "fsdp": 1, "sequence": 1, "tensor": 1, "expert": 1}
+    assert ici["data"] == 128

@@ -6,7 +6,6 @@ from test_train_step import run_steps
 
 # 4 layers (divisible by 4 stages), 8 query / 4 kv heads (GQA, divisible by tensor=4).
 MODEL = ["model.num_layers=4", "model.num_heads=8", "model.num_kv_heads=4"]
-PIPE = ["mesh.rules=pipeline"]
 LAYOUTS = {
     "data=8": ["mesh.data=8"],
     "fsdp=8": ["mesh.data=1", "mesh.fsdp=8", "mesh.rules=fsdp"],
@@ -14,12 +13,11 @@ LAYOUTS = {
     "tensor=4 x data=2": ["mesh.data=2", "mesh.tensor=4"],
     "sequence=4 allgather": ["mesh.data=2", "mesh.sequence=4", "model.attention.context_parallel=allgather"],
     "sequence=4 ring": ["mesh.data=2", "mesh.sequence=4", "model.attention.context_parallel=ring"],
-    "stage=4 gpipe": ["mesh.data=2", "mesh.stage=4", "pipeline.microbatches=4", *PIPE],
-    "stage=2 circular repeats=2": ["mesh.data=4", "mesh.stage=2", "pipeline.microbatches=2", "pipeline.repeats=2",
-                                   *PIPE],
+    "stage=4 gpipe": ["mesh.data=2", "mesh.stage=4", "pipeline.microbatches=4"],
+    "stage=2 circular repeats=2": ["mesh.data=4", "mesh.stage=2", "pipeline.microbatches=2", "pipeline.repeats=2"],
     "data=2 x fsdp=2 x tensor=2": ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
     "stage=2 x fsdp=2 x tensor=2": ["mesh.data=1", "mesh.stage=2", "mesh.fsdp=2", "mesh.tensor=2",
-                                    "pipeline.microbatches=2", *PIPE],
+                                    "pipeline.microbatches=2"],
 }
 
 

@@ -202,3 +202,33 @@ def test_ring_attention_inside_a_stage():
     assert rel_err(out, jax.jit(ref)(params, x)) < 1e-5
     ref_grads = jax.jit(jax.grad(lambda p, x: jnp.sum(ref(p, x) ** 2)))(params, x)
     assert rel_err(grads["wq"], ref_grads["wq"]) < 1e-5
+
+
+def _stage_config(*overrides):
+    from conftest import TINY
+
+    from maxmodel.config import load_config
+    return load_config(overrides=TINY + ["model.num_layers=4", "mesh.data=4", "mesh.stage=2", *overrides])
+
+
+def test_stage_alone_implies_the_pipeline_rules():
+    from maxmodel.parallel.mesh import build_mesh, check_layout
+    from maxmodel.parallel.rules import mesh_rules
+    cfg = _stage_config()
+    assert cfg.mesh.rules == "auto"
+    mesh = build_mesh(cfg.mesh)
+    check_layout(cfg, dict(mesh.shape))
+    assert dict(mesh_rules(cfg.mesh, mesh))["layers"] == "stage"
+    # without stages, auto is the default table (layers replicated)
+    flat = build_mesh(_stage_config("mesh.stage=1", "mesh.data=8").mesh)
+    assert dict(mesh_rules(cfg.mesh, flat))["layers"] is None
+
+
+def test_an_explicit_table_without_layers_on_stage_contradicts_stages():
+    from maxmodel.config import ConfigError
+    from maxmodel.parallel.mesh import check_layout
+    shape = {"data": 4, "stage": 2, "fsdp": 1, "sequence": 1, "tensor": 1, "expert": 1}
+    with pytest.raises(ConfigError, match=r"mesh.rules.*mesh.rules=fsdp.*mesh.stage=2"):
+        check_layout(_stage_config("mesh.rules=fsdp"), shape)
+    check_layout(_stage_config("mesh.rules=pipeline"), shape)  # explicit and consistent
+    check_layout(_stage_config("mesh.rules=fsdp", "mesh.rule_overrides.layers=stage"), shape)

@@ -62,6 +62,13 @@ def test_fixed_params_or_tokens(capsys):
 def test_unique_tokens_and_inference(capsys):
     p = plan_json(capsys, "--flops", "1e22", "--unique-tokens", "20B")
     assert p["data_constrained"]["epochs"] > 1 and p["allocation"]["params"] == p["data_constrained"]["params"]
+    # --unique-tokens alone: the paper's own jointly fitted law; the allocation's loss is the constrained one
+    assert p["law"]["name"] == "muennighoff" and "15.387756" in p["data_constrained"]["source"]
+    assert p["allocation"]["loss"] == pytest.approx(p["data_constrained"]["loss"])
+    # an explicit base law wins and is combined with the printed, rounded decay constants
+    c3 = plan_json(capsys, "--flops", "1e22", "--unique-tokens", "20B", "--law", "chinchilla-3")
+    assert c3["law"]["name"] == "chinchilla-3" and "R_D*=15.4," in c3["data_constrained"]["source"]
+    assert plan_json(capsys, "--flops", "1e22")["law"]["name"] == "chinchilla-3"   # unconstrained default
     p = plan_json(capsys, "--flops", "1e22", "--inference-tokens", "10T")
     assert p["inference"]["flops_saved"] > 0
     assert p["allocation"]["params"] < p["inference"]["chinchilla"]["params"]

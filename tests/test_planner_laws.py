@@ -148,6 +148,29 @@ def test_muennighoff_data_constrained():
     assert big["params"] == pytest.approx(n, rel=0.01) and big["repeat_penalty"] == pytest.approx(0, abs=1e-9)
 
 
+
+def test_muennighoff_released_fit_reproduces_the_repository_examples():
+    """The examples of github.com/huggingface/datablations (README, "Parametric Fit"), computed there with the
+    released constants: the two models of Figure 1 (right) and the grid-searched optimal allocation."""
+    from maxmodel.planner.repeat import JOINT_FITS, constrained_loss, decay_constants
+    law = LAWS["muennighoff"]
+    assert (law.A, law.B, law.E) == (math.exp(6.255414), math.exp(7.3049974), math.exp(0.6254804))
+    assert law.alpha == law.beta == 0.3526596 and JOINT_FITS["muennighoff"] == (15.387756, 5.309743)
+    assert decay_constants(law)[:2] == (15.387756, 5.309743)
+    better = constrained_loss(law, 6.34e9, 242e9, 25e9)[0]
+    worse = constrained_loss(law, 8.67e9, 178e9, 25e9)[0]
+    assert better == pytest.approx(2.2256440889984477, rel=0.02)
+    assert worse == pytest.approx(2.2269634075087867, rel=0.02)
+    assert better < worse   # "<- This one is better": the repository's point, which a 2% band alone cannot show
+    # optimal_allocation(8.67e9, 178e9, 25e9) -> "227B tokens, 9.1 epochs, 6.8B parameters" (same 6ND budget)
+    res = plan_constrained(law, 6 * 8.67e9 * 178e9, 25e9)
+    assert res["tokens"] == pytest.approx(227e9, rel=0.02)
+    assert res["epochs"] == pytest.approx(9.1, rel=0.02)
+    assert res["params"] == pytest.approx(6.8e9, rel=0.02)
+    # other base laws keep the printed, rounded constants (the former combination, still --law chinchilla-3)
+    assert decay_constants(LAWS["chinchilla-3"])[:2] == (15.4, 5.3)
+
+
 def test_sardana_inference_aware():
     law = LAWS["chinchilla-3"]
     c = 1e23

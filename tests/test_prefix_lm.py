@@ -111,12 +111,12 @@ def _prefix_steps(overrides, devices, steps=2):
     from test_train_step import batches
 
     from maxmodel.parallel.mesh import build_mesh
-    from maxmodel.parallel.rules import logical_rules
+    from maxmodel.parallel.rules import mesh_rules
     from maxmodel.train.step import abstract_state, build_train_step, create_params, global_batch
     cfg = load_config(overrides=TINY + ["train.objective=prefix_lm", "model.num_layers=4", *overrides])
     mesh = build_mesh(cfg.mesh, devices)
     out = []
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(logical_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)):
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(mesh_rules(cfg.mesh, mesh)):
         graphdef, abstract = abstract_state(cfg)
         ts = build_train_step(cfg, graphdef, abstract, mesh)
         params = create_params(cfg, ts.param_shardings)
@@ -134,6 +134,6 @@ def test_prefix_through_the_pipeline_equals_one_device():
     """The prefix mask travels with the pipeline's per-microbatch aux arrays: stage=2 equals one device."""
     import jax
     one = _prefix_steps(["mesh.data=1"], jax.devices()[:1])
-    piped = _prefix_steps(["mesh.data=4", "mesh.stage=2", "pipeline.microbatches=2", "mesh.rules=pipeline"],
+    piped = _prefix_steps(["mesh.data=4", "mesh.stage=2", "pipeline.microbatches=2"],
                           jax.devices())
     np.testing.assert_allclose(piped, one, rtol=1e-5)

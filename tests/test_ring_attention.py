@@ -219,3 +219,17 @@ def test_bad_inputs_raise_clear_errors():
         ring_attention(q, np.zeros((B, L, 3, D)), np.zeros((B, L, 3, D)), seg, seg, pos, pos, mesh=mesh)
     with pytest.raises(ValueError, match="mesh axis 'context' not in mesh axes"):
         ring_attention(q, k, v, seg, seg, pos, pos, mesh=mesh, axis_name="context")
+
+
+@pytest.mark.parametrize("impl", ["ring", "allgather"])
+def test_context_parallel_training_exits_0_and_prints_its_sample(impl, tiny_overrides, capsys):
+    """`maxmodel train` on data x tensor x sequence with the default run.sample_tokens (48): the end-of-run
+    sample's buffer ("The " in bytes, BOS and 48 tokens: 53 positions) is padded to fit sequence=2."""
+    from maxmodel.cli import main as cli_main
+    overrides = [o for o in tiny_overrides if not o.startswith("run.sample_tokens")]
+    assert cli_main(["train", *overrides, "data.source=builtin", "data.tokenizer=bytes", "train.seq_len=64", f"run.name={impl}",
+                     "train.steps=2", "checkpoint.enabled=false", "mesh.data=2", "mesh.tensor=2",
+                     "mesh.sequence=2", f"model.attention.context_parallel={impl}"]) == 0
+    captured = capsys.readouterr()
+    sample = [line for line in captured.out.splitlines() if line.startswith("sample (greedy): The ")]
+    assert len(sample) == 1, captured.out + captured.err

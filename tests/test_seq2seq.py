@@ -136,7 +136,7 @@ def test_trains_on_the_builtin_corpus_with_falling_loss(tmp_path):
     """20 steps of transformer-tiny on (span, continuation) pairs of the built-in corpus (byte tokens): the loss
     starts near ln(512) = 6.2 and the mean of the last three steps is more than 2.5 nats lower (measured: 6.20 ->
     3.32, held-out 3.55, unigram baseline 3.27); greedy decoding of a source works."""
-    from maxmodel.parallel.rules import logical_rules
+    from maxmodel.parallel.rules import mesh_rules
     from maxmodel.train.loop import train
     from maxmodel.train.sample import greedy_translate
     cfg = load_config(overrides=TINY + [
@@ -148,9 +148,9 @@ def test_trains_on_the_builtin_corpus_with_falling_loss(tmp_path):
     assert abs(first - np.log(512)) < 0.5 and last < first - 2.5, result.losses
     assert result.eval_loss is not None and result.eval_loss < first - 2.0
     tok = result.tokenizer
-    with jax.set_mesh(result.mesh), nnx.logical_axis_rules(logical_rules(cfg.mesh.rules)):
+    with jax.set_mesh(result.mesh), nnx.logical_axis_rules(mesh_rules(cfg.mesh, result.mesh)):
         out = greedy_translate(result.graphdef, result.params, tok.encode("The "), tok.bos_id, tok.eos_id,
-                               new_tokens=8, max_len=32, rows=8)
+                               new_tokens=8, max_len=32, mesh=result.mesh)
     assert 0 < len(out) <= 8 and all(0 <= t < 512 for t in out)
 
 

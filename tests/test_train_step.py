@@ -8,7 +8,7 @@ from flax import nnx
 from maxmodel.config import load_config
 from maxmodel.data.windows import SyntheticSource
 from maxmodel.parallel.mesh import build_mesh
-from maxmodel.parallel.rules import logical_rules
+from maxmodel.parallel.rules import mesh_rules
 from maxmodel.train.step import abstract_state, build_train_step, create_params, global_batch
 
 
@@ -25,7 +25,7 @@ def batches(cfg, n):
 def run_steps(overrides, devices, steps=3):
     cfg = load_config(overrides=TINY + ["data.source=synthetic"] + overrides)
     mesh = build_mesh(cfg.mesh, devices)
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(logical_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)):
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(mesh_rules(cfg.mesh, mesh)):
         graphdef, abstract = abstract_state(cfg)
         ts = build_train_step(cfg, graphdef, abstract, mesh)
         params = create_params(cfg, ts.param_shardings)

@@ -12,7 +12,7 @@ from maxmodel.config.loader import CONFIGS_DIR
 from maxmodel.data.windows import SyntheticSource
 from maxmodel.models.params import count_params
 from maxmodel.parallel.mesh import build_mesh
-from maxmodel.parallel.rules import logical_rules
+from maxmodel.parallel.rules import mesh_rules
 from maxmodel.train.step import abstract_state, build_train_step, create_params, global_batch
 
 NAMES = sorted(p.stem for p in (CONFIGS_DIR / "models").glob("*.yaml"))
@@ -72,7 +72,7 @@ def test_every_tiny_variant_takes_a_train_step():
                               seq2seq=cfg.train.objective == "seq2seq")
         rows = [src[i] for i in range(cfg.train.batch_size)]
         batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-        with jax.set_mesh(mesh), nnx.logical_axis_rules(logical_rules(cfg.mesh.rules)):
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(mesh_rules(cfg.mesh, mesh)):
             graphdef, abstract = abstract_state(cfg)
             ts = build_train_step(cfg, graphdef, abstract, mesh)
             params = create_params(cfg, ts.param_shardings)

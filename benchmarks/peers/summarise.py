@@ -5,6 +5,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from maxmodel import jsonio
+
 out = Path(sys.argv[1])
 
 
@@ -40,4 +42,4 @@ for k, v in summary["ratio_maxmodel_to"].items():
     print(f"  maxmodel / {k}: {v:.2f}x")
 for k, v in notes.items():
     print(f"  {k}: not measured ({v})")
-print(json.dumps(summary))
+print(jsonio.dumps(summary))

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 import yaml
+
+from maxmodel import jsonio
 
 from .loader import load_config_args
 from .schema import to_dict
@@ -24,7 +25,7 @@ def main(argv: list[str]) -> int:
     out = to_dict(cfg)
     out["params"] = count_params(cfg)
     if ns.json:
-        print(json.dumps(out, indent=2))
+        print(jsonio.dumps(out, indent=2))
     else:
         print(yaml.safe_dump(out, sort_keys=False), end="")
     return 0

@@ -99,7 +99,23 @@ def _resolve(obj, dotted: str) -> tuple[Any, str, Any]:
     raise AssertionError("unreachable")
 
 
+def _set_mapping_entry(cfg: Config, dotted: str, value: Any, from_text: bool) -> bool:
+    """`a.mapping.key=value` for a mapping-typed field (mesh.rule_overrides.layers=stage): set one entry and
+    keep the others. False when the parent of `dotted` is not such a field."""
+    parent, _, entry = dotted.rpartition(".")
+    try:
+        node, name, typ = _resolve(cfg, parent) if parent else (None, None, None)
+    except ConfigError:
+        return False
+    if node is None or not (typing.get_origin(typ) is dict or typ is dict):
+        return False
+    setattr(node, name, {**getattr(node, name), entry: yaml.safe_load(value) if from_text else value})
+    return True
+
+
 def set_value(cfg: Config, dotted: str, value: Any, from_text: bool = False) -> None:
+    if _set_mapping_entry(cfg, dotted, value, from_text):
+        return
     node, name, typ = _resolve(cfg, dotted)
     if dataclasses.is_dataclass(getattr(node, name)):
         if from_text:

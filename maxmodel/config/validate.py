@@ -92,6 +92,8 @@ def validate(cfg: Config) -> None:
             size = getattr(node, axis)
             if size == 0 or size < -1:
                 raise ConfigError(f"{prefix}.{axis}", f"must be a positive size or -1, got {size}")
+    from maxmodel.parallel.rules import logical_rules
+    logical_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)  # names the unknown preset / logical axis / mesh axis
     if m.attention.global_every and not m.attention.sliding_window:
         raise ConfigError("model.attention.global_every", f"{m.attention.global_every} alternates local and global "
                                                           f"layers but model.attention.sliding_window is 0")

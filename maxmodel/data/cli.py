@@ -6,8 +6,8 @@ Tokenizes `data.source` / `data.path` (with `data.tokenizer`, `data.format`, `da
 from __future__ import annotations
 
 import argparse
-import json
 
+from maxmodel import jsonio
 from maxmodel.config import load_config_args
 
 
@@ -29,7 +29,7 @@ def main(argv: list[str]) -> int:
     summary["tokenizer"] = manifest["tokenizer"]["id"]
     summary["shards"] = len(manifest["shards"])
     if args.json:
-        print(json.dumps(summary))
+        print(jsonio.dumps(summary))
     else:
         run = manifest["last_run"]
         print(f"{args.output}: {summary['shards']} shards, {summary['documents']:,} documents, "

@@ -9,7 +9,6 @@ single-process global batch, and the iterator state is a few integers (JSON).
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import grain
 import numpy as np
 
+from maxmodel import jsonio
 from maxmodel.config.errors import ConfigError
 from maxmodel.config.schema import Config
 
@@ -237,9 +237,9 @@ def make_train_data(cfg: Config, run_dir: Path, process_index: int = 0, process_
         stats["train_tokens"], stats["eval_tokens"] = len(train_tokens), len(eval_tokens)
         if len(eval_tokens):
             stats["unigram_eval_loss"] = unigram_cross_entropy(train_tokens, eval_tokens, cfg.model.vocab_size)
-    log.info("data: %s", json.dumps(stats))
+    log.info("data: %s", jsonio.dumps(stats))
     if process_index == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "data_stats.json").write_text(json.dumps(stats, indent=1))
+        (run_dir / "data_stats.json").write_text(jsonio.dumps(stats, indent=1))
     return TrainData(tokenizer, _iterator(ds, cfg), eval_source, local_batch, process_index, process_count, stats)
 

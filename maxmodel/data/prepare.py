@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from maxmodel import jsonio
 from maxmodel.config.errors import ConfigError
 from maxmodel.config.schema import Config
 
@@ -66,7 +67,7 @@ def write_shard(task: dict) -> dict:
     receipt = {"file": out.name, "lengths_file": lengths_file.name, "documents": len(lengths),
                "tokens": int(sum(lengths)), "source_file": task["file"], "source_hash": task["source_hash"],
                "tokenizer_id": tokenizer.id, "bad_records": dict(bad.counts), "bad_examples": bad.examples}
-    Path(task["receipt"]).write_text(json.dumps(receipt))
+    Path(task["receipt"]).write_text(jsonio.dumps(receipt))
     return receipt
 
 
@@ -166,6 +167,6 @@ def prepare(cfg: Config, output: str | Path, workers: int | None = None, progres
                      "tokens_per_sec": round(new_tokens / seconds, 1) if seconds > 0 else None},
     }
     tmp = out / f"{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.write_text(jsonio.dumps(manifest, indent=1))
     tmp.replace(out / MANIFEST)
     return manifest

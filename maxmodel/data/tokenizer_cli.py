@@ -7,9 +7,9 @@ exactly) on the user's text: plain text files, JSONL (field --text-field) or Par
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from maxmodel import jsonio
 from maxmodel.config.errors import ConfigError
 
 from .sources import BadRecords, expand_paths, read_documents
@@ -63,6 +63,6 @@ def main(argv: list[str]) -> int:
         return 0
     tok = load_tokenizer(args.tokenizer)
     ids = tok.encode(args.text)
-    print(json.dumps({"ids": ids, "decoded": tok.decode(ids), "vocab_size": tok.vocab_size,
+    print(jsonio.dumps({"ids": ids, "decoded": tok.decode(ids), "vocab_size": tok.vocab_size,
                       "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id}))
     return 0

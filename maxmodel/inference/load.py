@@ -35,8 +35,8 @@ def model_config(path: Path, overrides=()):
     if cfg.mesh.stage != 1 or cfg.mesh.sequence != 1:
         log.info("decoding folds mesh.stage=%d and mesh.sequence=%d into data", cfg.mesh.stage, cfg.mesh.sequence)
     cfg.mesh.stage = cfg.mesh.sequence = 1
-    if cfg.mesh.rules == "pipeline":
-        cfg.mesh.rules = "default"
+    if cfg.mesh.rules == "pipeline":  # stacked layers stay whole: decoding runs every layer on every device
+        cfg.mesh.rules = "auto"
     return cfg
 
 
@@ -120,7 +120,7 @@ def _engine(path: Path, cfg, quantize, engine_options):
     from flax import nnx
 
     from maxmodel.parallel.mesh import build_mesh
-    from maxmodel.parallel.rules import logical_rules
+    from maxmodel.parallel.rules import mesh_rules
     from maxmodel.train.step import abstract_state, concrete_shardings
 
     from .engine import Engine, EngineOptions
@@ -130,7 +130,7 @@ def _engine(path: Path, cfg, quantize, engine_options):
     if devices[0].platform == "cpu" and jax.process_count() == 1:  # the emulated devices run.cpu_devices asks for
         devices = devices[:cfg.run.cpu_devices]
     mesh = build_mesh(cfg.mesh, devices)
-    rules = logical_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)
+    rules = mesh_rules(cfg.mesh, mesh)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         graphdef, abstract = abstract_state(cfg)
         params = _restore(path, cfg, abstract, concrete_shardings(abstract, mesh))

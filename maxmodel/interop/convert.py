@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from maxmodel import jsonio
 from maxmodel.config.errors import ConfigError
 from maxmodel.config.schema import Config, ModelConfig, to_dict
 from maxmodel.data.tokenizer import copy_hf_tokenizer
@@ -124,7 +125,7 @@ def from_hf(hf_dir: str, out: str, scan_layers: bool = True, dtype: str = "float
         finally:
             reader.close()
         copy_hf_tokenizer(hf_path, out_dir)
-        (out_dir / "export.json").write_text(json.dumps(
+        (out_dir / "export.json").write_text(jsonio.dumps(
             {"step": 0, "source": f"huggingface:{hf_path.absolute()}", "dtype": dtype, "model": to_dict(model),
              "hf_model_type": family, "scan_layers": scan_layers}, indent=1))
         _write_run_config(out_dir, model, scan_layers)
@@ -241,5 +242,5 @@ def _write_hf(init_dir: Path, out_dir: Path, model_type: str | None, max_shard_b
     writer.close()
     if dtype:
         hf_cfg["torch_dtype"] = dtype
-    (out_dir / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+    (out_dir / "config.json").write_text(jsonio.dumps(hf_cfg, indent=2))
     copy_hf_tokenizer(init_dir, out_dir)

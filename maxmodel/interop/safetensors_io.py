@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from maxmodel import jsonio
 from maxmodel.config.errors import ConfigError
 
 INDEX = "model.safetensors.index.json"
@@ -85,6 +86,6 @@ class ShardedWriter:
             (self.dir / f"part-{i:05d}.tmp").rename(self.dir / name)
         if n > 1:
             weight_map = {t: names[i] for i, tensors in enumerate(self.files) for t in tensors}
-            (self.dir / INDEX).write_text(json.dumps(
+            (self.dir / INDEX).write_text(jsonio.dumps(
                 {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
         return names

@@ -108,15 +108,16 @@ def _fit(sizes: dict[str, int], devices: int, what: str) -> None:
 def check_mesh(cfg, devices: int, what: str, slices: int | None = None) -> None:
     """Check that the config's mesh fits the devices the launch provides.
 
-    With `slices` (TPU multi-slice), `mesh.dcn.*` must cover the slices and `mesh.*` one slice; otherwise the
-    whole mesh (within and across) must cover `devices`.
+    With `slices` (TPU multi-slice), `mesh.dcn.*` must cover the slices and `mesh.*` one slice; otherwise
+    (one slice, as build_mesh sees GPUs and CPUs) `mesh.dcn.*` must be 1 or -1 and `mesh.*` cover `devices`.
     """
     if cfg is None:
         return
     ici = {f"mesh.{a}": getattr(cfg.mesh, a) for a in MESH_AXES}
     dcn = {f"mesh.dcn.{a}": getattr(cfg.mesh.dcn, a) for a in MESH_AXES}
     if slices is None:
-        _fit(ici | dcn, devices, what)
+        _fit(dcn, 1, f"one slice ({what}; mesh.dcn.* sizes are for multi-slice TPU)")
+        _fit(ici, devices, what)
         return
     _fit(dcn, slices, f"{slices} slice(s)")
     _fit(ici, devices // slices, f"one slice of {devices // slices} chips ({what})")

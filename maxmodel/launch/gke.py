@@ -13,11 +13,12 @@ controller and TPU node pools (or Autopilot) of the matching type and topology.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
 import tempfile
+
+from maxmodel import jsonio
 
 from .catalog import TpuSlice, tpu_slice
 from .common import Runner, check_mesh, command_config, render, require, warn_local_output
@@ -31,7 +32,7 @@ def _env(name: str, value: str | None = None, field: str | None = None) -> str:
     if field:
         return (f"{ENV_INDENT}- name: {name}\n{ENV_INDENT}  valueFrom:\n{ENV_INDENT}    fieldRef:\n"
                 f"{ENV_INDENT}      fieldPath: {field}\n")
-    return f"{ENV_INDENT}- name: {name}\n{ENV_INDENT}  value: {json.dumps(value)}\n"
+    return f"{ENV_INDENT}- name: {name}\n{ENV_INDENT}  value: {jsonio.dumps(value)}\n"
 
 
 def manifest(name: str, tpu: TpuSlice, slices: int, image: str, command: list[str], namespace: str = "default",
@@ -47,7 +48,7 @@ def manifest(name: str, tpu: TpuSlice, slices: int, image: str, command: list[st
     selectors = f'{ENV_INDENT}cloud.google.com/gke-spot: "true"\n' if spot else ""
     return render("jobset.yaml.tmpl", name=name, namespace=namespace, slices=slices, tpu_type=tpu.name,
                   topology=tpu.topology, hosts=tpu.hosts, accelerator=tpu.family.gke_accelerator,
-                  chips_per_host=tpu.chips_per_host, image=image, command=json.dumps(["maxmodel", *command]),
+                  chips_per_host=tpu.chips_per_host, image=image, command=jsonio.dumps(["maxmodel", *command]),
                   max_restarts=max_restarts, grace_seconds=grace_seconds, extra_selectors=selectors,
                   megascale_env=megascale)
 

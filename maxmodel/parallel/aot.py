@@ -80,13 +80,13 @@ def topology_devices(topology: str, slices: int):
 
 def compile_for_topology(cfg: Config, topology: str, slices: int = 1) -> CompileReport:
     from maxmodel.parallel.mesh import build_mesh
-    from maxmodel.parallel.rules import logical_rules
+    from maxmodel.parallel.rules import mesh_rules
     from maxmodel.train.checkpoint import abstract_like
     from maxmodel.train.step import abstract_state, batch_keys, batch_sharding, build_train_step
 
     devices, hbm = topology_devices(topology, slices)
     mesh = build_mesh(cfg.mesh, devices)
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(logical_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)):
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(mesh_rules(cfg.mesh, mesh)):
         graphdef, abstract = abstract_state(cfg)
         ts = build_train_step(cfg, graphdef, abstract, mesh)
         params = abstract_like(abstract, ts.param_shardings)

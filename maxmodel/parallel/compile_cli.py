@@ -6,10 +6,10 @@ against its HBM. Exits 1 when the layout does not fit (2 for bad usage), so scri
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
+from maxmodel import jsonio
 from maxmodel.config import load_config_args
 
 GIB = 1024 ** 3
@@ -33,7 +33,7 @@ def main(argv: list[str]) -> int:
         print(f"maxmodel compile: does not fit: {e}", file=sys.stderr)
         return 1
     if ns.json:
-        print(json.dumps(report.as_dict()))
+        print(jsonio.dumps(report.as_dict()))
     else:
         mesh = " × ".join(f"{k}={v}" for k, v in report.mesh.items() if v > 1) or "1 device"
         print(f"{report.topology} × {report.slices} slice(s): {report.devices} {report.device_kind} devices, mesh {mesh}")

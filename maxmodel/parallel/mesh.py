@@ -10,7 +10,7 @@ from jax.experimental import mesh_utils
 from maxmodel.config.errors import ConfigError
 from maxmodel.config.schema import MeshAxes, MeshConfig
 
-from .rules import MESH_AXES
+from .rules import MESH_AXES, resolve_preset
 
 
 def _fill(sizes: dict[str, int], total: int, prefix: str) -> dict[str, int]:
@@ -90,9 +90,12 @@ def check_layout(cfg, mesh_shape: dict[str, int]) -> None:
                        "pipeline.microbatches × the batch axes"))
         if micro < stage:
             raise ConfigError("pipeline.microbatches", f"{micro} is fewer than mesh.stage={stage} stages")
-        if cfg.mesh.rules != "pipeline" and dict(cfg.mesh.rule_overrides).get("layers") != "stage":
-            raise ConfigError("mesh.rules", f"mesh.stage={stage} needs the 'pipeline' rules (layers -> stage), "
-                                            f"got '{cfg.mesh.rules}'")
+        # mesh.rules=auto (the default) is the pipeline table here; only an explicit other table contradicts
+        if resolve_preset(cfg.mesh.rules, stage) != "pipeline" and \
+                dict(cfg.mesh.rule_overrides).get("layers") != "stage":
+            raise ConfigError("mesh.rules", f"mesh.rules={cfg.mesh.rules} does not put the layers on the stage "
+                                            f"axis, which mesh.stage={stage} needs: leave mesh.rules unset (auto), "
+                                            f"set mesh.rules=pipeline, or mesh.rule_overrides.layers=stage")
         if not cfg.train.scan_layers:
             raise ConfigError("train.scan_layers", "pipeline parallelism needs the stacked (scanned) layers")
     for key, value, size, axis in checks:

@@ -1,7 +1,9 @@
 """Logical-axis rules: data that maps the model's logical axis names to mesh axes.
 
 Model code only names logical axes; `mesh.rules=<preset>` picks a table here and `mesh.rule_overrides`
-replaces single entries, so changing the layout is a config change. Mesh axes, slow to fast:
+replaces single entries, so changing the layout is a config change. The default, `auto`, is `pipeline` on a
+mesh with pipeline stages and `default` otherwise: asking for `mesh.stage=N` is enough (as MaxText's
+ici_pipeline_parallelism), while an explicitly chosen table still wins. Mesh axes, slow to fast:
 data, stage, fsdp, sequence, tensor, expert.
 """
 from __future__ import annotations
@@ -53,13 +55,30 @@ def _check_target(name: str, target: Any) -> Any:
     return tuple(target) if isinstance(target, list) else target
 
 
-def logical_rules(preset: str = "default", overrides: dict[str, Any] | None = None) -> tuple[tuple[str, Any], ...]:
-    """The rule table as flax expects it: ((logical_name, mesh_axis_or_tuple_or_None), ...)."""
+AUTO = "auto"
+
+
+def resolve_preset(preset: str, stages: int) -> str:
+    """The table `mesh.rules` names on a mesh with `stages` pipeline stages (`auto` is resolved here only)."""
+    if preset == AUTO:
+        return "pipeline" if stages > 1 else "default"
     if preset not in PRESETS:
-        raise ConfigError("mesh.rules", f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
+        raise ConfigError("mesh.rules", f"unknown preset '{preset}'; choose one of {AUTO}, {', '.join(PRESETS)}")
+    return preset
+
+
+def logical_rules(preset: str = AUTO, overrides: dict[str, Any] | None = None,
+                  stages: int = 1) -> tuple[tuple[str, Any], ...]:
+    """The rule table as flax expects it: ((logical_name, mesh_axis_or_tuple_or_None), ...)."""
+    preset = resolve_preset(preset, stages)
     table = dict(PRESETS[preset])
     for name, target in (overrides or {}).items():
         if name not in LOGICAL_AXES:
             raise ConfigError(f"mesh.rule_overrides.{name}", f"unknown logical axis; valid: {', '.join(LOGICAL_AXES)}")
         table[name] = _check_target(name, target)
     return tuple((name, table.get(name)) for name in LOGICAL_AXES)
+
+
+def mesh_rules(mesh_cfg, mesh) -> tuple[tuple[str, Any], ...]:
+    """The rules `mesh.*` asks for on the built `mesh` (whose stage size resolves `auto`)."""
+    return logical_rules(mesh_cfg.rules, mesh_cfg.rule_overrides, dict(mesh.shape).get("stage", 1))

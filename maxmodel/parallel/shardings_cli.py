@@ -7,9 +7,9 @@ policy; and XLA's own memory figures for the compiled step on this host's device
 from __future__ import annotations
 
 import argparse
-import json
 import math
 
+from maxmodel import jsonio
 from maxmodel.config import load_config_args
 
 MIB = 1024 ** 2
@@ -39,13 +39,13 @@ def collect(cfg, compile_step: bool) -> dict:
     from maxmodel.train.step import abstract_state, batch_keys, batch_sharding, build_train_step
 
     from .mesh import build_mesh
-    from .rules import logical_rules
+    from .rules import mesh_rules, resolve_preset
 
     distributed.initialize(cfg.run.cpu_devices)
     mesh = build_mesh(cfg.mesh)
     shape = dict(mesh.shape)
-    rules = logical_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)
-    out: dict = {"mesh": shape, "rules": cfg.mesh.rules, "parameters": []}
+    rules = mesh_rules(cfg.mesh, mesh)
+    out: dict = {"mesh": shape, "rules": resolve_preset(cfg.mesh.rules, shape["stage"]), "parameters": []}
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         graphdef, abstract = abstract_state(cfg)
         ts = build_train_step(cfg, graphdef, abstract, mesh)
@@ -108,5 +108,5 @@ def main(argv: list[str]) -> int:
     ns = parser.parse_args(argv)
     cfg = load_config_args(ns.args)
     out = collect(cfg, not ns.no_compile)
-    print(json.dumps(out)) if ns.json else print_table(out)
+    print(jsonio.dumps(out)) if ns.json else print_table(out)
     return 0

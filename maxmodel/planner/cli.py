@@ -9,11 +9,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import sys
 
+from maxmodel import jsonio
 from maxmodel.config.errors import ConfigError
 
 SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12, "p": 1e15}
@@ -63,8 +63,11 @@ def plan_parser() -> Parser:
     g.add_argument("--deadline-days", type=number, help="with --chip and no --chips: chips needed to finish")
     g.add_argument("--price-per-chip-hour", type=number, help="price in dollars: adds the cost")
     g = p.add_argument_group("law")
-    g.add_argument("--law", default="chinchilla-3", choices=list(LAWS), help="scaling law (default chinchilla-3)")
-    g.add_argument("--unique-tokens", type=number, help="unique tokens available (data-constrained law)")
+    g.add_argument("--law", default=None, choices=list(LAWS),
+                   help="scaling law (default chinchilla-3; muennighoff with --unique-tokens)")
+    g.add_argument("--unique-tokens", type=number,
+                   help="unique tokens available: the data-constrained law (Muennighoff et al. 2023) on the "
+                        "chosen base law; its own jointly fitted base unless --law is given")
     g.add_argument("--inference-tokens", type=number, help="tokens the model will serve (inference-aware)")
     g = p.add_argument_group("shape and training")
     g.add_argument("--vocab", type=integer, default=32000)
@@ -118,7 +121,7 @@ def run_plan(argv: list[str]) -> int:
     if args.compile:
         plan["compile"] = run_compile(plan, args)
     if args.json:
-        print(json.dumps(plan, default=float))
+        print(jsonio.dumps(plan))
     else:
         sys.stdout.write(_plain(plan))
     return 0
@@ -180,7 +183,7 @@ def run_fit(argv: list[str]) -> int:
         from .plot import plot_fit
 
         result["plot"] = str(plot_fit(runs, result, args.plot))
-    print(json.dumps(result, default=float) if args.json else fit_table(result), end="" if not args.json else "\n")
+    print(jsonio.dumps(result) if args.json else fit_table(result), end="" if not args.json else "\n")
     return 0
 
 

@@ -129,7 +129,17 @@ LAWS = {
         source="Besiroglu, Erdil, Barnett, You 2024, 'Chinchilla Scaling: A replication attempt' (refit of "
                "Approach 3 on data read off Hoffmann et al.'s Figure 4)"),
     "kaplan": KaplanLaw(),
+    # The base surface of the data-constrained law, fitted jointly with its decay constants (repeat.py) on the
+    # paper's C4 runs; the released unrounded values (github.com/huggingface/datablations, "Parametric Fit"):
+    # A = e^6.255414, B = e^7.3049974, E = e^0.6254804, alpha = beta = 0.3526596.
+    "muennighoff": ParametricLaw(
+        "muennighoff", E=math.exp(0.6254804), A=math.exp(6.255414), B=math.exp(7.3049974), alpha=0.3526596,
+        beta=0.3526596,
+        source="Muennighoff et al. 2023, 'Scaling Data-Constrained Language Models' (released fit: base law "
+               "with R_D*=15.387756, R_N*=5.309743)"),
 }
+# What `maxmodel plan --unique-tokens` uses unless --law picks another base.
+DATA_CONSTRAINED_LAW = "muennighoff"
 
 # The unrounded Approach-3 constants from the arXiv TeX source of Hoffmann et al., as reported by Besiroglu
 # et al. 2024; these (not the rounded eq. 10) reproduce the Approach-3 column of Table A3.

@@ -11,9 +11,9 @@ from . import emit, hparams
 from .flops import forward_flops_per_sequence, six_nd, training_flops
 from .hardware import get_chip
 from .inference import plan_inference
-from .laws import get_law
+from .laws import DATA_CONSTRAINED_LAW, get_law
 from .layout import choose_layout
-from .repeat import plan_constrained
+from .repeat import constrained_loss, plan_constrained
 from .shape import search_shapes
 
 SECONDS_PER_DAY = 86400
@@ -28,7 +28,7 @@ class PlanRequest:
     mfu: float = 0.4
     params: float | None = None
     tokens: float | None = None
-    law: str = "chinchilla-3"
+    law: str | None = None  # None: muennighoff with unique_tokens, else chinchilla-3
     unique_tokens: float | None = None
     inference_tokens: float | None = None
     vocab: int = 32000
@@ -86,7 +86,7 @@ def _budget(req: PlanRequest, law, chip) -> tuple[float, str]:
 
 def make_plan(req: PlanRequest) -> dict:
     validate(req)
-    law = get_law(req.law)
+    law = get_law(req.law or (DATA_CONSTRAINED_LAW if req.unique_tokens is not None else "chinchilla-3"))
     chip = get_chip(req.chip) if req.chip else None
     flops, budget_from = _budget(req, law, chip)
 
@@ -112,7 +112,10 @@ def make_plan(req: PlanRequest) -> dict:
         if not (req.params or req.tokens):
             n, d = inf["params"], inf["tokens"]
         out["inference"] = inf
-    loss = law.loss(n, d) if law.loss is not None else None
+    if req.unique_tokens is not None:  # the loss this allocation reaches with repeated data
+        loss = constrained_loss(law, n, d, req.unique_tokens)[0]
+    else:
+        loss = law.loss(n, d) if law.loss is not None else None
     out["allocation"] = {"params": n, "tokens": d, "tokens_per_param": d / n, "loss": loss}
 
     shapes = search_shapes(n, vocab=req.vocab, activation=req.activation, tensor=req.tensor,

@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
+from maxmodel import jsonio
 from maxmodel.config.schema import CheckpointConfig
 
 log = logging.getLogger("maxmodel.checkpoint")
@@ -64,7 +65,7 @@ def _files(root: epath.Path, prefix: str = "") -> dict[str, int]:
 
 
 def write_manifest(step_dir: epath.Path) -> None:
-    (step_dir / MANIFEST).write_text(json.dumps({"files": _files(step_dir)}, indent=0))
+    (step_dir / MANIFEST).write_text(jsonio.dumps({"files": _files(step_dir)}, indent=0))
 
 
 def check_manifest(step_dir: epath.Path) -> str | None:
@@ -137,8 +138,11 @@ class Checkpointer:
     def save(self, step: int, managers: list, params, opt_state, data_state: dict | None, meta: dict) -> None:
         args = ocp.args.Composite(params=ocp.args.StandardSave(params),
                                   opt_state=ocp.args.StandardSave(opt_state),
-                                  data=ocp.args.JsonSave(data_state or {}),
-                                  meta=ocp.args.JsonSave({**meta, "step": step, "saved_at": time.time()}))
+                                  data=ocp.args.JsonSave(jsonio.to_jsonable(data_state or {})),
+                                  # orbax writes these with json.dumps: a NaN loss in the metrics
+                                  # snapshot would make the file unreadable to strict readers
+                                  meta=ocp.args.JsonSave(jsonio.to_jsonable(
+                                      {**meta, "step": step, "saved_at": time.time()})))
         for manager in managers:
             # save() first waits for this manager's previous async save: those steps have now committed.
             manager.save(step, args=args, force=True)

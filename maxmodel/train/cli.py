@@ -36,8 +36,13 @@ def main(argv: list[str]) -> int:
         print(f"maxmodel train: {e}", file=sys.stderr)
         return 1
     import jax
+
+    from .sample import end_of_run_sample
     if jax.process_index() == 0:
         report(cfg, result)
+    sample = end_of_run_sample(cfg, result)  # every process: the forward is one program over all devices
+    if sample is not None and jax.process_index() == 0:
+        print(sample)
     return 0
 
 
@@ -51,24 +56,3 @@ def report(cfg, result) -> None:
         lines.append(f"eval loss: {result.eval_loss:.4f}" + (f"   (unigram baseline: {s['unigram_eval_loss']:.4f})"
                                                              if "unigram_eval_loss" in s else ""))
     print("\n".join(lines))
-    if cfg.model.arch == "encoder":  # an encoder fills in masks; it has no left-to-right continuation
-        return
-    if result.tokenizer is not None and cfg.run.sample_tokens > 0 and result.final_step > result.start_step:
-        import jax
-        from flax import nnx
-
-        from maxmodel.parallel.rules import logical_rules
-
-        from .sample import greedy_continue, greedy_translate
-        rows = result.mesh.shape["data"] * result.mesh.shape["fsdp"] * result.mesh.shape["expert"]
-        tok = result.tokenizer
-        with jax.set_mesh(result.mesh), nnx.logical_axis_rules(logical_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)):
-            if cfg.train.objective == "seq2seq":  # the prompt is the source; the decoder writes its target
-                out = greedy_translate(result.graphdef, result.params, tok.encode(cfg.run.sample_prompt),
-                                       tok.bos_id, tok.eos_id, cfg.run.sample_tokens, cfg.train.seq_len, rows)
-                print(f"sample (greedy seq2seq): {cfg.run.sample_prompt!r} -> {tok.decode(out)!r}")
-                return
-            prompt = [tok.bos_id] + tok.encode(cfg.run.sample_prompt)
-            out = greedy_continue(result.graphdef, result.params, prompt, cfg.run.sample_tokens,
-                                  cfg.train.seq_len, rows, prefix_lm=cfg.train.objective == "prefix_lm")
-        print(f"sample (greedy): {cfg.run.sample_prompt}{tok.decode(out)}")

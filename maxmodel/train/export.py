@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from maxmodel import jsonio
 from maxmodel.config import ConfigError, load_config_args
 from maxmodel.config.loader import config_from_dict
 
@@ -61,7 +62,7 @@ def export(cfg, step: int | None, out: str, dtype: str | None) -> Path:
 
     from maxmodel import distributed
     from maxmodel.parallel.mesh import build_mesh
-    from maxmodel.parallel.rules import logical_rules
+    from maxmodel.parallel.rules import mesh_rules
 
     from .checkpoint import ITEMS, abstract_like, as_path, check_manifest
     from .loop import run_dir_of
@@ -85,7 +86,7 @@ def export(cfg, step: int | None, out: str, dtype: str | None) -> Path:
         raise ConfigError("--step", f"checkpoint {ckpt_dir / str(step)} is damaged: {problem}")
 
     mesh = build_mesh(cfg.mesh)
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(logical_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)):
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(mesh_rules(cfg.mesh, mesh)):
         _, abstract = abstract_state(cfg)
         shardings = concrete_shardings(abstract, mesh)
         params = manager.restore(step, args=ocp.args.Composite(
@@ -103,7 +104,7 @@ def export(cfg, step: int | None, out: str, dtype: str | None) -> Path:
         spm = Path(cfg.data.tokenizer) if cfg.data.tokenizer.endswith(".model") else run_dir_of(cfg) / "tokenizer.model"
         if spm.is_file():  # the sentencepiece model the run trained (or was given): generation needs it
             shutil.copy(spm, out_dir / "tokenizer.model")
-        (out_dir / "export.json").write_text(json.dumps(
+        (out_dir / "export.json").write_text(jsonio.dumps(
             {"step": step, "source": str(ckpt_dir), "dtype": dtype or cfg.train.param_dtype,
              "model": to_dict(cfg.model)}, indent=1))
     return out_dir

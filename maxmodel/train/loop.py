@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -13,11 +12,11 @@ import yaml
 from flax import nnx
 from tqdm import tqdm
 
-from maxmodel import distributed
+from maxmodel import distributed, jsonio
 from maxmodel.config.schema import Config, to_dict
 from maxmodel.data.pipeline import make_train_data
 from maxmodel.parallel.mesh import build_mesh
-from maxmodel.parallel.rules import logical_rules
+from maxmodel.parallel.rules import mesh_rules
 
 from . import guards
 from .checkpoint import Checkpointer, abstract_like
@@ -85,7 +84,7 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     mesh = build_mesh(cfg.mesh)
-    rules = logical_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)
+    rules = mesh_rules(cfg.mesh, mesh)
     data = make_train_data(cfg, run_dir, info.process_index, info.process_count)
     ckpt = Checkpointer(cfg.checkpoint, run_dir / "checkpoints") if cfg.checkpoint.enabled else None
     writer = MetricsWriter(run_dir, enabled=main)
@@ -203,7 +202,7 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
             goodput.lap("checkpoint")
         result.stats["goodput"] = goodput.metrics()
         if main:
-            (run_dir / "goodput.json").write_text(json.dumps(goodput.metrics(), indent=1))
+            (run_dir / "goodput.json").write_text(jsonio.dumps(goodput.metrics(), indent=1))
         log.info("%s", goodput.summary())
         result.final_step = step
         result.params, result.graphdef, result.tokenizer, result.mesh = params, graphdef, data.tokenizer, mesh

@@ -9,6 +9,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from maxmodel import jsonio
 from maxmodel.config.schema import ModelConfig
 
 # bf16 dense peak FLOP/s per chip, from the vendors' spec sheets (Cloud TPU system architecture pages;
@@ -97,7 +98,7 @@ def peak_flops_per_device(remeasure: bool = False) -> tuple[float, str]:
     except (OSError, ValueError, KeyError):
         peak = measure_matmul_peak()
         cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps({"matmul_flops": peak}))
+        cache.write_text(jsonio.dumps({"matmul_flops": peak}))
     return peak / jax.local_device_count(), "measured CPU matmul"
 
 
@@ -120,7 +121,7 @@ class MetricsWriter:
             return
         record = {"step": step, **{k: (float(v) if isinstance(v, (int, float, np.floating, np.integer))
                                        else v) for k, v in values.items()}}
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(jsonio.dumps(record) + "\n")
         self.file.flush()
         if self.tb is not None:
             for k, v in record.items():
