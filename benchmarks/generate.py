@@ -167,7 +167,7 @@ def bench_membw(args, results: list) -> None:
     bw = measure()
     weight_bytes = sum(f.stat().st_size for f in (args.models / "target-hf").glob("*.safetensors"))
     emit({"bench": "membw", **bw, "weight_bytes": weight_bytes,
-          "bound_tokens_per_s_batch1": bandwidth_bound_tokens_per_s(weight_bytes, bw["gbps"])}, results)
+          "bound_tokens_per_s_batch1": bandwidth_bound_tokens_per_s(weight_bytes, bw["copy_gbps"])}, results)
 
 
 def main(argv=None) -> int:
@@ -202,10 +202,14 @@ def summarize(results: list) -> None:
     lines = []
     for batch in (1, 16):
         ours = by.get(("decode", "maxmodel", batch, None))
-        theirs = hf and hf.get(f"decode_tokens_per_s_b{batch}")
+        theirs = hf and hf["decode_tokens_per_s"].get(str(batch))
         if ours:
             ratio = f"  ({ours['tokens_per_s'] / theirs:.2f}x HF {theirs:.1f})" if theirs else ""
             lines.append(f"decode batch {batch:>2}: {ours['tokens_per_s']:8.1f} tok/s{ratio}")
+    pre = by.get(("prefill", "maxmodel", None, None))
+    if pre and hf:
+        lines.append(f"prefill: {pre['tokens_per_s']:.0f} tok/s (HF {hf['prefill_tokens_per_s']:.0f}); "
+                     f"ttft {pre['ttft_s'] * 1e3:.0f} ms (HF {hf['ttft_s'] * 1e3:.0f} ms)")
     for r in results:
         if r["bench"] in ("spec", "prefix", "serve", "membw") or r.get("impl") == "maxmodel-int8":
             lines.append(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}))

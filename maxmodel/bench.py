@@ -5,7 +5,7 @@ waited for. Prints one JSON line and appends it to the results file (default ben
 the git revision: tokens/s, step time median and p90, compile time, MFU (PaLM appendix B, with the attention
 term; peak from the chip table, or on CPU a large matmul measured in this same run), peak memory.
 
-`maxmodel bench --suite data|checkpoint [args...]` runs benchmarks/data_loader.py or benchmarks/checkpoint.py
+`maxmodel bench --suite data|checkpoint|generate [args...]` runs benchmarks/data_loader.py, checkpoint.py or generate.py
 (their own options follow).
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from maxmodel.config import ConfigError, load_config
 from maxmodel.config.loader import split_config_args
 
 REPO = Path(__file__).resolve().parents[1]
-SUITES = {"data": "data_loader.py", "checkpoint": "checkpoint.py"}
+SUITES = {"data": "data_loader.py", "checkpoint": "checkpoint.py", "generate": "generate.py"}
 
 
 def git_revision() -> str:
@@ -123,7 +123,7 @@ def parse(argv: list[str]):
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "results.jsonl"),
                         help="JSON-lines file the result is appended to")
     parser.add_argument("--label", default="", help="free text stored with the result")
-    parser.add_argument("--suite", choices=sorted(SUITES), help="run the data-loader or checkpoint benchmark")
+    parser.add_argument("--suite", choices=sorted(SUITES), help="run the data-loader, checkpoint or generation benchmark")
     return parser.parse_known_args(argv)
 
 
