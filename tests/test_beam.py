@@ -6,8 +6,7 @@ import itertools
 
 import numpy as np
 import pytest
-
-from tests.tiny_engine import VOCAB, tiny_engine
+from tiny_engine import VOCAB, tiny_engine
 
 EOS = 1
 PROMPT = [3, 7, 4, 4, 6]

@@ -7,16 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tiny_engine import build_engine
 
 from maxmodel.config import load_config_args
 from maxmodel.data.tokenizer import ByteTokenizer
 from maxmodel.inference.batcher import Batcher
-from maxmodel.inference.engine import Engine, EngineOptions
 from maxmodel.inference.sampling import SamplingOptions
 from maxmodel.models.registry import build_model
-from maxmodel.parallel.mesh import build_mesh
-from maxmodel.parallel.rules import mesh_rules
-from maxmodel.train.step import abstract_state, concrete_shardings, create_params
 
 SMALL = ["model.d_model=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2", "model.d_ff=128",
          "model.vocab_size=260", "model.max_seq_len=64", "train.seq_len=32"]
@@ -60,15 +57,8 @@ def test_cached_decoding_equals_the_full_forward_pass(extra):
 
 
 def make_engine(extra=(), devices=1, mesh_args=("mesh.data=1",), seed=0, **options):
-    cfg = load_config_args(SMALL + list(mesh_args) + [f"train.seed={seed}"] + list(extra))
-    mesh = build_mesh(cfg.mesh, jax.devices()[:devices])
-    rules = mesh_rules(cfg.mesh, mesh)
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        graphdef, abstract = abstract_state(cfg)
-        params = create_params(cfg, concrete_shardings(abstract, mesh))
-    opts = dict(max_slots=4, max_len=64, prefill_buckets=(8, 16))
-    opts.update(options)
-    return Engine(cfg, graphdef, params, mesh, rules, EngineOptions(**opts))
+    opts = {"max_slots": 4, "max_len": 64, "prefill_buckets": (8, 16), **options}
+    return build_engine(SMALL + list(mesh_args) + [f"train.seed={seed}"] + list(extra), devices, **opts)
 
 
 @pytest.fixture(scope="module")

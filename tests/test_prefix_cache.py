@@ -6,8 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from tests.tiny_engine import VOCAB, tiny_engine
+from tiny_engine import VOCAB, tiny_engine
 
 BLOCK = 4
 TOL = 1e-6  # f32; a hit prefills fewer, differently chunked tokens than the cold run (measured: <= 1.5e-8)

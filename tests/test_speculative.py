@@ -12,37 +12,25 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import contextlib
 
-import jax
 import numpy as np
 import pytest
-from flax import nnx
 from scipy import stats
+from tiny_engine import build_engine
 
-from maxmodel.config import load_config_args
 from maxmodel.data.tokenizer import ByteTokenizer
 from maxmodel.inference.batcher import Batcher
-from maxmodel.inference.engine import Engine, EngineOptions
 from maxmodel.inference.sampling import SamplingOptions
 from maxmodel.inference.speculative import SpeculativeConfig, ngram_propose
-from maxmodel.parallel.mesh import build_mesh
-from maxmodel.parallel.rules import logical_rules
-from maxmodel.train.step import abstract_state, concrete_shardings, create_params
 
 V, K, SLOTS = 16, 2, 64
 PROMPT = [3, 5, 7, 3, 5, 9, 3, 5, 7, 3]   # repeats, so the n-gram drafter has something to propose
 
 
 def _engine(seed):
-    cfg = load_config_args(["model.d_model=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1",
-                            "model.d_ff=64", f"model.vocab_size={V}", "model.init_std=0.5", "mesh.data=1",
-                            "run.cpu_devices=1", f"train.seed={seed}"])
-    mesh = build_mesh(cfg.mesh, jax.devices()[:1])
-    rules = logical_rules("default")
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        graphdef, abstract = abstract_state(cfg)
-        params = create_params(cfg, concrete_shardings(abstract, mesh))
-    return Engine(cfg, graphdef, params, mesh, rules,
-                  EngineOptions(max_slots=SLOTS, max_len=40, prefill_buckets=(16,), spare=K + 1))
+    return build_engine(["model.d_model=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1",
+                         "model.d_ff=64", f"model.vocab_size={V}", "model.init_std=0.5", "mesh.data=1",
+                         "run.cpu_devices=1", f"train.seed={seed}"],
+                        max_slots=SLOTS, max_len=40, prefill_buckets=(16,), spare=K + 1)
 
 
 @pytest.fixture(scope="module")
