@@ -112,6 +112,8 @@ def test_ngram_propose():
     assert ngram_propose([1, 2, 3, 9, 1, 2, 3, 4, 1, 2], 3, 2) == [3, 4]  # most recent match of [1, 2]
     assert ngram_propose([5, 6, 7, 8, 6], 3, 4) == [7, 8, 6]             # fallback to n=1, fewer than k
     assert ngram_propose([1, 2, 3], 2, 2) == []
+    assert ngram_propose([4] * 8, 3, 4) == [4] * 4                       # a run: not the overlapping match
+    assert ngram_propose([1, 2, 9, 9, 1, 2, 7, 1, 2], 2, 4) == [9, 9, 1, 2]  # only the older match has 4 after
 
 
 # ---------------------------------------------------------------- distribution

@@ -20,8 +20,10 @@ def model_config(path: Path, overrides=()):
     elif (path / "export.json").is_file():
         from maxmodel.config.derive import derive_values
         from maxmodel.config.validate import validate
+        info = json.loads((path / "export.json").read_text())
         cfg = load_config(None, (), derive=False)
-        apply_mapping(cfg, {"model": json.loads((path / "export.json").read_text())["model"]},
+        from maxmodel.interop.convert import scan_layout
+        apply_mapping(cfg, {"model": info["model"], "train": {"scan_layers": scan_layout(path, info)}},
                       source=str(path / "export.json"))
         for key, value in parse_overrides(list(overrides)):
             set_value(cfg, key, value, from_text=True)

@@ -251,8 +251,10 @@ def _has_windows(engine: Engine) -> bool:
 
 
 def ngram_propose(history: list[int], n_max: int, k: int) -> list[int]:
-    """Up to k tokens that followed the most recent earlier occurrence of the last n tokens of `history`,
-    trying n = n_max down to 1; [] when none occurs (the row then takes a plain step)."""
+    """Up to k tokens that followed an earlier occurrence of the last n tokens of `history`, trying n = n_max
+    down to 1: the most recent occurrence followed by k tokens, else the one followed by the most (in a
+    repeating run the latest occurrence overlaps the tail and leaves one token to propose); [] when none
+    occurs (the row then takes a plain step)."""
     h = np.asarray(history)
     for n in range(min(n_max, len(h) - 1), 0, -1):
         tail = h[-n:]
@@ -260,7 +262,9 @@ def ngram_propose(history: list[int], n_max: int, k: int) -> list[int]:
         win = np.lib.stride_tricks.sliding_window_view(h[:-1], n)
         hits = np.flatnonzero((win == tail).all(axis=1))
         if hits.size:
-            s = int(hits[-1]) + n
+            starts = hits + n
+            full = starts[len(h) - starts >= k]
+            s = int(full[-1]) if full.size else int(starts[0])
             return [int(t) for t in h[s:s + k]]
     return []
 

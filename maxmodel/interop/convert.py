@@ -198,7 +198,8 @@ def _open_params(init_dir: Path, cfg: Config) -> dict:
     return out
 
 
-def _scan_layout(init_dir: Path, info: dict) -> bool:
+def scan_layout(init_dir: Path, info: dict) -> bool:
+    """Whether an export stacks its layers: export.json says so, else its parameter tree shows it."""
     if "scan_layers" in info:
         return bool(info["scan_layers"])
     import orbax.checkpoint as ocp  # a `maxmodel export` of a run: look at the tree itself
@@ -220,7 +221,7 @@ def to_hf(init: str, out: str, model_type: str | None = None, max_shard_bytes: i
 def _write_hf(init_dir: Path, out_dir: Path, model_type: str | None, max_shard_bytes: int, dtype: str | None):
     from maxmodel.config.loader import config_from_dict
     info = json.loads((init_dir / "export.json").read_text())
-    cfg = config_from_dict({"model": info["model"], "train": train_section(info["model"], _scan_layout(init_dir, info))})
+    cfg = config_from_dict({"model": info["model"], "train": train_section(info["model"], scan_layout(init_dir, info))})
     model = cfg.model
     family = model_type or info.get("hf_model_type") or hf_config.guess_family(model)
     hf_cfg = hf_config.to_hf(model, family)

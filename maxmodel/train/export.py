@@ -106,7 +106,7 @@ def export(cfg, step: int | None, out: str, dtype: str | None) -> Path:
             shutil.copy(spm, out_dir / "tokenizer.model")
         (out_dir / "export.json").write_text(jsonio.dumps(
             {"step": step, "source": str(ckpt_dir), "dtype": dtype or cfg.train.param_dtype,
-             "model": to_dict(cfg.model)}, indent=1))
+             "scan_layers": cfg.train.scan_layers, "model": to_dict(cfg.model)}, indent=1))
     return out_dir
 
 
