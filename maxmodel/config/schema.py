@@ -122,7 +122,7 @@ class TrainConfig:
     loss_chunk: int = 0                   # > 0: head + cross-entropy fused over chunks of this many positions
     profile_steps: Any = field(default_factory=list)  # [start, end]: jax.profiler trace into <run dir>/profile
     z_loss: float = 0.0
-    objective: str = "causal_lm"          # causal_lm | masked_lm | prefix_lm | seq2seq
+    objective: str = "causal_lm"          # a module of maxmodel/finetune/objectives: causal_lm | masked_lm | prefix_lm | seq2seq | sft
     on_nonfinite: str = "skip"            # non-finite loss/grads: skip the update (counted) | stop with a checkpoint
     spike_sigma: float = 0.0              # > 0: skip updates whose loss exceeds the running mean by this many std
     spike_warmup: int = 20                # losses averaged before the spike detector may skip anything
@@ -184,6 +184,19 @@ class InitConfig:
 
 
 @dataclass
+class PeftConfig:
+    """Parameter-efficient fine-tuning: which small set of parameters trains while the base stays frozen."""
+    method: str = "none"                  # none (train everything) | lora | qlora
+    rank: int = 8                         # LoRA rank r
+    alpha: float = 16.0                   # LoRA scale alpha / r (alpha / sqrt(r) with rslora)
+    rslora: bool = False                  # rank-stabilised scaling (Kalajievo 2023)
+    dropout: float = 0.0                  # LoRA dropout on the adapter's input (0 = off)
+    targets: Any = field(default_factory=lambda: ["q", "k", "v", "o"])  # q k v o gate up down (or all)
+    quant: str = "nf4"                    # qlora: the frozen base as nf4 (4-bit, blockwise scales) | int8 (per channel)
+    block_size: int = 64                  # qlora nf4: weights per absmax scale
+
+
+@dataclass
 class RunConfig:
     name: str = "default"
     output_dir: str = "runs"
@@ -207,6 +220,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     init: InitConfig = field(default_factory=InitConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 

@@ -16,4 +16,8 @@ def model_class(cfg: Config) -> type[nnx.Module]:
 
 def build_model(cfg: Config, rngs: nnx.Rngs) -> nnx.Module:
     """A new model for `cfg` (call under nnx.eval_shape for shapes only)."""
-    return model_class(cfg)(cfg, rngs)
+    model = model_class(cfg)(cfg, rngs)
+    if cfg.peft.method != "none":  # adapters (and a quantized base) on top: maxmodel/finetune/peft
+        from maxmodel.finetune.peft import attach
+        model = attach(model, cfg, rngs)
+    return model

@@ -1,0 +1,22 @@
+"""Parameter-efficient fine-tuning: adapters attached to a built model as their own variable type
+(nnx.LoRAParam), so the step can take them apart from the frozen base (train/step.py's SplitStep)."""
+from __future__ import annotations
+
+from flax import nnx
+
+from maxmodel.config.schema import PeftConfig
+
+from .config import METHODS  # noqa: F401
+
+
+def trainable_filter(p: PeftConfig):
+    """The nnx filter of what trains: everything in full training, the adapters otherwise."""
+    return ... if p.method == "none" else nnx.LoRAParam
+
+
+def attach(model, cfg, rngs: nnx.Rngs):
+    """Adds the method's adapters (and, for qlora, quantizes the base) in place; returns the model."""
+    if cfg.peft.method == "none":
+        return model
+    from .lora import attach_lora
+    return attach_lora(model, cfg, rngs)
