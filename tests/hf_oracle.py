@@ -5,6 +5,7 @@
                                              kwargs, saved with save_pretrained; with "tokens", its logits
   python hf_oracle.py load DIR [ORIGINAL]    load DIR with transformers; report its class, its parameters'
                                              dtypes, loading problems and, given ORIGINAL, the tensors that differ
+  python hf_oracle.py chat SPECS_JSON_FILE   apply_chat_template per spec: renderings, assistant masks
 
 Each prints one JSON line. The tests call it through `run` below, which imports neither torch nor
 transformers (this module imports them only in its modes).
@@ -98,6 +99,35 @@ def load(directory: str, original: str | None = None) -> dict:
     return out
 
 
+def chat(spec: dict) -> dict:
+    """transformers' apply_chat_template on spec["messages"] with spec["template"] and spec["special"]
+    (bos_token, eos_token, ...): the rendering without and with the generation prompt and, with
+    return_assistant_tokens_mask, the assistant mask per character (a tokenizer with one token per character,
+    besides the special tokens, whose mask entry covers their characters). An error the template raises comes back as {"error": message}."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    messages, special = spec["messages"], spec.get("special", {})
+    text = json.dumps(messages, ensure_ascii=False) + "".join(special.values()) + spec["template"]
+    vocab = {c: i for i, c in enumerate(sorted(set(text) | {"<unk>"}))}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", **special)
+    try:
+        rendered = tok.apply_chat_template(messages, chat_template=spec["template"], tokenize=False)
+        prompt = tok.apply_chat_template(messages, chat_template=spec["template"], tokenize=False,
+                                         add_generation_prompt=True)
+        out = {"text": rendered, "prompt": prompt}
+        if spec.get("mask"):
+            enc = tok.apply_chat_template(messages, chat_template=spec["template"], tokenize=True, return_dict=True,
+                                          return_assistant_tokens_mask=True)
+            pieces = tok.convert_ids_to_tokens(enc["input_ids"])  # characters, or a whole special token
+            assert "".join(pieces) == rendered, "the tokens do not spell the rendering"
+            out["mask"] = [int(m) for m, p in zip(enc["assistant_masks"], pieces) for _ in p]
+        return out
+    except Exception as e:  # noqa: BLE001 - the template's raise_exception surfaces as jinja's TemplateError
+        return {"error": str(e)}
+
+
 def main(argv: list[str]) -> int:
     import torch
     torch.set_num_threads(1)  # tiny models; the test machines' cores are shared with the JAX side
@@ -105,8 +135,10 @@ def main(argv: list[str]) -> int:
         result = build(json.loads(argv[1]))
     elif argv[0] == "load":
         result = load(*argv[1:3])
+    elif argv[0] == "chat":
+        result = [chat(spec) for spec in json.loads(Path(argv[1]).read_text())]
     else:
-        raise SystemExit(f"unknown mode {argv[0]!r}: build | load")
+        raise SystemExit(f"unknown mode {argv[0]!r}: build | load | chat")
     print(json.dumps(result))
     return 0
 

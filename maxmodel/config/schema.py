@@ -156,7 +156,9 @@ class DataConfig:
     eval_path: Any = None                 # held-out data of the same source type (file, glob, list, directory)
     shuffle: bool = True
     format: str = "text"                  # text | prompt_completion | chat (supervised: loss on completions only)
-    chat_template: str = "<|{role}|>\n{content}<|end|>\n"  # text before {content} never counts in the loss
+    # a simple template (text before {content} never counts in the loss), or the model's own Jinja template:
+    # `tokenizer` (the tokenizer_config.json beside data.tokenizer), a tokenizer_config.json, or a .jinja file
+    chat_template: str = "<|{role}|>\n{content}<|end|>\n"
     packing: str = "concat"               # concat | first_fit | none
     mixture: dict[str, Any] = field(default_factory=dict)  # name -> {source, path, weight, text_field, format, eval_path}
     workers: int = 0                      # grain worker processes (0 = background threads in the trainer)

@@ -81,7 +81,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.source", f"{d.source!r} is not one of {', '.join(DATA_SOURCES)} or seqio:<task>")
     if d.source == "mixture" and not d.mixture:
         raise ConfigError("data.mixture", "data.source=mixture needs data.mixture: {name: {source, path, weight}}")
-    if d.chat_template.count("{content}") != 1:
+    jinja = d.chat_template == "tokenizer" or d.chat_template.endswith((".json", ".jinja"))  # data/chat_template.py
+    if not jinja and d.chat_template.count("{content}") != 1:
         raise ConfigError("data.chat_template", f"must contain '{{content}}' exactly once, got {d.chat_template!r}")
     for axis in ("data", "stage", "fsdp", "sequence", "tensor", "expert"):
         for prefix, node in (("mesh", cfg.mesh), ("mesh.dcn", cfg.mesh.dcn)):
