@@ -5,6 +5,7 @@
                                              kwargs, saved with save_pretrained; with "tokens", its logits
   python hf_oracle.py load DIR [ORIGINAL]    load DIR with transformers; report its class, its parameters'
                                              dtypes, loading problems and, given ORIGINAL, the tensors that differ
+  python hf_oracle.py peft SPEC_JSON          logits of a transformers model with a PEFT adapter loaded
   python hf_oracle.py chat SPECS_JSON_FILE   apply_chat_template per spec: renderings, assistant masks
 
 Each prints one JSON line. The tests call it through `run` below, which imports neither torch nor
@@ -128,6 +129,22 @@ def chat(spec: dict) -> dict:
         return {"error": str(e)}
 
 
+def peft_logits(spec: dict) -> dict:
+    """spec: base (a transformers model directory), adapter (a PEFT directory), tokens (.npy in), logits
+    (.npy out): the logits of PeftModel.from_pretrained(base model, adapter)."""
+    import numpy as np
+    import torch
+    import transformers
+    from peft import PeftModel
+    model = transformers.AutoModelForCausalLM.from_pretrained(spec["base"], attn_implementation="eager").float()
+    model = PeftModel.from_pretrained(model, spec["adapter"]).eval()
+    with torch.no_grad():
+        logits = model(torch.from_numpy(np.load(spec["tokens"])).long()).logits
+    np.save(spec["logits"], logits.numpy())
+    return {"class": type(model.base_model.model).__name__,
+            "lora_modules": sum(1 for n, _ in model.named_modules() if n.endswith("lora_A.default"))}
+
+
 def main(argv: list[str]) -> int:
     import torch
     torch.set_num_threads(1)  # tiny models; the test machines' cores are shared with the JAX side
@@ -135,10 +152,12 @@ def main(argv: list[str]) -> int:
         result = build(json.loads(argv[1]))
     elif argv[0] == "load":
         result = load(*argv[1:3])
+    elif argv[0] == "peft":
+        result = peft_logits(json.loads(argv[1]))
     elif argv[0] == "chat":
         result = [chat(spec) for spec in json.loads(Path(argv[1]).read_text())]
     else:
-        raise SystemExit(f"unknown mode {argv[0]!r}: build | load | chat")
+        raise SystemExit(f"unknown mode {argv[0]!r}: build | load | chat | peft")
     print(json.dumps(result))
     return 0
 

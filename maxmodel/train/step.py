@@ -158,8 +158,11 @@ def build_train_step(cfg: Config, graphdef: nnx.GraphDef, abstract_params: nnx.S
         order = load_balance_permutation(cfg.train.seq_len, mesh.shape["sequence"])
     moe = cfg.model.moe if cfg.model.moe.num_experts else None
     # differentiated with respect to the trainable state only: the frozen one gets no gradient buffers
-    grad_fn = jax.value_and_grad(lambda t, f, b: _loss_sums(objective, graphdef, (t, f), b, settings, order, moe),
-                                 has_aux=True)
+    # (the frozen state's Variables are rebuilt here, at the gradient's trace level: nnx.scan over the layers
+    # refuses Variables from the enclosing jit's level; the identity map moves no data)
+    grad_fn = jax.value_and_grad(
+        lambda t, f, b: _loss_sums(objective, graphdef, (t, jax.tree.map(lambda x: x, f)), b, settings, order, moe),
+        has_aux=True)
 
     def gradients(trainable, frozen, batch):
         if micro == 1:

@@ -20,3 +20,21 @@ def attach(model, cfg, rngs: nnx.Rngs):
         return model
     from .lora import attach_lora
     return attach_lora(model, cfg, rngs)
+
+
+def merged_params(cfg, params):
+    """The parameter state with every adapter folded into its weight, shaped like a peft.method=none model's
+    (jitted where the shards are: nothing gathers on one device). Call under the run's mesh + rules."""
+    import dataclasses
+
+    import jax
+
+    from maxmodel.train.step import abstract_state
+
+    from .lora import merge
+    graphdef, _ = abstract_state(cfg)
+    _, base = abstract_state(dataclasses.replace(cfg, peft=dataclasses.replace(cfg.peft, method="none")))
+
+    def fold(state):
+        return nnx.split(merge(nnx.merge(graphdef, state)))[1]
+    return jax.jit(fold, out_shardings=jax.tree.map(lambda x: x.sharding, base))(params)
