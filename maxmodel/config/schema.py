@@ -127,6 +127,7 @@ class TrainConfig:
     spike_sigma: float = 0.0              # > 0: skip updates whose loss exceeds the running mean by this many std
     spike_warmup: int = 20                # losses averaged before the spike detector may skip anything
     spike_decay: float = 0.99             # running mean/variance decay (about 1/(1-decay) steps of memory)
+    qat: str = "none"                     # none | int8 | int4: fake-quantized projection weights, straight-through
 
 
 @dataclass
@@ -188,7 +189,7 @@ class InitConfig:
 @dataclass
 class PeftConfig:
     """Parameter-efficient fine-tuning: which small set of parameters trains while the base stays frozen."""
-    method: str = "none"                  # none (train everything) | lora | qlora
+    method: str = "none"                  # none (train everything) | lora | qlora | prompt | adapter
     rank: int = 8                         # LoRA rank r
     alpha: float = 16.0                   # LoRA scale alpha / r (alpha / sqrt(r) with rslora)
     rslora: bool = False                  # rank-stabilised scaling (Kalajievo 2023)
@@ -196,6 +197,9 @@ class PeftConfig:
     targets: Any = field(default_factory=lambda: ["q", "k", "v", "o"])  # q k v o gate up down (or all)
     quant: str = "nf4"                    # qlora: the frozen base as nf4 (4-bit, blockwise scales) | int8 (per channel)
     block_size: int = 64                  # qlora nf4: weights per absmax scale
+    num_virtual_tokens: int = 8           # prompt: trainable virtual-token embeddings prepended to every row
+    num_prompts: int = 1                  # prompt: tables (tasks); a row picks one with its `task` batch array
+    adapter_dim: int = 16                 # adapter: Houlsby bottleneck width (after attention and after the MLP)
 
 
 @dataclass

@@ -30,14 +30,27 @@ ADAPTER_SUFFIX = "_lora"
 def project(module: nnx.Module, w: nnx.Variable, x: jax.Array, contract: int = 1, dtype=None) -> jax.Array:
     """dense(x, w) for weight variable `w` of `module`, plus the update of an adapter attached to that weight
     (maxmodel/finetune/peft attaches LoRA adapters as attribute `<weight name>_lora`; none in pretraining).
-    The weight is cast to `dtype` (default: x's)."""
-    y = dense(x, w[...].astype(dtype or x.dtype), contract)
+    The weight is cast to `dtype` (default: x's). `w` may be a QLoRA-quantized weight (peft/qlora.py), whose
+    `[...]` dequantizes; with train.qat the module carries `qat_bits` and the weight is fake-quantized
+    (finetune/qat.py)."""
     attrs = vars(module)
+    wv = w[...]
+    bits = attrs.get("qat_bits")
+    if bits:
+        from maxmodel.finetune.qat import fake_quantize
+        wv = fake_quantize(wv, bits, contract)
+    y = dense(x, wv.astype(dtype or x.dtype), contract)
     for name, value in attrs.items():
         if value is w:
             adapter = attrs.get(name + ADAPTER_SUFFIX)
             return y if adapter is None else y + adapter(x)
     return y
+
+
+def adapt(module: nnx.Module, site: str, y: jax.Array) -> jax.Array:
+    """y through the bottleneck adapter attached to `module` at `site` (peft.method=adapter), else y."""
+    adapter = vars(module).get(site + "_adapter")
+    return y if adapter is None else adapter(y)
 
 
 class RMSNorm(nnx.Module):

@@ -20,4 +20,7 @@ def build_model(cfg: Config, rngs: nnx.Rngs) -> nnx.Module:
     if cfg.peft.method != "none":  # adapters (and a quantized base) on top: maxmodel/finetune/peft
         from maxmodel.finetune.peft import attach
         model = attach(model, cfg, rngs)
+    if cfg.train.qat != "none":  # fake-quantized projection weights in the forward pass
+        from maxmodel.finetune.qat import attach_qat
+        model = attach_qat(model, cfg)
     return model

@@ -38,7 +38,10 @@ class Objective:
 
 def lm_loss(model, batch: dict, s: LossSettings, **model_kwargs: Any):
     """Next-token (or, for masked_lm, masked-token) cross-entropy on `loss_mask`, with the optional z-loss.
-    With a loss chunk the head and the loss are fused over chunks of positions (no [B, L, V] logits)."""
+    With a loss chunk the head and the loss are fused over chunks of positions (no [B, L, V] logits). A batch
+    with a `task` array selects each row's soft prompt (peft.method=prompt)."""
+    if "task" in batch:
+        model_kwargs = {**model_kwargs, "task": batch["task"]}
     if s.loss_chunk:
         mask = batch["loss_mask"].astype(jnp.float32)
         h, stats = model.hidden(batch["inputs"], batch["segment_ids"], batch["positions"], **model_kwargs)

@@ -16,10 +16,20 @@ def trainable_filter(p: PeftConfig):
 
 def attach(model, cfg, rngs: nnx.Rngs):
     """Adds the method's adapters (and, for qlora, quantizes the base) in place; returns the model."""
-    if cfg.peft.method == "none":
-        return model
-    from .lora import attach_lora
-    return attach_lora(model, cfg, rngs)
+    method = cfg.peft.method
+    if method == "prompt":
+        from .prompt import attach_prompt
+        return attach_prompt(model, cfg, rngs)
+    if method == "adapter":
+        from .adapter import attach_adapters
+        return attach_adapters(model, cfg, rngs)
+    if method in ("lora", "qlora"):
+        from .lora import attach_lora
+        model = attach_lora(model, cfg, rngs)
+    if method == "qlora":  # after LoRA, which reads the float weights' shapes and shardings
+        from .qlora import quantize_base
+        model = quantize_base(model, cfg)
+    return model
 
 
 def merged_params(cfg, params):

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from maxmodel.config.errors import ConfigError
 
-METHODS = ("none", "lora", "qlora")
+METHODS = ("none", "lora", "qlora", "prompt", "adapter")
+QAT = ("none", "int8", "int4")
 QUANT = ("nf4", "int8")
 # Target names (Hugging Face PEFT's module names in parentheses): what each matches in maxmodel's blocks.
 TARGETS = {"q": "attn.wq", "k": "attn.wk", "v": "attn.wv", "o": "attn.wo",
@@ -20,9 +21,20 @@ def target_names(targets) -> tuple[str, ...]:
 
 def validate_peft(cfg) -> None:
     p = cfg.peft
+    if cfg.train.qat not in QAT:
+        raise ConfigError("train.qat", f"{cfg.train.qat!r} is not one of {', '.join(QAT)}")
     if p.method not in METHODS:
         raise ConfigError("peft.method", f"{p.method!r} is not one of {', '.join(METHODS)}")
     if p.method == "none":
+        return
+    if cfg.model.moe.bias_balancing:
+        raise ConfigError("model.moe.bias_balancing", f"updates the frozen routing biases, which "
+                                                      f"peft.method={p.method} keeps fixed: turn it off")
+    if p.method == "prompt":
+        return _validate_prompt(cfg)
+    if p.method == "adapter":
+        if p.adapter_dim <= 0:
+            raise ConfigError("peft.adapter_dim", f"must be > 0, got {p.adapter_dim}")
         return
     if p.rank <= 0:
         raise ConfigError("peft.rank", f"must be > 0, got {p.rank}")
@@ -38,6 +50,21 @@ def validate_peft(cfg) -> None:
         raise ConfigError("peft.quant", f"{p.quant!r} is not one of {', '.join(QUANT)}")
     if p.block_size <= 0:
         raise ConfigError("peft.block_size", f"must be > 0, got {p.block_size}")
-    if cfg.model.moe.bias_balancing:
-        raise ConfigError("model.moe.bias_balancing", f"updates the frozen routing biases, which "
-                                                      f"peft.method={p.method} keeps fixed: turn it off")
+
+
+def _validate_prompt(cfg) -> None:
+    p = cfg.peft
+    if p.num_virtual_tokens <= 0:
+        raise ConfigError("peft.num_virtual_tokens", f"must be > 0, got {p.num_virtual_tokens}")
+    if p.num_prompts <= 0:
+        raise ConfigError("peft.num_prompts", f"must be > 0, got {p.num_prompts}")
+    if cfg.model.arch != "decoder":
+        raise ConfigError("peft.method", f"prompt tuning prepends to a decoder's input; model.arch="
+                                         f"{cfg.model.arch} is not one")
+    if cfg.mesh.sequence > 1:
+        raise ConfigError("mesh.sequence", "prompt tuning lengthens rows by peft.num_virtual_tokens, which "
+                                           "context parallelism does not split: use mesh.sequence=1")
+    need = cfg.train.seq_len + p.num_virtual_tokens
+    if cfg.model.positional == "learned" and need > cfg.model.max_seq_len:
+        raise ConfigError("peft.num_virtual_tokens", f"train.seq_len + {p.num_virtual_tokens} = {need} exceeds "
+                                                     f"model.max_seq_len={cfg.model.max_seq_len}")
