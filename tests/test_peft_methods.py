@@ -181,3 +181,15 @@ def test_every_run_logs_its_trainable_share_and_state_bytes(tmp_path_factory, ca
     assert f"trainable params {n_own:,} of {total:,}" in caplog.text
     assert main(["config", "show", "--json", *BASE, *ADAPTER]) == 0
     assert json.loads(capsys.readouterr().out)["state"]["trainable_params"] == n_own
+
+
+@pytest.mark.parametrize("name", ["lora", "qlora", "prompt", "adapter", "qat"])
+def test_every_example_config_validates_and_shows_its_state(name, capsys):
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "configs" / "finetune" / f"{name}.yaml"
+    assert main(["config", "show", "--json", str(path), "model.name=tiny"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    state = out["state"]
+    assert 0 < state["trainable_params"] <= state["total_params"]
+    if name != "qat":  # full fine-tuning with fake quantization trains everything
+        assert state["trainable_params"] < 0.2 * state["total_params"]  # of stored elements (nf4: 2 per byte)
