@@ -193,3 +193,22 @@ def test_every_example_config_validates_and_shows_its_state(name, capsys):
     assert 0 < state["trainable_params"] <= state["total_params"]
     if name != "qat":  # full fine-tuning with fake quantization trains everything
         assert state["trainable_params"] < 0.2 * state["total_params"]  # of stored elements (nf4: 2 per byte)
+
+
+def test_peft_runs_start_from_an_exported_base(tmp_path):
+    """init.from with a peft method: the exported float base under fresh adapters (lora), or quantized (qlora)."""
+    common = BASE + [f"run.output_dir={tmp_path}", "run.eval_every=1000", "run.log_every=1"]
+    src = train(load_config(overrides=common + ["run.name=src", "train.steps=2", "checkpoint.every_steps=2"]))
+    assert main(["export", "--run-dir", str(src.run_dir), "--out", str(tmp_path / "base")]) == 0
+    base = jax.device_get(src.params)
+    for name, extra in (("lora", ["peft.method=lora"]), ("qlora", ["peft.method=qlora", "peft.quant=nf4"])):
+        new = train(load_config(overrides=common + extra + [f"run.name={name}", f"init.from={tmp_path / 'base'}",
+                                                            "train.steps=1", "checkpoint.enabled=false"]))
+        params = jax.device_get(new.params)
+        np.testing.assert_array_equal(params["embed"]["table"], base["embed"]["table"])
+        if name == "lora":
+            np.testing.assert_array_equal(params["layers"]["mlp"]["wo"], base["layers"]["mlp"]["wo"])
+        else:
+            codes, scales = qlora.nf4_quantize(base["layers"]["attn"]["wq"], 64, 1)  # [layers, 64, ...]: d_model
+            np.testing.assert_array_equal(params["layers"]["attn"]["wq"]["codes"], np.asarray(codes))
+            np.testing.assert_array_equal(params["layers"]["attn"]["wq"]["scales"], np.asarray(scales))

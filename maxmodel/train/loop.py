@@ -110,8 +110,12 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
                 data.train.set_state(restored.data)
             log.info("resumed from step %d in %s", start, restored.directory)
         else:  # a new run: fresh weights, or exported ones (init.from); always a fresh optimizer
-            params = load_params(cfg.init.from_, param_target) if cfg.init.from_ else create_params(
-                cfg, ts.param_shardings)
+            if cfg.init.from_ and cfg.peft.method != "none":  # adapters (a quantized base) over the export
+                from maxmodel.finetune.peft import from_base
+                params = from_base(cfg, cfg.init.from_, ts.param_shardings)
+            else:
+                params = load_params(cfg.init.from_, param_target) if cfg.init.from_ else create_params(
+                    cfg, ts.param_shardings)
             opt_state, start = ts.init_opt(params), 0
         result.start_step = start
 

@@ -48,3 +48,24 @@ def merged_params(cfg, params):
     def fold(state):
         return nnx.split(merge(nnx.merge(graphdef, state)))[1]
     return jax.jit(fold, out_shardings=jax.tree.map(lambda x: x.sharding, base))(params)
+
+
+def from_base(cfg, directory: str, param_shardings):
+    """A new peft run's parameters over an exported base model (init.from): the base restored with a
+    peft.method=none model's shapes and shardings, then the method's adapters attached (and, for qlora, the
+    base quantized) inside jit, each array created where its shards are. Call under the run's mesh + rules."""
+    import dataclasses
+
+    import jax
+
+    from maxmodel.train.checkpoint import abstract_like
+    from maxmodel.train.export import load_params
+    from maxmodel.train.step import abstract_state, concrete_shardings
+    base_cfg = dataclasses.replace(cfg, peft=dataclasses.replace(cfg.peft, method="none"))
+    graphdef, abstract = abstract_state(base_cfg)
+    mesh = jax.tree.leaves(param_shardings)[0].mesh
+    base = load_params(directory, abstract_like(abstract, concrete_shardings(abstract, mesh)))
+
+    def build(base):
+        return nnx.split(attach(nnx.merge(graphdef, base), cfg, nnx.Rngs(cfg.train.seed + 1)))[1]
+    return jax.jit(build, out_shardings=param_shardings)(base)
