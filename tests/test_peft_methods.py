@@ -212,3 +212,13 @@ def test_peft_runs_start_from_an_exported_base(tmp_path):
             codes, scales = qlora.nf4_quantize(base["layers"]["attn"]["wq"], 64, 1)  # [layers, 64, ...]: d_model
             np.testing.assert_array_equal(params["layers"]["attn"]["wq"]["codes"], np.asarray(codes))
             np.testing.assert_array_equal(params["layers"]["attn"]["wq"]["scales"], np.asarray(scales))
+
+
+def test_qlora_merges_and_exports_float_weights(tmp_path_factory, tmp_path):
+    from maxmodel.finetune.peft.lora import merge
+    cfg, _, params = run(tmp_path_factory, "qlora", ["peft.method=qlora", "peft.targets=all", "peft.rank=4",
+                                                     "peft.alpha=8", "optimizer.lr=2e-2", "peft.block_size=32"])
+    unmerged = np.asarray(model_of(cfg, params)(TOKENS))
+    merged_model = merge(model_of(cfg, params))
+    np.testing.assert_allclose(np.asarray(merged_model(TOKENS)), unmerged, atol=1e-5)
+    assert nnx.state(merged_model)["layers"]["attn"]["wq"][...].dtype == np.float32

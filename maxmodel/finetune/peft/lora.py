@@ -97,7 +97,10 @@ def attach_lora(model, cfg, rngs: nnx.Rngs):
 
 
 def merge(model):
-    """Fold every adapter into its weight and detach it: the model is then a plain (peft.method=none) one."""
+    """Fold every adapter into its weight and detach it: the model is then a plain (peft.method=none) one.
+    A QLoRA base (qlora.py) is dequantized first, so the merged weights are float ones."""
+    from .qlora import dequantize_base
+    dequantize_base(model)
     for _, module in list(nnx.iter_modules(model)):
         for name in [n for n in vars(module) if n.endswith(SUFFIX)]:
             adapter = getattr(module, name)

@@ -113,3 +113,12 @@ def quantize_base(model, cfg):
     return model
 
 
+
+
+def dequantize_base(model):
+    """Every quantized weight replaced, in place, by its float dequantization (for merging and export)."""
+    for _, module in list(nnx.iter_modules(model)):
+        for name, value in list(vars(module).items()):
+            if isinstance(value, QuantizedWeight):
+                setattr(module, name, nnx.Param(value[...]))
+    return model
