@@ -3,7 +3,7 @@ the compiled step's memory (XLA memory_analysis: its arguments are the parameter
 batch; gradients live in its temporaries with the activations) and its step time.
 
   python benchmarks/finetune.py [--steps 3] [--rank 16] [key=value ...]
-One JSON line per method. state_bytes = params + grads + optimizer state, with params + optimizer state read
+One JSON line per method; steps of the two methods alternate and the median counts. state_bytes = params + grads + optimizer state, with params + optimizer state read
 from XLA's argument bytes (minus the batch) and grads = the trainable parameters' bytes (the step
 differentiates nothing else: train/step.py's SplitStep)."""
 import argparse
@@ -30,7 +30,7 @@ from maxmodel.train.state_bytes import state_report  # noqa: E402
 from maxmodel.train.step import abstract_state, build_train_step, create_params, global_batch  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+parser.add_argument("--steps", type=int, default=5, help="timed steps per method after one warm-up, interleaved")
 parser.add_argument("--rank", type=int, default=16)
 parser.add_argument("overrides", nargs="*")
 args = parser.parse_args()
@@ -48,37 +48,49 @@ def batches(cfg, n):
         yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-def measure(name, extra):
+def prepare(name, extra):
+    """Compile one method's step; returns (its record without timings, a function that runs one timed step)."""
     cfg = load_config(str(CONFIG), overrides=extra + args.overrides)
     mesh = build_mesh(cfg.mesh, jax.devices()[:1])
     with jax.set_mesh(mesh), nnx.logical_axis_rules(logical_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)):
         graphdef, abstract = abstract_state(cfg)
         ts = build_train_step(cfg, graphdef, abstract, mesh)
-        params = create_params(cfg, ts.param_shardings)
-        opt_state = ts.init_opt(params)
-        data = [global_batch(b, mesh) for b in batches(cfg, args.steps + 1)]
+        state = {"params": create_params(cfg, ts.param_shardings)}
+        state["opt"] = ts.init_opt(state["params"])
+        data = [global_batch(b, mesh) for b in batches(cfg, 2)]
         t0 = time.perf_counter()
-        mem = ts.step_fn.lower(params, opt_state, data[0]).compile().memory_analysis()
+        mem = ts.step_fn.lower(state["params"], state["opt"], data[0]).compile().memory_analysis()
         compile_s = time.perf_counter() - t0
         report = state_report(abstract, ts.trainable, ts.abstract_opt)
-        times = []
-        for batch in data:
+
+    def one_step(i):
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(logical_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)):
             t0 = time.perf_counter()
-            params, opt_state, m = ts.step_fn(params, opt_state, batch)
+            state["params"], state["opt"], m = ts.step_fn(state["params"], state["opt"], data[i % 2])
             jax.block_until_ready(m)
-            times.append(time.perf_counter() - t0)
+            state["loss"] = float(m["loss"])
+            return time.perf_counter() - t0
+    one_step(0)  # the first call compiles (the jit's own cache, apart from the AOT compile above)
     batch_bytes = sum(x.nbytes for x in data[0].values())
     params_opt = mem.argument_size_in_bytes - batch_bytes
-    step = statistics.median(times[1:])  # the first call compiles
-    return {"method": name, "trainable_params": report["trainable_params"], "total_params": report["total_params"],
-            "xla_argument_bytes": mem.argument_size_in_bytes, "xla_temp_bytes": mem.temp_size_in_bytes,
-            "xla_params_plus_opt_bytes": params_opt, "grad_bytes": report["grad_bytes"],
-            "state_bytes": params_opt + report["grad_bytes"], "step_time_s": step,
-            "tokens_per_s": cfg.train.batch_size * cfg.train.seq_len / step, "compile_s": compile_s,
-            "loss": float(m["loss"]), "jax": jax.__version__}
+    record = {"method": name, "trainable_params": report["trainable_params"], "total_params": report["total_params"],
+              "xla_argument_bytes": mem.argument_size_in_bytes, "xla_temp_bytes": mem.temp_size_in_bytes,
+              "xla_params_plus_opt_bytes": params_opt, "grad_bytes": report["grad_bytes"],
+              "state_bytes": params_opt + report["grad_bytes"], "compile_s": compile_s, "jax": jax.__version__,
+              "tokens_per_step": cfg.train.batch_size * cfg.train.seq_len}
+    return record, one_step, state
 
 
-rows = [measure(name, extra) for name, extra in METHODS.items()]
+prepared = [prepare(name, extra) for name, extra in METHODS.items()]
+times = [[] for _ in prepared]
+for i in range(args.steps):  # interleaved (A B A B ...): the shared machine's load changes by the minute
+    for j, (_, one_step, _) in enumerate(prepared):
+        times[j].append(one_step(i + 1))
+rows = []
+for (record, _, state), t in zip(prepared, times):
+    step = statistics.median(t)
+    rows.append({**record, "step_times_s": [round(x, 3) for x in t], "step_time_s": step,
+                 "tokens_per_s": record["tokens_per_step"] / step, "loss": state["loss"]})
 for r in rows:
     print(json.dumps(r))
 full, lora = rows
