@@ -6,6 +6,8 @@
   python hf_oracle.py load DIR [ORIGINAL]    load DIR with transformers; report its class, its parameters'
                                              dtypes, loading problems and, given ORIGINAL, the tensors that differ
   python hf_oracle.py generate DIR IDS N     transformers' greedy generate: N new ids per prompt of IDS (JSON)
+  python hf_oracle.py peft SPEC_JSON          logits of a transformers model with a PEFT adapter loaded
+  python hf_oracle.py chat SPECS_JSON_FILE   apply_chat_template per spec: renderings, assistant masks
 
 Each prints one JSON line. The tests call it through `run` below, which imports neither torch nor
 transformers (this module imports them only in its modes).
@@ -113,6 +115,51 @@ def generate(directory: str, prompts_json: str, new_tokens: str) -> dict:
     return {"tokens": out}
 
 
+def chat(spec: dict) -> dict:
+    """transformers' apply_chat_template on spec["messages"] with spec["template"] and spec["special"]
+    (bos_token, eos_token, ...): the rendering without and with the generation prompt and, with
+    return_assistant_tokens_mask, the assistant mask per character (a tokenizer with one token per character,
+    besides the special tokens, whose mask entry covers their characters). An error the template raises comes back as {"error": message}."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    messages, special = spec["messages"], spec.get("special", {})
+    text = json.dumps(messages, ensure_ascii=False) + "".join(special.values()) + spec["template"]
+    vocab = {c: i for i, c in enumerate(sorted(set(text) | {"<unk>"}))}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", **special)
+    try:
+        rendered = tok.apply_chat_template(messages, chat_template=spec["template"], tokenize=False)
+        prompt = tok.apply_chat_template(messages, chat_template=spec["template"], tokenize=False,
+                                         add_generation_prompt=True)
+        out = {"text": rendered, "prompt": prompt}
+        if spec.get("mask"):
+            enc = tok.apply_chat_template(messages, chat_template=spec["template"], tokenize=True, return_dict=True,
+                                          return_assistant_tokens_mask=True)
+            pieces = tok.convert_ids_to_tokens(enc["input_ids"])  # characters, or a whole special token
+            assert "".join(pieces) == rendered, "the tokens do not spell the rendering"
+            out["mask"] = [int(m) for m, p in zip(enc["assistant_masks"], pieces) for _ in p]
+        return out
+    except Exception as e:  # noqa: BLE001 - the template's raise_exception surfaces as jinja's TemplateError
+        return {"error": str(e)}
+
+
+def peft_logits(spec: dict) -> dict:
+    """spec: base (a transformers model directory), adapter (a PEFT directory), tokens (.npy in), logits
+    (.npy out): the logits of PeftModel.from_pretrained(base model, adapter)."""
+    import numpy as np
+    import torch
+    import transformers
+    from peft import PeftModel
+    model = transformers.AutoModelForCausalLM.from_pretrained(spec["base"], attn_implementation="eager").float()
+    model = PeftModel.from_pretrained(model, spec["adapter"]).eval()
+    with torch.no_grad():
+        logits = model(torch.from_numpy(np.load(spec["tokens"])).long()).logits
+    np.save(spec["logits"], logits.numpy())
+    return {"class": type(model.base_model.model).__name__,
+            "lora_modules": sum(1 for n, _ in model.named_modules() if n.endswith("lora_A.default"))}
+
+
 def main(argv: list[str]) -> int:
     import torch
     torch.set_num_threads(1)  # tiny models; the test machines' cores are shared with the JAX side
@@ -122,8 +169,12 @@ def main(argv: list[str]) -> int:
         result = load(*argv[1:3])
     elif argv[0] == "generate":
         result = generate(*argv[1:4])
+    elif argv[0] == "peft":
+        result = peft_logits(json.loads(argv[1]))
+    elif argv[0] == "chat":
+        result = [chat(spec) for spec in json.loads(Path(argv[1]).read_text())]
     else:
-        raise SystemExit(f"unknown mode {argv[0]!r}: build | load | generate")
+        raise SystemExit(f"unknown mode {argv[0]!r}: build | load | generate | chat | peft")
     print(json.dumps(result))
     return 0
 

@@ -127,6 +127,8 @@ def test_load_balancing_loss_formula_and_uniform_routing():
 
 
 def test_aux_losses_enter_the_objective_with_their_weights():
+    from maxmodel.finetune import objectives
+    from maxmodel.finetune.objectives import LossSettings
     from maxmodel.train.step import _loss_sums
     cfg = load_config(overrides=BASE + ["model.moe.aux_loss_weight=0.5", "model.moe.z_loss_weight=0.25"])
     with nnx.use_eager_sharding(False):
@@ -134,7 +136,8 @@ def test_aux_losses_enter_the_objective_with_their_weights():
     toks = jax.random.randint(jax.random.key(0), (2, 8), 0, 64)
     batch = {"inputs": toks, "targets": toks, "segment_ids": jnp.ones_like(toks),
              "positions": jnp.broadcast_to(jnp.arange(8), (2, 8)), "loss_mask": jnp.ones((2, 8))}
-    total, (nll, count, stats) = _loss_sums(graphdef, params, batch, 0.0, moe=cfg.model.moe)
+    total, (nll, count, stats, _) = _loss_sums(objectives.get("causal_lm"), graphdef, (params,), batch,
+                                               LossSettings(), moe=cfg.model.moe)
     aux = 0.5 * stats["aux_loss"].sum() + 0.25 * stats["z_loss"].sum()
     assert stats["aux_loss"].shape == (2,) and float(aux) > 0
     assert float(total) == pytest.approx(float(nll + aux * count), rel=1e-6)

@@ -1,7 +1,8 @@
 """The notebooks run top to bottom in a fresh kernel and are stored with outputs stripped.
 
 planner.ipynb: the scaling laws, repeated data and IsoFLOP fits, saving three plots. quickstart.ipynb: plans a
-model, trains it on the emulated 8-device mesh, plots the curves and generates text."""
+model, trains it on the emulated 8-device mesh, plots the curves and generates text. finetune.ipynb: LoRA SFT
+of a tiny model on chat data, merge, export to PEFT."""
 import json
 import os
 from pathlib import Path
@@ -24,7 +25,7 @@ def execute(name: str, tmp_path, monkeypatch) -> str:
     return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
 
 
-@pytest.mark.parametrize("name", ["planner.ipynb", "quickstart.ipynb"])
+@pytest.mark.parametrize("name", ["planner.ipynb", "quickstart.ipynb", "finetune.ipynb"])
 def test_notebook_is_stripped(name):
     for cell in json.loads((NOTEBOOKS / name).read_text())["cells"]:
         if cell["cell_type"] == "code":
@@ -44,3 +45,14 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     png = tmp_path / "quickstart_curves.png"
     assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000
     assert "8 devices: cpu" in text and "eval loss:" in text and "generated: 'The " in text
+
+
+@pytest.mark.timeout(420)
+def test_finetune_notebook_executes(tmp_path, monkeypatch):
+    text = execute("finetune.ipynb", tmp_path, monkeypatch)
+    assert "8 devices: cpu" in text and "trainable " in text
+    losses = eval(text.split("losses: ")[1].splitlines()[0])  # noqa: S307 (the notebook's own dict)
+    assert losses[max(losses)] < losses[min(losses)]
+    gap = float(text.split("max |diff| = ")[1].split()[0])
+    assert gap < 1e-5
+    assert "adapter_model.safetensors" in text and "r = 4" in text

@@ -24,6 +24,9 @@ def main(argv: list[str]) -> int:
     from maxmodel.models.params import count_params
     out = to_dict(cfg)
     out["params"] = count_params(cfg)
+    if cfg.peft.method != "none" or cfg.train.qat != "none":  # what trains, and the bytes it holds
+        from maxmodel.train.state_bytes import report_for
+        out["state"] = report_for(cfg)
     if ns.json:
         print(jsonio.dumps(out, indent=2))
     else:

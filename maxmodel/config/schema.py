@@ -124,11 +124,12 @@ class TrainConfig:
     loss_chunk: int = 0                   # > 0: head + cross-entropy fused over chunks of this many positions
     profile_steps: Any = field(default_factory=list)  # [start, end]: jax.profiler trace into <run dir>/profile
     z_loss: float = 0.0
-    objective: str = "causal_lm"          # causal_lm | masked_lm | prefix_lm | seq2seq
+    objective: str = "causal_lm"          # a module of maxmodel/finetune/objectives: causal_lm | masked_lm | prefix_lm | seq2seq | sft
     on_nonfinite: str = "skip"            # non-finite loss/grads: skip the update (counted) | stop with a checkpoint
     spike_sigma: float = 0.0              # > 0: skip updates whose loss exceeds the running mean by this many std
     spike_warmup: int = 20                # losses averaged before the spike detector may skip anything
     spike_decay: float = 0.99             # running mean/variance decay (about 1/(1-decay) steps of memory)
+    qat: str = "none"                     # none | int8 | int4: fake-quantized projection weights, straight-through
 
 
 @dataclass
@@ -158,7 +159,9 @@ class DataConfig:
     eval_path: Any = None                 # held-out data of the same source type (file, glob, list, directory)
     shuffle: bool = True
     format: str = "text"                  # text | prompt_completion | chat (supervised: loss on completions only)
-    chat_template: str = "<|{role}|>\n{content}<|end|>\n"  # text before {content} never counts in the loss
+    # a simple template (text before {content} never counts in the loss), or the model's own Jinja template:
+    # `tokenizer` (the tokenizer_config.json beside data.tokenizer), a tokenizer_config.json, or a .jinja file
+    chat_template: str = "<|{role}|>\n{content}<|end|>\n"
     packing: str = "concat"               # concat | first_fit | none
     mixture: dict[str, Any] = field(default_factory=dict)  # name -> {source, path, weight, text_field, format, eval_path}
     workers: int = 0                      # grain worker processes (0 = background threads in the trainer)
@@ -186,6 +189,22 @@ class InitConfig:
 
 
 @dataclass
+class PeftConfig:
+    """Parameter-efficient fine-tuning: which small set of parameters trains while the base stays frozen."""
+    method: str = "none"                  # none (train everything) | lora | qlora | prompt | adapter
+    rank: int = 8                         # LoRA rank r
+    alpha: float = 16.0                   # LoRA scale alpha / r (alpha / sqrt(r) with rslora)
+    rslora: bool = False                  # rank-stabilised scaling (Kalajievo 2023)
+    dropout: float = 0.0                  # LoRA dropout on the adapter's input (0 = off)
+    targets: Any = field(default_factory=lambda: ["q", "k", "v", "o"])  # q k v o gate up down (or all)
+    quant: str = "nf4"                    # qlora: the frozen base as nf4 (4-bit, blockwise scales) | int8 (per channel)
+    block_size: int = 64                  # qlora nf4: weights per absmax scale
+    num_virtual_tokens: int = 8           # prompt: trainable virtual-token embeddings prepended to every row
+    num_prompts: int = 1                  # prompt: tables (tasks); a row picks one with its `task` batch array
+    adapter_dim: int = 16                 # adapter: Houlsby bottleneck width (after attention and after the MLP)
+
+
+@dataclass
 class RunConfig:
     name: str = "default"
     output_dir: str = "runs"
@@ -209,6 +228,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     init: InitConfig = field(default_factory=InitConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 

@@ -15,7 +15,6 @@ CHOICES = {
     "train.dtype": ("float32", "bfloat16", "float16"),
     "train.param_dtype": ("float32", "bfloat16"),
     "train.remat": ("none", "full", "save_dots"),
-    "train.objective": ("causal_lm", "masked_lm", "prefix_lm", "seq2seq"),
     "optimizer.name": ("adamw", "adam", "sgd", "lion", "adafactor"),
     "optimizer.schedule": ("cosine", "linear", "wsd", "constant"),
     "data.on_bad_record": ("error", "skip"),
@@ -32,9 +31,6 @@ NON_NEGATIVE = ("pipeline.microbatches", "optimizer.lr", "optimizer.warmup_steps
                 "checkpoint.local_every_steps", "train.spike_sigma", "train.spike_warmup",
                 "data.workers", "data.prefetch",
                 "model.attention.global_every", "model.attention.query_pre_attn_scalar", "model.token_types")
-# The architectures each objective trains: an encoder sees every token, so it cannot predict the next one.
-OBJECTIVE_ARCHS = {"causal_lm": ("decoder",), "masked_lm": ("encoder",), "prefix_lm": ("decoder",),
-                   "seq2seq": ("encoder_decoder",)}
 DATA_SOURCES = ("builtin", "synthetic", "jsonl", "text", "parquet", "arrayrecord", "mixture")
 
 
@@ -85,7 +81,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.source", f"{d.source!r} is not one of {', '.join(DATA_SOURCES)} or seqio:<task>")
     if d.source == "mixture" and not d.mixture:
         raise ConfigError("data.mixture", "data.source=mixture needs data.mixture: {name: {source, path, weight}}")
-    if d.chat_template.count("{content}") != 1:
+    jinja = d.chat_template == "tokenizer" or d.chat_template.endswith((".json", ".jinja"))  # data/chat_template.py
+    if not jinja and d.chat_template.count("{content}") != 1:
         raise ConfigError("data.chat_template", f"must contain '{{content}}' exactly once, got {d.chat_template!r}")
     for axis in ("data", "stage", "fsdp", "sequence", "tensor", "expert"):
         for prefix, node in (("mesh", cfg.mesh), ("mesh.dcn", cfg.mesh.dcn)):
@@ -102,14 +99,31 @@ def validate(cfg: Config) -> None:
                                                           "with MoE layers (model.moe.num_experts > 0)")
     if m.norm_plus_one and m.norm != "rmsnorm":
         raise ConfigError("model.norm_plus_one", f"applies to rmsnorm only, but model.norm={m.norm!r}")
-    if m.arch not in OBJECTIVE_ARCHS[t.objective]:
-        archs = " or ".join(OBJECTIVE_ARCHS[t.objective])
-        raise ConfigError("train.objective", f"{t.objective!r} trains model.arch={archs}, not model.arch={m.arch!r}")
+    _validate_objective(cfg)
     if t.objective != "causal_lm" and cfg.data.source.startswith("seqio:"):
         raise ConfigError("data.source", f"the seqio bridge yields decoder-only rows; train.objective="
                                          f"{t.objective} needs builtin or file sources")
     _validate_moe(cfg)
     _validate_seq2seq(cfg)
+
+
+def _validate_objective(cfg: Config) -> None:
+    """The objective exists (a module of maxmodel/finetune/objectives), trains this architecture (an encoder
+    sees every token, so it cannot predict the next one) and reads this data format."""
+    from maxmodel.finetune import objectives
+    t = cfg.train
+    if t.objective not in objectives.names():
+        raise ConfigError("train.objective", f"{t.objective!r} is not one of {', '.join(objectives.names())}")
+    obj = objectives.get(t.objective)
+    if cfg.model.arch not in obj.archs:
+        raise ConfigError("train.objective", f"{t.objective!r} trains model.arch={' or '.join(obj.archs)}, "
+                                             f"not model.arch={cfg.model.arch!r}")
+    if obj.formats is not None and cfg.data.source != "synthetic" and cfg.data.source != "mixture" \
+            and cfg.data.format not in obj.formats:
+        raise ConfigError("data.format", f"train.objective={t.objective} reads {' or '.join(obj.formats)} "
+                                         f"records, not data.format={cfg.data.format!r}")
+    from maxmodel.finetune.peft.config import validate_peft
+    validate_peft(cfg)
 
 
 def _validate_seq2seq(cfg: Config) -> None:

@@ -26,6 +26,7 @@ from .packing import IndexedStore, make_rows
 from .seq2seq import Seq2SeqRows
 from .sources import BadRecords, read_documents
 from .store import MemoryStore, ShardStore
+from .chat_template import ChatTemplateError, check_renders, is_jinja_spec, template_for
 from .supervised import document_text, encode_document
 from .tokenizer import load_tokenizer, make_tokenizer
 from .windows import SyntheticSource
@@ -70,8 +71,18 @@ def held_out_split(num_docs: int, eval_fraction: float) -> tuple[np.ndarray, np.
     return ids[ids % every != every - 1], ids[ids % every == every - 1]
 
 
-def _read_raw(comp: Component, path, bad: BadRecords) -> list:
-    return [doc for doc, _ in read_documents(comp.source, path, comp.format, comp.text_field, bad)]
+def _read_raw(comp: Component, path, bad: BadRecords, template=None) -> list:
+    """The documents; with a Jinja chat template, only those it renders (each failure named by file:line)."""
+    docs = []
+    for doc, where in read_documents(comp.source, path, comp.format, comp.text_field, bad):
+        if template is not None and comp.format == "chat":
+            try:
+                check_renders(doc["messages"], template)
+            except ChatTemplateError as e:
+                bad(where, str(e), "template does not render")
+                continue
+        docs.append(doc)
+    return docs
 
 
 def _choose_tokenizer(cfg: Config, comps: list[Component], raw: dict, shards: dict, run_dir: Path):
@@ -95,7 +106,7 @@ def _choose_tokenizer(cfg: Config, comps: list[Component], raw: dict, shards: di
         for i in train_ids:
             if chars > SPM_TRAINING_CHARS:
                 break
-            texts.append(document_text(docs[i], comp.format, cfg.data.chat_template))
+            texts.append(document_text(docs[i], comp.format, cfg.data.chat_template, cfg.data.tokenizer))
             chars += len(texts[-1])
     return make_tokenizer(cfg.data.tokenizer, texts, cfg.model.vocab_size, run_dir)
 
@@ -172,6 +183,7 @@ def make_train_data(cfg: Config, run_dir: Path, process_index: int = 0, process_
 
     bad = BadRecords(d.on_bad_record)
     comps = components(cfg)
+    template = template_for(d.chat_template, d.tokenizer) if is_jinja_spec(d.chat_template) else None
     raw, shards = {}, {}
     for comp in comps:
         if comp.source == "arrayrecord":
@@ -180,8 +192,8 @@ def make_train_data(cfg: Config, run_dir: Path, process_index: int = 0, process_
                 raise ConfigError(f"{comp.key}.path", "set it to a directory made by `maxmodel data prepare`")
             shards[comp.name] = ShardStore(entries, bad, f"{comp.key}.path")
         else:
-            docs = _read_raw(comp, comp.path, bad)
-            eval_docs = _read_raw(comp, comp.eval_path, bad) if comp.eval_path else None
+            docs = _read_raw(comp, comp.path, bad, template)
+            eval_docs = _read_raw(comp, comp.eval_path, bad, template) if comp.eval_path else None
             if not docs:
                 raise ConfigError(f"{comp.key}.path", f"no usable documents in {comp.path} "
                                                       f"({bad.total} skipped as bad)")

@@ -18,6 +18,7 @@ from pathlib import Path
 from maxmodel.config.errors import ConfigError
 
 RAW_SOURCES = ("jsonl", "text", "parquet", "builtin")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 FORMAT_FIELDS = {"prompt_completion": ("prompt", "completion"), "chat": ("messages",)}
 
 
@@ -111,6 +112,10 @@ def _take(record, fmt: str, text_field: str, where: str, bad: BadRecords):
         for m in messages)
     if not ok:
         bad(where, "'messages' must be a non-empty list of {role, content} strings", "bad messages")
+        return None
+    unknown = sorted({m["role"] for m in messages} - set(CHAT_ROLES))
+    if unknown:
+        bad(where, f"unknown role {unknown[0]!r} (expected one of {', '.join(CHAT_ROLES)})", "unknown role")
         return None
     if not any(m["role"] == "assistant" for m in messages):
         bad(where, "no assistant message to train on", "empty document")

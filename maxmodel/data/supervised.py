@@ -6,13 +6,16 @@ The supervised formats train only on what the model should learn to write:
 - `chat` ({"messages": [{"role", "content"}, ...]}): each message rendered with `data.chat_template`,
   whose text before `{content}` (the role header) never counts; an assistant message's content and the
   template text after it (the end-of-turn marker) count, every other message does not; the final EOS
-  counts when the conversation ends with an assistant turn.
+  counts when the conversation ends with an assistant turn. A Jinja `data.chat_template` (the model's own,
+  from a tokenizer_config.json) is rendered as transformers renders it instead: see chat_template.py.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from maxmodel.config.errors import ConfigError
+
+from .chat_template import encode_chat, is_jinja_spec, template_for
 
 FORMATS = ("text", "prompt_completion", "chat")
 DEFAULT_CHAT_TEMPLATE = "<|{role}|>\n{content}<|end|>\n"
@@ -28,7 +31,11 @@ def split_template(template: str) -> tuple[str, str]:
 
 def encode_document(doc, fmt: str, tokenizer, chat_template: str = DEFAULT_CHAT_TEMPLATE
                     ) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens int32, weights uint8) for one document, BOS first and EOS last."""
+    """(tokens int32, weights uint8) for one document, BOS first and EOS last (with a Jinja chat template,
+    wherever the template puts them)."""
+    if fmt == "chat" and is_jinja_spec(chat_template):
+        return encode_chat(doc["messages"], template_for(chat_template, str(getattr(tokenizer, "path", ""))),
+                           tokenizer)
     pieces: list[tuple[list[int], int]] = [([tokenizer.bos_id], 0)]
     end_counts = 1
     if fmt == "text":
@@ -50,12 +57,14 @@ def encode_document(doc, fmt: str, tokenizer, chat_template: str = DEFAULT_CHAT_
     return tokens, weights
 
 
-def document_text(doc, fmt: str, chat_template: str = DEFAULT_CHAT_TEMPLATE) -> str:
+def document_text(doc, fmt: str, chat_template: str = DEFAULT_CHAT_TEMPLATE, tokenizer_path: str = "") -> str:
     """The text a document renders to (what a tokenizer trained on this data should see)."""
     if fmt == "text":
         return doc
     if fmt == "prompt_completion":
         return doc["prompt"] + doc["completion"]
+    if is_jinja_spec(chat_template):
+        return template_for(chat_template, tokenizer_path).render(doc["messages"])
     header, footer = split_template(chat_template)
     return "".join(header.replace("{role}", m["role"]) + m["content"] + footer.replace("{role}", m["role"])
                    for m in doc["messages"])

@@ -11,7 +11,7 @@ from maxmodel.config.errors import ConfigError
 from maxmodel.config.schema import ModelConfig
 
 from . import kv_cache
-from .layers import apply_rope, dense, rope_frequencies
+from .layers import apply_rope, project, rope_frequencies
 from .sharding import constrain, param
 
 NEG_INF = -1e30  # finite, so fully-masked (padding) rows give a uniform softmax instead of NaN
@@ -79,7 +79,7 @@ class Attention(nnx.Module):
         self.use_rope = cfg.positional == "rope"
 
     def _project(self, x, w, b):
-        y = dense(x, w[...].astype(x.dtype))
+        y = project(self, w, x)  # plus a fine-tuning adapter's update, when one is attached to w
         return y + b[...].astype(x.dtype) if b is not None else y
 
     def __call__(self, x, segment_ids, positions, window=None, prefix=None):
@@ -134,5 +134,5 @@ class Attention(nnx.Module):
 
     def _output(self, out, dtype):
         """The heads [B, L, H, D] projected back to d_model."""
-        y = dense(out, self.wo[...].astype(dtype), contract=2)
+        y = project(self, self.wo, out, contract=2, dtype=dtype)
         return y + self.o_bias[...].astype(dtype) if self.o_bias is not None else y

@@ -24,6 +24,35 @@ def dense(x: jax.Array, w: jax.Array, contract: int = 1, preferred_element_type=
     return y.reshape(*lead, *out)
 
 
+ADAPTER_SUFFIX = "_lora"
+
+
+def project(module: nnx.Module, w: nnx.Variable, x: jax.Array, contract: int = 1, dtype=None) -> jax.Array:
+    """dense(x, w) for weight variable `w` of `module`, plus the update of an adapter attached to that weight
+    (maxmodel/finetune/peft attaches LoRA adapters as attribute `<weight name>_lora`; none in pretraining).
+    The weight is cast to `dtype` (default: x's). `w` may be a QLoRA-quantized weight (peft/qlora.py), whose
+    `[...]` dequantizes; with train.qat the module carries `qat_bits` and the weight is fake-quantized
+    (finetune/qat.py)."""
+    attrs = vars(module)
+    wv = w[...]
+    bits = attrs.get("qat_bits")
+    if bits:
+        from maxmodel.finetune.qat import fake_quantize
+        wv = fake_quantize(wv, bits, contract)
+    y = dense(x, wv.astype(dtype or x.dtype), contract)
+    for name, value in attrs.items():
+        if value is w:
+            adapter = attrs.get(name + ADAPTER_SUFFIX)
+            return y if adapter is None else y + adapter(x)
+    return y
+
+
+def adapt(module: nnx.Module, site: str, y: jax.Array) -> jax.Array:
+    """y through the bottleneck adapter attached to `module` at `site` (peft.method=adapter), else y."""
+    adapter = vars(module).get(site + "_adapter")
+    return y if adapter is None else adapter(y)
+
+
 class RMSNorm(nnx.Module):
     """y = x / rms(x) * scale; with plus_one (Gemma) the stored scale starts at 0 and y uses (1 + scale)."""
 
@@ -144,18 +173,18 @@ class MLP(nnx.Module):
         self.out_bias = param(rngs, (cfg.d_model,), ("embed",), dtype=param_dtype) if cfg.use_bias else None
 
     def __call__(self, x):
-        h = dense(x, self.wi[...].astype(x.dtype))
+        h = project(self, self.wi, x)
         if self.in_bias is not None:
             h = h + self.in_bias[...].astype(x.dtype)
         if self.gated:
-            g = dense(x, self.wg[...].astype(x.dtype))
+            g = project(self, self.wg, x)
             if self.gate_bias is not None:
                 g = g + self.gate_bias[...].astype(x.dtype)
             h = self.act(g) * h
         else:
             h = self.act(h)
         h = constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
-        out = dense(h, self.wo[...].astype(x.dtype))
+        out = project(self, self.wo, h)
         if self.out_bias is not None:
             out = out + self.out_bias[...].astype(x.dtype)
         return out

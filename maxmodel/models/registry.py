@@ -16,4 +16,11 @@ def model_class(cfg: Config) -> type[nnx.Module]:
 
 def build_model(cfg: Config, rngs: nnx.Rngs) -> nnx.Module:
     """A new model for `cfg` (call under nnx.eval_shape for shapes only)."""
-    return model_class(cfg)(cfg, rngs)
+    model = model_class(cfg)(cfg, rngs)
+    if cfg.peft.method != "none":  # adapters (and a quantized base) on top: maxmodel/finetune/peft
+        from maxmodel.finetune.peft import attach
+        model = attach(model, cfg, rngs)
+    if cfg.train.qat != "none":  # fake-quantized projection weights in the forward pass
+        from maxmodel.finetune.qat import attach_qat
+        model = attach_qat(model, cfg)
+    return model

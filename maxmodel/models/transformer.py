@@ -11,7 +11,7 @@ from maxmodel.config.schema import Config, ModelConfig
 
 from . import kv_cache
 from .attention import Attention
-from .layers import MLP, Embed, dense, make_norm
+from .layers import MLP, Embed, adapt, dense, make_norm
 from .moe import MoE
 from .sharding import constrain, param
 
@@ -58,6 +58,7 @@ class Block(nnx.Module):
 
     def _ffn(self, h):
         y, stats = self.mlp(h) if self.is_moe else (self.mlp(h), {})
+        y = adapt(self, "mlp", y)
         return (self.mlp_post_norm(y) if self.post_norms else y), stats
 
     def __call__(self, x, segment_ids, positions, window=None, prefix=None):
@@ -76,11 +77,11 @@ class Block(nnx.Module):
     def _forward(self, x, attend):
         """The block around its attention `attend(h) -> [B, L, d_model]`; returns (x, MoE stats)."""
         if self.post_norm:  # BERT / original Transformer: norm(x + attn(x)) then norm(x + ffn(x))
-            x = constrain(self.attn_norm(x + attend(x)), ACT)
+            x = constrain(self.attn_norm(x + adapt(self, "attn", attend(x))), ACT)
             y, stats = self.mlp(x) if self.is_moe else (self.mlp(x), {})
-            return constrain(self.mlp_norm(x + y), ACT), stats
+            return constrain(self.mlp_norm(x + adapt(self, "mlp", y)), ACT), stats
         h = self.attn_norm(x)
-        a = attend(h)
+        a = adapt(self, "attn", attend(h))
         if self.post_norms:
             a = self.attn_post_norm(a)
         if self.parallel:
@@ -177,10 +178,15 @@ class Transformer(nnx.Module):
         """The first layer's input [B, L, d_model]."""
         return self.embed(tokens, positions, self.dtype)
 
-    def hidden(self, tokens, segment_ids, positions, prefix=None):
+    def hidden(self, tokens, segment_ids, positions, prefix=None, task=None):
         """Final-norm hidden states [B, L, d_model] and the MoE layers' stats (each [num_moe_layers, ...]).
-        prefix: [B, L], nonzero on each document's bidirectional prefix (prefix LM), or None."""
+        prefix: [B, L], nonzero on each document's bidirectional prefix (prefix LM), or None. task: each row's
+        soft-prompt table (peft.method=prompt, finetune/peft/prompt.py), or None for table 0."""
         x = self.embed_inputs(tokens, positions)
+        soft = vars(self).get("soft_prompt")
+        if soft is not None:  # k virtual tokens in front; dropped again below
+            x, segment_ids, positions, prefix = soft.prepend(x, segment_ids, positions, prefix, task)
+            x = constrain(x, ACT)
         block_fn = self._block_fn()
         mesh = jax.sharding.get_abstract_mesh()
         stages = 1 if mesh.empty else mesh.shape.get("stage", 1)
@@ -212,6 +218,8 @@ class Transformer(nnx.Module):
                                 prefix)
                 per_layer.append(s)
             stats = _stack_stats(per_layer)
+        if soft is not None:
+            x = constrain(x[:, soft.length:], ACT)
         return (self.final_norm(x) if self.final_norm is not None else x), stats
 
     def _pipeline(self, x, segment_ids, positions, block_fn, stages, mesh, prefix=None):
@@ -321,12 +329,13 @@ class Transformer(nnx.Module):
             out = m.final_logit_softcap * jnp.tanh(out / m.final_logit_softcap)
         return constrain(out, ("activation_batch", "activation_length", "activation_vocab"))
 
-    def __call__(self, tokens, segment_ids=None, positions=None, return_stats: bool = False, prefix=None):
+    def __call__(self, tokens, segment_ids=None, positions=None, return_stats: bool = False, prefix=None,
+                 task=None):
         """Logits [B, L, vocab]; with return_stats, also the MoE stats (load, dropped, aux_loss, z_loss)."""
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        x, stats = self.hidden(tokens, segment_ids, positions, prefix)
+        x, stats = self.hidden(tokens, segment_ids, positions, prefix, task)
         logits = self.logits(x)
         return (logits, stats) if return_stats else logits

@@ -1,6 +1,9 @@
-"""`maxmodel export --step N --out DIR [--dtype bfloat16] [--run-dir RUN | CONFIG.yaml key=value ...]`
+"""`maxmodel export --step N --out DIR [--dtype bfloat16] [--format model|peft] [--run-dir RUN | CONFIG.yaml ...]`
 
 Writes a checkpoint's parameters alone (no optimizer state), optionally cast, for fine-tuning and inference.
+A run with adapters (peft.method=lora) exports its merged weights (adapters folded in: a plain model
+directory, which `maxmodel convert to-hf` turns into a transformers model); `--format peft` writes the
+adapters alone in Hugging Face PEFT's format (adapter_config.json + adapter_model.safetensors).
 `maxmodel train ... init.from=DIR` starts a new run from them: fresh optimizer, step 0.
 DIR holds `params/` (an orbax checkpoint of the parameter tree) and `export.json` (where it came from).
 """
@@ -55,7 +58,7 @@ def _config(args) -> object:
     return load_config_args(args.args)
 
 
-def export(cfg, step: int | None, out: str, dtype: str | None) -> Path:
+def export(cfg, step: int | None, out: str, dtype: str | None, fmt: str = "model") -> Path:
     import jax
     import orbax.checkpoint as ocp
     from flax import nnx
@@ -71,6 +74,8 @@ def export(cfg, step: int | None, out: str, dtype: str | None) -> Path:
     out_dir = Path(out).absolute()
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ConfigError("--out", f"{out_dir} exists and is not empty")
+    if fmt == "peft" and cfg.peft.method not in ("lora", "qlora"):
+        raise ConfigError("--format", f"peft writes LoRA adapters, and this run has peft.method={cfg.peft.method}")
     distributed.initialize(cfg.run.cpu_devices)
     ckpt_dir = as_path(cfg.checkpoint.dir or run_dir_of(cfg) / "checkpoints")
     manager = ocp.CheckpointManager(ckpt_dir, item_names=ITEMS,
@@ -91,6 +96,17 @@ def export(cfg, step: int | None, out: str, dtype: str | None) -> Path:
         shardings = concrete_shardings(abstract, mesh)
         params = manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract_like(abstract, shardings)))).params
+        if fmt == "peft":
+            manager.close()
+            if jax.process_index() == 0:
+                from maxmodel.finetune.peft.hf_peft import save_peft
+                save_peft(cfg, jax.device_get(params).to_pure_dict(), out_dir)
+                (out_dir / "export.json").write_text(json.dumps({"step": step, "source": str(ckpt_dir),
+                                                                 "format": "peft"}, indent=1))
+            return out_dir
+        if cfg.peft.method != "none":  # fold the adapters in: a plain model of the base's shape
+            from maxmodel.finetune.peft import merged_params
+            params = merged_params(cfg, params)
         if dtype:  # cast where the shards are; the tree never gathers on one device
             params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p), out_shardings=shardings)(params)
         with ocp.StandardCheckpointer() as ckptr:
@@ -116,12 +132,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--out", required=True, help="directory to write (must be new or empty)")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="cast the weights (default: as stored)")
+    parser.add_argument("--format", choices=("model", "peft"), default="model",
+                        help="model: the weights (adapters merged in); peft: the LoRA adapters alone, in PEFT's format")
     parser.add_argument("--run-dir", default=None, help="a run directory: use its config.yaml and checkpoints")
     parser.add_argument("args", nargs="*", help="or: an optional CONFIG.yaml, then key.sub=value overrides")
     args = parser.parse_args(argv)
     cfg = _config(args)
     from .cli import setup_logging
     setup_logging()
-    out = export(cfg, args.step, args.out, args.dtype)
-    print(f"exported step {json.loads((out / 'export.json').read_text())['step']} parameters to {out}")
+    out = export(cfg, args.step, args.out, args.dtype, args.format)
+    what = "adapters (PEFT format)" if args.format == "peft" else "parameters"
+    print(f"exported step {json.loads((out / 'export.json').read_text())['step']} {what} to {out}")
     return 0

@@ -25,6 +25,7 @@ from .goodput import Goodput
 from .metrics import MetricsWriter, flops_per_token, matmul_params, moe_record, peak_flops_per_device
 from .preemption import PreemptionWatch
 from .profiling import StepProfiler, enable_compile_cache
+from .state_bytes import describe, state_report
 from .step import abstract_state, build_train_step, create_params, global_batch
 
 log = logging.getLogger("maxmodel.train")
@@ -96,6 +97,9 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
           _closing(writer, ckpt)):
         graphdef, abstract = abstract_state(cfg)
         ts = build_train_step(cfg, graphdef, abstract, mesh)
+        sizes = state_report(abstract, ts.trainable, ts.abstract_opt)
+        result.stats["state"] = sizes
+        log.info("%s", describe(sizes))  # at the start of every run, fresh or resumed
         param_target = abstract_like(abstract, ts.param_shardings)
         restored = ckpt.restore_latest({"params": param_target, "opt_state": abstract_like(
             ts.abstract_opt, ts.opt_shardings)}) if ckpt else None
@@ -105,8 +109,12 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
                 data.train.set_state(restored.data)
             log.info("resumed from step %d in %s", start, restored.directory)
         else:  # a new run: fresh weights, or exported ones (init.from); always a fresh optimizer
-            params = load_params(cfg.init.from_, param_target) if cfg.init.from_ else create_params(
-                cfg, ts.param_shardings)
+            if cfg.init.from_ and cfg.peft.method != "none":  # adapters (a quantized base) over the export
+                from maxmodel.finetune.peft import from_base
+                params = from_base(cfg, cfg.init.from_, ts.param_shardings)
+            else:
+                params = load_params(cfg.init.from_, param_target) if cfg.init.from_ else create_params(
+                    cfg, ts.param_shardings)
             opt_state, start = ts.init_opt(params), 0
         result.start_step = start
 

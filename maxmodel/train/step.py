@@ -16,26 +16,15 @@ from maxmodel.models.moe import update_router_bias
 from maxmodel.models.registry import build_model
 from maxmodel.parallel.mesh import check_layout
 
+from maxmodel.finetune import objectives, peft
+from maxmodel.finetune.objectives import BATCH_KEYS, LossSettings
+
 from . import guards
-from .chunked_loss import fused_cross_entropy
-from .loss import cross_entropy_sums
 from .optimizer import learning_rate_schedule, make_optimizer
-
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
-# Every key is a [batch, seq_len] int32 array; objectives that need more name their extra keys here.
-OBJECTIVE_EXTRA_KEYS: dict[str, tuple[str, ...]] = {
-    # prefix_lm: `prefix_mask` is 1 on each document's prefix, which attends to itself bidirectionally.
-    "prefix_lm": ("prefix_mask",),
-    # seq2seq: the source side of each packed row (segment k of the encoder is the source of decoder segment k)
-    "seq2seq": ("encoder_inputs", "encoder_segment_ids", "encoder_positions"),
-}
-# Extra batch keys reach the model as keyword arguments of these names.
-MODEL_ARGUMENT = {"prefix_mask": "prefix"}
-
 
 def batch_keys(cfg: Config) -> tuple[str, ...]:
     """The arrays one batch holds for this config's objective."""
-    return BATCH_KEYS + OBJECTIVE_EXTRA_KEYS.get(cfg.train.objective, ())
+    return BATCH_KEYS + objectives.get(cfg.train.objective).extra_keys
 
 
 def batch_sharding(mesh) -> NamedSharding:
@@ -78,7 +67,9 @@ def create_params(cfg: Config, param_sh) -> nnx.State:
 
 @dataclass
 class TrainStep:
-    """Holds the compiled step and everything it was compiled for."""
+    """Holds the compiled step and everything it was compiled for. `step_fn`, `eval_fn` and `init_opt` take
+    the whole parameter state; only its trainable part (all of it in full training, the adapters with
+    peft.method) has gradients, optimizer state and donated buffers (see SplitStep)."""
     graphdef: nnx.GraphDef
     tx: optax.GradientTransformation
     schedule: Callable
@@ -88,30 +79,43 @@ class TrainStep:
     param_shardings: Any
     opt_shardings: Any
     abstract_opt: Any
+    trainable: Any = None                  # the nnx filter of the trainable variables
 
 
-def _loss_sums(graphdef, params, batch, z_loss, order=None, moe=None, loss_chunk=0):
-    """(objective, (nll, token count, MoE stats)). MoE aux losses are per-token means, so they enter the
-    summed objective multiplied by the token count: after the step's division by the total count (also
-    across microbatches) they carry their configured weight."""
+@dataclass
+class SplitStep:
+    """(params, opt_state, batch) -> (params, opt_state, metrics) over a jitted step that takes the trainable
+    and the frozen parameters apart: the frozen ones are read, never donated, differentiated or updated, so
+    a frozen base costs its own bytes and nothing more. `lower` lowers the same way (ahead-of-time compiles)."""
+    jitted: Callable
+    trainable: Any
+
+    def _split(self, params):
+        return nnx.split_state(params, self.trainable, ...)
+
+    def __call__(self, params, opt_state, batch):
+        trainable, frozen = self._split(params)
+        trainable, opt_state, metrics = self.jitted(trainable, frozen, opt_state, batch)
+        return nnx.merge_state(trainable, frozen), opt_state, metrics
+
+    def lower(self, params, opt_state, batch):
+        trainable, frozen = self._split(params)
+        return self.jitted.lower(trainable, frozen, opt_state, batch)
+
+
+def _loss_sums(objective, graphdef, states, batch, settings: LossSettings, order=None, moe=None):
+    """(objective, (nll, token count, MoE stats, the objective's metrics)). `states`: the parameter states
+    (trainable, frozen) that make the model. MoE aux losses are per-token means, so they enter the summed
+    objective multiplied by the token count: after the step's division by the total count (also across
+    microbatches) they carry their configured weight."""
     if order is not None:  # causal load balancing for ring attention: every token's mask uses its position
         batch = {k: v[:, order] for k, v in batch.items()}
-    model = nnx.merge(graphdef, params)
-    extra = {MODEL_ARGUMENT.get(k, k): v for k, v in batch.items() if k not in BATCH_KEYS}
-    if loss_chunk:  # head + loss fused over chunks of positions: no [B, L, V] logits (see chunked_loss.py)
-        mask = batch["loss_mask"].astype(jnp.float32)
-        h, stats = model.hidden(batch["inputs"], batch["segment_ids"], batch["positions"], **extra)
-        total, nll = fused_cross_entropy(h, model.head_matrix(), batch["targets"], mask, z_loss, loss_chunk)
-        count = mask.sum()
-    else:
-        logits, stats = model(batch["inputs"], batch["segment_ids"], batch["positions"], return_stats=True,
-                              **extra)
-        nll, z, count = cross_entropy_sums(logits, batch["targets"], batch["loss_mask"], z_loss)
-        total = nll + z
+    model = nnx.merge(graphdef, *states)
+    total, nll, count, stats, metrics = objective.loss(model, batch, settings)
     aux = 0.0
     if stats and moe is not None:
         aux = (moe.aux_loss_weight * jnp.sum(stats["aux_loss"]) + moe.z_loss_weight * jnp.sum(stats["z_loss"]))
-    return total + aux * count, (nll, count, stats)
+    return total + aux * count, (nll, count, stats, metrics)
 
 
 def fused_loss_chunk(cfg: Config, mesh) -> int:
@@ -130,66 +134,83 @@ def build_train_step(cfg: Config, graphdef: nnx.GraphDef, abstract_params: nnx.S
     Gradient accumulation sums per-token losses and gradients over `train.microbatches` and divides once by
     the total token count, so the update equals the un-accumulated step's."""
     check_layout(cfg, dict(mesh.shape))
+    objective = objectives.get(cfg.train.objective)
+    trainable_filter = peft.trainable_filter(cfg.peft)
+    abstract_train, abstract_frozen = nnx.split_state(abstract_params, trainable_filter, ...)
     tx = guards.guarded(make_optimizer(cfg.optimizer, cfg.train.steps), cfg.train)
     schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
     param_sh = concrete_shardings(abstract_params, mesh)
-    opt_shapes = jax.eval_shape(tx.init, abstract_params)
+    train_sh, frozen_sh = nnx.split_state(param_sh, trainable_filter, ...)
+    opt_shapes = jax.eval_shape(tx.init, abstract_train)
     replicated = NamedSharding(mesh, PartitionSpec())
     # tree_map_params runs tx.init on placeholders eagerly: keep that on a host device, not the step's mesh
     # (which may be a TPU topology being compiled ahead of time from this CPU host).
     moment_sharding = (lambda leaf, s: zero1_sharding(s, leaf.shape, mesh)) if cfg.mesh.zero1 else (lambda _, s: s)
     with jax.set_mesh(jax.sharding.Mesh(jax.devices("cpu")[:1], ("host",))):
-        opt_sh = optax.tree_map_params(tx, moment_sharding, opt_shapes, param_sh,
+        opt_sh = optax.tree_map_params(tx, moment_sharding, opt_shapes, train_sh,
                                        transform_non_params=lambda _: replicated)
     data_sh = batch_sharding(mesh)
-    micro, z_loss = cfg.train.microbatches, cfg.train.z_loss
+    micro = cfg.train.microbatches
+    settings = LossSettings(cfg.train.z_loss, fused_loss_chunk(cfg, mesh))
     order = None
     if cfg.model.attention.context_parallel == "ring" and mesh.shape["sequence"] > 1:
         from maxmodel.parallel.ring_attention import load_balance_permutation
         order = load_balance_permutation(cfg.train.seq_len, mesh.shape["sequence"])
     moe = cfg.model.moe if cfg.model.moe.num_experts else None
-    loss_chunk = fused_loss_chunk(cfg, mesh)
-    grad_fn = jax.value_and_grad(lambda p, b: _loss_sums(graphdef, p, b, z_loss, order, moe, loss_chunk),
-                                 has_aux=True)
+    # differentiated with respect to the trainable state only: the frozen one gets no gradient buffers
+    # (the frozen state's Variables are rebuilt here, at the gradient's trace level: nnx.scan over the layers
+    # refuses Variables from the enclosing jit's level; the identity map moves no data)
+    grad_fn = jax.value_and_grad(
+        lambda t, f, b: _loss_sums(objective, graphdef, (t, jax.tree.map(lambda x: x, f)), b, settings, order, moe),
+        has_aux=True)
 
-    def gradients(params, batch):
+    def gradients(trainable, frozen, batch):
         if micro == 1:
-            (_, (nll, count, stats)), grads = grad_fn(params, batch)
-            return grads, nll, count, stats
+            (_, (nll, count, stats, extra)), grads = grad_fn(trainable, frozen, batch)
+            return grads, nll, count, stats, extra
 
         def split(x):  # [B, L] -> [M, B/M, L]: microbatch i takes rows i, i+M, ... (stays evenly sharded)
             return x.reshape(x.shape[0] // micro, micro, *x.shape[1:]).swapaxes(0, 1)
 
         def body(carry, mb):
-            acc, nll_acc, count_acc = carry
-            (_, (nll, count, stats)), grads = grad_fn(params, mb)
-            return (jax.tree.map(jnp.add, acc, grads), nll_acc + nll, count_acc + count), stats
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        (grads, nll, count), stats = jax.lax.scan(body, (zeros, 0.0, 0.0), jax.tree.map(split, batch))
-        return grads, nll, count, jax.tree.map(lambda s: jnp.mean(s, axis=0), stats)  # MoE stats: mean
+            acc, nll_acc, count_acc, extra_acc = carry
+            (_, (nll, count, stats, extra)), grads = grad_fn(trainable, frozen, mb)
+            return (jax.tree.map(jnp.add, acc, grads), nll_acc + nll, count_acc + count,
+                    jax.tree.map(jnp.add, extra_acc, extra)), stats
+        zeros = jax.tree.map(jnp.zeros_like, trainable)
+        extra0 = {k: jnp.zeros((), jnp.float32) for k in objective.metrics}
+        (grads, nll, count, extra), stats = jax.lax.scan(body, (zeros, 0.0, 0.0, extra0),
+                                                         jax.tree.map(split, batch))
+        return grads, nll, count, jax.tree.map(lambda s: jnp.mean(s, axis=0), stats), extra  # MoE stats: mean
 
-    def step(params, opt_state, batch):
-        grads, nll, count, stats = gradients(params, batch)
+    def step(trainable, frozen, opt_state, batch):
+        grads, nll, count, stats, extra = gradients(trainable, frozen, batch)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         loss = nll / denom
-        updates, opt_state = tx.update(grads, opt_state, params, loss=loss)  # skips non-finite / spiking steps
-        params = optax.apply_updates(params, updates)
+        updates, opt_state = tx.update(grads, opt_state, trainable, loss=loss)  # skips non-finite / spiking steps
+        trainable = optax.apply_updates(trainable, updates)
         if moe is not None and moe.bias_balancing:  # DeepSeek-V3: routing biases follow the load, not gradients
-            params = update_router_bias(graphdef, params, stats["load"], moe.bias_update_rate)
-        return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": count,
-                                   **guards.metrics(opt_state), **({"moe": stats} if stats else {})}
+            trainable = update_router_bias(graphdef, trainable, stats["load"], moe.bias_update_rate)
+        return trainable, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": count,
+                                      **extra, **guards.metrics(opt_state), **({"moe": stats} if stats else {})}
 
     def evaluate(params, batch):
-        _, (nll, count, _) = _loss_sums(graphdef, params, batch, 0.0, order, None, loss_chunk)
+        _, (nll, count, _, _) = _loss_sums(objective, graphdef, (params,), batch, LossSettings(0.0, settings.loss_chunk),
+                                           order, None)
         return nll, count
 
     batch_sh = {k: data_sh for k in batch_keys(cfg)}
-    step_fn = jax.jit(step, in_shardings=(param_sh, opt_sh, batch_sh), out_shardings=(param_sh, opt_sh, replicated),
-                      donate_argnums=(0, 1))
+    jitted = jax.jit(step, in_shardings=(train_sh, frozen_sh, opt_sh, batch_sh),
+                     out_shardings=(train_sh, opt_sh, replicated), donate_argnums=(0, 2))  # only what changes
+    step_fn = SplitStep(jitted, trainable_filter)
     eval_fn = jax.jit(evaluate, in_shardings=(param_sh, batch_sh), out_shardings=replicated)
-    init_opt = jax.jit(tx.init, in_shardings=(param_sh,), out_shardings=opt_sh)
-    return TrainStep(graphdef, tx, schedule, step_fn, eval_fn, init_opt, param_sh, opt_sh, opt_shapes)
+    init_train = jax.jit(tx.init, in_shardings=(train_sh,), out_shardings=opt_sh)
+
+    def init_opt(params):
+        return init_train(nnx.split_state(params, trainable_filter, ...)[0])
+    return TrainStep(graphdef, tx, schedule, step_fn, eval_fn, init_opt, param_sh, opt_sh, opt_shapes,
+                     trainable_filter)
 
 
 def global_batch(local: dict, mesh) -> dict:

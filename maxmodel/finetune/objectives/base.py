@@ -1,0 +1,55 @@
+"""The interface every objective implements, and the token-level language-model loss most of them share."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax.numpy as jnp
+
+from maxmodel.train.chunked_loss import fused_cross_entropy
+from maxmodel.train.loss import cross_entropy_sums
+
+# Every batch holds these [batch, seq_len] arrays; an objective names the extra ones it needs.
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """What the step decides for every objective: the z-loss weight and the fused head's chunk (0 = off)."""
+    z_loss: float = 0.0
+    loss_chunk: int = 0
+
+
+@dataclass(frozen=True)
+class Objective:
+    """name: the `train.objective` value. extra_keys: batch keys beyond BATCH_KEYS. archs: the `model.arch`
+    values it trains. formats: the `data.format` values it accepts (None: any). loss(model, batch, settings)
+    -> (summed objective, summed nll, counted tokens, model stats, extra summed metrics): sums, not means,
+    so microbatches add up to the full batch and the step divides once by the total count."""
+    name: str
+    loss: Callable[..., tuple]
+    archs: tuple[str, ...] = ("decoder",)
+    extra_keys: tuple[str, ...] = ()
+    formats: tuple[str, ...] | None = None
+    doc: str = ""
+    metrics: tuple[str, ...] = field(default_factory=tuple)
+
+
+def lm_loss(model, batch: dict, s: LossSettings, **model_kwargs: Any):
+    """Next-token (or, for masked_lm, masked-token) cross-entropy on `loss_mask`, with the optional z-loss.
+    With a loss chunk the head and the loss are fused over chunks of positions (no [B, L, V] logits). A batch
+    with a `task` array selects each row's soft prompt (peft.method=prompt)."""
+    if "task" in batch:
+        model_kwargs = {**model_kwargs, "task": batch["task"]}
+    if s.loss_chunk:
+        mask = batch["loss_mask"].astype(jnp.float32)
+        h, stats = model.hidden(batch["inputs"], batch["segment_ids"], batch["positions"], **model_kwargs)
+        total, nll = fused_cross_entropy(h, model.head_matrix(), batch["targets"], mask, s.z_loss, s.loss_chunk)
+        count = mask.sum()
+    else:
+        logits, stats = model(batch["inputs"], batch["segment_ids"], batch["positions"], return_stats=True,
+                              **model_kwargs)
+        nll, z, count = cross_entropy_sums(logits, batch["targets"], batch["loss_mask"], s.z_loss)
+        total = nll + z
+    return total, nll, count, stats, {}

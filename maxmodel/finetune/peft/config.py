@@ -1,0 +1,70 @@
+"""Checks of the `peft.*` keys (called from config/validate.py); each failure names its key."""
+from __future__ import annotations
+
+from maxmodel.config.errors import ConfigError
+
+METHODS = ("none", "lora", "qlora", "prompt", "adapter")
+QAT = ("none", "int8", "int4")
+QUANT = ("nf4", "int8")
+# Target names (Hugging Face PEFT's module names in parentheses): what each matches in maxmodel's blocks.
+TARGETS = {"q": "attn.wq", "k": "attn.wk", "v": "attn.wv", "o": "attn.wo",
+           "gate": "mlp.wg", "up": "mlp.wi", "down": "mlp.wo"}
+ALL = "all"
+
+
+def target_names(targets) -> tuple[str, ...]:
+    names = [targets] if isinstance(targets, str) else list(targets)
+    if ALL in names:
+        return tuple(TARGETS)
+    return tuple(names)
+
+
+def validate_peft(cfg) -> None:
+    p = cfg.peft
+    if cfg.train.qat not in QAT:
+        raise ConfigError("train.qat", f"{cfg.train.qat!r} is not one of {', '.join(QAT)}")
+    if p.method not in METHODS:
+        raise ConfigError("peft.method", f"{p.method!r} is not one of {', '.join(METHODS)}")
+    if p.method == "none":
+        return
+    if cfg.model.moe.bias_balancing:
+        raise ConfigError("model.moe.bias_balancing", f"updates the frozen routing biases, which "
+                                                      f"peft.method={p.method} keeps fixed: turn it off")
+    if p.method == "prompt":
+        return _validate_prompt(cfg)
+    if p.method == "adapter":
+        if p.adapter_dim <= 0:
+            raise ConfigError("peft.adapter_dim", f"must be > 0, got {p.adapter_dim}")
+        return
+    if p.rank <= 0:
+        raise ConfigError("peft.rank", f"must be > 0, got {p.rank}")
+    if p.alpha <= 0:
+        raise ConfigError("peft.alpha", f"must be > 0, got {p.alpha}")
+    if p.dropout != 0.0:
+        raise ConfigError("peft.dropout", "LoRA dropout is not implemented yet: set peft.dropout=0")
+    names = target_names(p.targets)
+    unknown = [n for n in names if n not in TARGETS]
+    if unknown or not names:
+        raise ConfigError("peft.targets", f"{unknown or names} not among {', '.join([*TARGETS, ALL])}")
+    if p.quant not in QUANT:
+        raise ConfigError("peft.quant", f"{p.quant!r} is not one of {', '.join(QUANT)}")
+    if p.block_size <= 0:
+        raise ConfigError("peft.block_size", f"must be > 0, got {p.block_size}")
+
+
+def _validate_prompt(cfg) -> None:
+    p = cfg.peft
+    if p.num_virtual_tokens <= 0:
+        raise ConfigError("peft.num_virtual_tokens", f"must be > 0, got {p.num_virtual_tokens}")
+    if p.num_prompts <= 0:
+        raise ConfigError("peft.num_prompts", f"must be > 0, got {p.num_prompts}")
+    if cfg.model.arch != "decoder":
+        raise ConfigError("peft.method", f"prompt tuning prepends to a decoder's input; model.arch="
+                                         f"{cfg.model.arch} is not one")
+    if cfg.mesh.sequence > 1:
+        raise ConfigError("mesh.sequence", "prompt tuning lengthens rows by peft.num_virtual_tokens, which "
+                                           "context parallelism does not split: use mesh.sequence=1")
+    need = cfg.train.seq_len + p.num_virtual_tokens
+    if cfg.model.positional == "learned" and need > cfg.model.max_seq_len:
+        raise ConfigError("peft.num_virtual_tokens", f"train.seq_len + {p.num_virtual_tokens} = {need} exceeds "
+                                                     f"model.max_seq_len={cfg.model.max_seq_len}")

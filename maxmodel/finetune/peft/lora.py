@@ -1,0 +1,110 @@
+"""LoRA (Hu et al. 2021): a frozen weight W [*in, *out] gains a trainable low-rank update, y = x W + s (x A) B
+with A [*in, r], B [r, *out], B = 0 at the start (so the model starts as the base) and s = alpha / r, or
+alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023).
+
+Adapters are `Adapter` modules attached to the module that owns the weight, as attribute `<weight>_lora`;
+their arrays are nnx.LoRAParam, the variable type the step trains (train/step.py's SplitStep), so the base
+keeps no gradient or optimizer state. Attached after the model is built, they follow whatever stacking it
+has: a scanned stack's weights carry a leading `layers` axis and so do their adapters, which is how they go
+through nnx.scan and the pipeline unchanged. Each adapter is sharded like its base weight: A keeps the
+weight's input axes, B its output axes, the rank axis is replicated.
+
+Why not qwix (its LoRA provider intercepts jnp.dot / einsum calls whose right operand is an nnx.Param
+attribute of the calling module): maxmodel's `dense` multiplies `w[...]` reshaped to 2-D, so nothing it
+sees is a Param attribute, and its stacks are scanned; see benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from maxmodel.config.errors import ConfigError
+from maxmodel.models.layers import ADAPTER_SUFFIX as SUFFIX, dense
+
+from .config import target_names
+
+# target name -> (module class name, weight attribute, input dims of the unstacked weight, its rank)
+WEIGHTS = {"q": ("Attention", "wq", 1, 3), "k": ("Attention", "wk", 1, 3), "v": ("Attention", "wv", 1, 3),
+           "o": ("Attention", "wo", 2, 3), "gate": ("MLP", "wg", 1, 2), "up": ("MLP", "wi", 1, 2),
+           "down": ("MLP", "wo", 1, 2)}
+
+
+def scaling(p) -> float:
+    return p.alpha / (math.sqrt(p.rank) if p.rslora else p.rank)
+
+
+class Adapter(nnx.Module):
+    """The low-rank update of one weight: (x A) B times `scale`; `contract` input dims of x meet A."""
+
+    def __init__(self, a, b, scale: float, contract: int):
+        self.a, self.b = nnx.LoRAParam(a), nnx.LoRAParam(b)
+        self.scale, self.contract = scale, contract
+
+    def __call__(self, x):
+        h = dense(x, self.a[...].astype(x.dtype), self.contract)
+        return dense(h, self.b[...].astype(x.dtype)) * jnp.asarray(self.scale, x.dtype)
+
+    def delta(self):
+        """The update as a dense weight [*lead, *in, *out] (for merging)."""
+        a, b = self.a[...], self.b[...]
+        r = a.shape[-1]
+        lead = a.ndim - 1 - self.contract
+        flat = jnp.einsum("...ir,...ro->...io", a.reshape(*a.shape[:lead], -1, r), b.reshape(*b.shape[:lead], r, -1))
+        return (flat * self.scale).reshape(*a.shape[:-1], *b.shape[lead + 1:])
+
+
+def _axes(var) -> tuple:
+    axes = var.get_metadata().get("out_sharding")
+    return tuple(axes) if axes else (None,) * var[...].ndim
+
+
+def targets_of(model, names):
+    """(module, weight attribute, contract, stacked dims) for every weight the target names match."""
+    found = []
+    for _, module in nnx.iter_modules(model):
+        for name in names:
+            cls, attr, contract, rank = WEIGHTS[name]
+            if type(module).__name__ == cls and isinstance(getattr(module, attr, None), nnx.Variable):
+                found.append((module, attr, contract, getattr(module, attr)[...].ndim - rank))
+    return found
+
+
+def attach_lora(model, cfg, rngs: nnx.Rngs):
+    p = cfg.peft
+    names = target_names(p.targets)
+    found = targets_of(model, names)
+    if not found:
+        raise ConfigError("peft.targets", f"{list(names)} match no weight of model.arch={cfg.model.arch} "
+                                          f"(MoE experts are not LoRA targets yet)")
+    key = rngs.params()
+    for i, (module, attr, contract, lead) in enumerate(found):
+        w = getattr(module, attr)
+        shape, axes, dtype = w[...].shape, _axes(w), w[...].dtype
+        ins, outs = shape[lead:lead + contract], shape[lead + contract:]
+        fan_in = math.prod(ins)
+        # PEFT's default A: kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)); B = 0
+        bound = 1 / math.sqrt(fan_in)
+        a = nnx.with_partitioning(lambda k, s, d, bound=bound: jax.random.uniform(k, s, d, -bound, bound),
+                                  (*axes[:lead + contract], None))(
+            jax.random.fold_in(key, i), (*shape[:lead + contract], p.rank), dtype)
+        b = nnx.with_partitioning(nnx.initializers.zeros_init(), (*axes[:lead], None, *axes[lead + contract:]))(
+            key, (*shape[:lead], p.rank, *outs), dtype)
+        setattr(module, attr + SUFFIX, Adapter(a, b, scaling(p), contract))
+    return model
+
+
+def merge(model):
+    """Fold every adapter into its weight and detach it: the model is then a plain (peft.method=none) one.
+    A QLoRA base (qlora.py) is dequantized first, so the merged weights are float ones."""
+    from .qlora import dequantize_base
+    dequantize_base(model)
+    for _, module in list(nnx.iter_modules(model)):
+        for name in [n for n in vars(module) if n.endswith(SUFFIX)]:
+            adapter = getattr(module, name)
+            w = getattr(module, name[:-len(SUFFIX)])
+            w[...] = (w[...] + adapter.delta().astype(w[...].dtype))
+            delattr(module, name)
+    return model

@@ -1,0 +1,54 @@
+"""Quantization-aware training (train.qat=int8|int4): every projection weight (q k v o gate up down, the
+weights layers.project() multiplies) is fake-quantized in the forward pass, symmetric per output channel like
+int8/int4 inference, with straight-through gradients: w + stop_gradient(q(w) - w) is q(w) forward and has
+gradient 1 with respect to w backward (Bengio et al. 2013; Jacob et al. 2018), so training moves the float
+weights to where their quantized forms do well. The float weights stay the trained state; `qat_bits` is a
+static attribute of the owning module (in the graph definition, not the state), so checkpoints and the
+step's state are those of the float model.
+
+Why not qwix's QAT provider: like its LoRA provider it intercepts dot/einsum calls on Param attributes of the
+calling module, which maxmodel's 2-D `dense` over reshaped, scanned weights never makes (see peft/lora.py).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+BITS = {"int8": 8, "int4": 4}
+
+
+def quantize_dequantize(w, bits: int, contract: int = 1):
+    """Symmetric per-output-channel round trip of a weight [*in (contract dims), *out]: the absmax over the
+    input dims maps to 2^(bits-1) - 1."""
+    qmax = 2 ** (bits - 1) - 1
+    w32 = w.astype(jnp.float32)
+    absmax = jnp.max(jnp.abs(w32), axis=tuple(range(contract)), keepdims=True)
+    scale = jnp.where(absmax > 0, absmax / qmax, 1.0)
+    return (jnp.clip(jnp.round(w32 / scale), -qmax, qmax) * scale).astype(w.dtype)
+
+
+def fake_quantize(w, bits: int, contract: int = 1):
+    return w + jax.lax.stop_gradient(quantize_dequantize(w, bits, contract) - w)
+
+
+def attach_qat(model, cfg):
+    from .peft.config import TARGETS
+    from .peft.lora import targets_of
+    bits = BITS[cfg.train.qat]
+    for module in {id(m): m for m, *_ in targets_of(model, tuple(TARGETS))}.values():
+        module.qat_bits = bits
+    return model
+
+
+def quantized_copy(model, bits: int):
+    """The model with every projection weight replaced by its quantized round trip, in place (to measure
+    what int8/int4 inference of it loses)."""
+    from .peft.config import TARGETS
+    from .peft.lora import targets_of
+    for module, attr, contract, lead in targets_of(model, tuple(TARGETS)):
+        w = getattr(module, attr)
+        fn = lambda x, c=contract: quantize_dequantize(x, bits, c)  # noqa: E731
+        for _ in range(lead):
+            fn = jax.vmap(fn)
+        w[...] = fn(w[...])
+    return model
