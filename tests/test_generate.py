@@ -77,3 +77,22 @@ def test_generate_bad_input_exits_2_naming_it(run_dir, tmp_path, capsys):
     assert f"{bad}:2" in capsys.readouterr().err
     assert cli(["generate", str(run_dir), "--prompt", "x", "--top-p", "1.5"]) == 2
     assert "top_p" in capsys.readouterr().err
+
+
+def test_chat_prompts_use_the_models_jinja_template(run_dir, tmp_path):
+    """A tokenizer_config.json chat template beside the weights renders the conversation (with its own BOS
+    text, so none is added); without one, the simple training template with BOS."""
+    model = tmp_path / "exp"
+    assert cli(["export", "--run-dir", str(run_dir), "--out", str(model)]) == 0
+    gen = load_engine(model, ["run.cpu_devices=1", "mesh.data=1"], max_slots=1, max_len=64, prefill_buckets=(32,))
+    messages = [{"role": "user", "content": "hi"}]
+    assert gen.chat_template is None
+    assert gen.encode_chat(messages) == [gen.tokenizer.bos_id] + gen.tokenizer.encode("<|user|>\nhi<|end|>\n<|assistant|>\n")
+    template = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}[assistant] {% endif %}")
+    (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "bos_token": "<s>"}))
+    gen = load_engine(model, ["run.cpu_devices=1", "mesh.data=1"], max_slots=1, max_len=64, prefill_buckets=(32,))
+    assert gen.render_chat(messages) == "<s>[user] hi\n[assistant] "
+    assert gen.encode_chat(messages) == gen.tokenizer.encode("<s>[user] hi\n[assistant] ")
+    out = gen.generate([gen.encode_chat(messages)], SamplingOptions(max_new_tokens=3, temperature=0.0))[0]
+    assert out.completions[0].finish_reason in ("stop", "length")

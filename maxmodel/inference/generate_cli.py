@@ -116,7 +116,7 @@ def interactive(gen, opts) -> None:
         if not line.strip():
             break
         messages.append({"role": "user", "content": line})
-        out = _stream(gen, gen.encode_prompt(gen.render_chat(messages)), opts)
+        out = _stream(gen, gen.encode_chat(messages), opts)
         messages.append({"role": "assistant", "content": out.completions[0].text})
 
 

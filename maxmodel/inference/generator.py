@@ -2,6 +2,7 @@
 continuous batcher and the model's tokenizer and chat template."""
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -45,9 +46,20 @@ class Generator:
             return inner.encode(text, add_special_tokens=True).ids
         return [self.tokenizer.bos_id] + self.tokenizer.encode(text)
 
+    @functools.cached_property
+    def chat_template(self):
+        """The model's Jinja chat template (chat.py), or None for the simple template."""
+        from .chat import jinja_template
+        return jinja_template(self)
+
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         from .chat import render_chat
         return render_chat(self, messages, add_generation_prompt)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Prompt ids of a conversation: rendered with the model's template, tokenized as it intends."""
+        from .chat import encode_chat
+        return encode_chat(self, messages, add_generation_prompt)
 
     # ---- generating
 

@@ -275,10 +275,9 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
             if m["role"] == "developer":  # OpenAI's newer name for the system turn
                 m["role"] = "system"
         try:
-            text = engine.render_chat(messages, add_generation_prompt=req.add_generation_prompt is not False)
+            ids = engine.encode_chat(messages, add_generation_prompt=req.add_generation_prompt is not False)
         except ValueError as e:
             raise from_value_error(e) from None
-        ids = engine.encode_prompt(text)
         field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_tokens is None:
