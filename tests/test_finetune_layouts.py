@@ -1,11 +1,12 @@
 """Every fine-tuning method on every kind of layout: 8 emulated devices with fsdp x tensor sharding and a
 pipeline layout give the 1-device losses and grad norms (float32, 3 steps; test_parallel_equivalence.py's
 comparison), and every method stopped and resumed from its checkpoint continues bitwise like an
-uninterrupted run (test_fault_tolerance.py's pattern)."""
+uninterrupted run (test_fault_tolerance.py's pattern); SIGTERM on a peft run checkpoints and exits 3 as in
+pretraining, and the CLI's log starts with the trainable share and state bytes."""
 import jax
 import numpy as np
 import pytest
-from test_fault_tolerance import assert_trees_equal
+from test_fault_tolerance import _launch_and_terminate, _metrics, assert_trees_equal
 from test_train_step import run_steps
 
 from maxmodel.config import load_config
@@ -49,3 +50,14 @@ def test_stop_and_resume_is_exact(method, tiny_overrides):
     assert [first.losses[s] for s in (1, 2)] + [second.losses[s] for s in (3, 4)] == [full.losses[s] for s in
                                                                                        (1, 2, 3, 4)]  # bitwise
     assert_trees_equal(jax.device_get(full.params), jax.device_get(second.params))
+
+
+def test_sigterm_on_a_qlora_run_checkpoints_exits_3_and_logs_its_state(tiny_overrides, tmp_path):
+    args = tiny_overrides + METHODS["qlora-nf4"] + ["run.name=q", "train.steps=1000", "run.log_every=1",
+                                                    "run.eval_every=1000", "run.eval_batches=0",
+                                                    "checkpoint.every_steps=1000"]
+    code, err = _launch_and_terminate(args, tmp_path / "q", after_lines=1)
+    assert code == 3, err[-2000:]
+    reached = _metrics(tmp_path / "q")[-1]["step"]
+    assert sorted(int(p.name) for p in (tmp_path / "q" / "checkpoints").iterdir() if p.name.isdigit()) == [reached]
+    assert "trainable params" in err and "optimizer state" in err
