@@ -94,13 +94,33 @@ class SplitStep:
         return nnx.split_state(params, self.trainable, ...)
 
     def __call__(self, params, opt_state, batch):
+        return self._run(self.jitted, params, opt_state, batch)
+
+    def _run(self, fn, params, opt_state, batch):
         trainable, frozen = self._split(params)
-        trainable, opt_state, metrics = self.jitted(trainable, frozen, opt_state, batch)
+        trainable, opt_state, metrics = fn(trainable, frozen, opt_state, batch)
         return nnx.merge_state(trainable, frozen), opt_state, metrics
 
     def lower(self, params, opt_state, batch):
         trainable, frozen = self._split(params)
-        return self.jitted.lower(trainable, frozen, opt_state, batch)
+        return _Split(self, self.jitted.lower(trainable, frozen, opt_state, batch))
+
+
+@dataclass
+class _Split:
+    """A lowered or compiled split step that still takes (params, opt_state, batch); everything else (text,
+    cost and memory analyses) is the wrapped object's."""
+    step: SplitStep
+    inner: Any
+
+    def compile(self):
+        return _Split(self.step, self.inner.compile())
+
+    def __call__(self, params, opt_state, batch):
+        return self.step._run(self.inner, params, opt_state, batch)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
 
 def _loss_sums(objective, graphdef, states, batch, settings: LossSettings, order=None, moe=None):
