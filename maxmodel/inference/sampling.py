@@ -114,6 +114,18 @@ def processed_logprobs(logits, params: SamplingParams, output_counts, prompt_mas
     return jnp.where(_sampled(params)[:, None], jax.nn.log_softmax(x, axis=-1), greedy_lp)
 
 
+def _inverse_cdf(keys, x):
+    """One draw per row from softmax(x) (-inf = excluded) by inverting its CDF with a single uniform per row:
+    exact like a Gumbel-max draw, but one random number per row instead of one per vocabulary entry (which
+    on a CPU costs more than the model's decode step at a 32k vocabulary)."""
+    probs = jax.nn.softmax(x, axis=-1)
+    cdf = jnp.cumsum(probs, axis=-1)
+    u = jax.vmap(jax.random.uniform)(keys) * cdf[:, -1]
+    idx = jnp.sum(cdf <= u[:, None], axis=-1)  # the first token whose CDF passes u: P(token) = its prob
+    last = x.shape[-1] - 1 - jnp.argmax((probs > 0)[:, ::-1], axis=-1)  # rounding at the top: a kept token
+    return jnp.minimum(idx, last)
+
+
 def _row_keys(seed, step):
     return jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(seed.astype(jnp.uint32), step)
 
@@ -138,9 +150,15 @@ def sample(logits, params: SamplingParams, step, output_counts, prompt_mask, num
 
     `logprobs` / `top_logprobs` are of the RAW model distribution, log_softmax(logits), not of the
     penalised / tempered / filtered one (see `processed_logprobs` for that)."""
-    penalised, x = _filter(logits, params, output_counts, prompt_mask)
-    drawn = jax.vmap(jax.random.categorical)(_row_keys(params.seed, step), x)
-    tokens = jnp.where(_sampled(params), drawn, jnp.argmax(penalised, axis=-1)).astype(jnp.int32)
+    def drawn():
+        penalised, x = _filter(logits, params, output_counts, prompt_mask)
+        return jnp.where(_sampled(params), _inverse_cdf(_row_keys(params.seed, step), x),
+                         jnp.argmax(penalised, axis=-1)).astype(jnp.int32)
+
+    def greedy():
+        return jnp.argmax(apply_penalties(logits, params, output_counts, prompt_mask), axis=-1).astype(jnp.int32)
+    # An all-greedy batch (evaluation, greedy serving) skips the filters and the draw altogether.
+    tokens = jax.lax.cond(jnp.any(_sampled(params)), drawn, greedy)
     raw = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     top_ids, top_lp = _top(raw, num_top)
     return SampleOut(tokens, jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0], top_ids, top_lp)
