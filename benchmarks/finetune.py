@@ -18,16 +18,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import numpy as np
+from flax import nnx
 
-from maxmodel.config import load_config  # noqa: E402
-from maxmodel.data.windows import SyntheticSource  # noqa: E402
-from maxmodel.parallel.mesh import build_mesh  # noqa: E402
-from maxmodel.parallel.rules import logical_rules  # noqa: E402
-from maxmodel.train.state_bytes import state_report  # noqa: E402
-from maxmodel.train.step import abstract_state, build_train_step, create_params, global_batch  # noqa: E402
+from maxmodel.config import load_config
+from maxmodel.data.windows import SyntheticSource
+from maxmodel.parallel.mesh import build_mesh
+from maxmodel.parallel.rules import logical_rules
+from maxmodel.train.state_bytes import state_report
+from maxmodel.train.step import abstract_state, build_train_step, create_params, global_batch
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--steps", type=int, default=5, help="timed steps per method after one warm-up, interleaved")

@@ -14,6 +14,8 @@ import os
 import subprocess
 import sys
 
+from maxmodel import jsonio
+
 LAYOUTS = {
     "1 device": ["run.cpu_devices=1", "mesh.data=1"],
     "data=8": ["mesh.data=8"],

@@ -38,6 +38,7 @@ def run(name: str, output_dir: str) -> dict:
 
 if __name__ == "__main__":
     import tempfile
+
     from maxmodel import distributed
     distributed.initialize(cpu_devices=8)
     with tempfile.TemporaryDirectory() as tmp:

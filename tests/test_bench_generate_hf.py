@@ -9,9 +9,8 @@ import os
 import subprocess
 from pathlib import Path
 
-import pytest
-
 import hf_oracle
+import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "peers" / "hf_generate.py"
 TINY = {"vocab_size": 300, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,

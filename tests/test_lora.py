@@ -19,9 +19,9 @@ from maxmodel.finetune.peft.lora import merge
 from maxmodel.models.registry import build_model
 from maxmodel.parallel.mesh import build_mesh
 from maxmodel.parallel.rules import logical_rules
-from maxmodel.train.loop import train
 from maxmodel.train.checkpoint import abstract_like
 from maxmodel.train.export import load_params
+from maxmodel.train.loop import train
 from maxmodel.train.step import abstract_state, build_train_step, concrete_shardings
 
 BASE = TINY + ["data.source=synthetic"]

@@ -20,13 +20,13 @@ from maxmodel import jsonio
 from maxmodel.config.errors import ConfigError
 from maxmodel.config.schema import Config
 
+from .chat_template import ChatTemplateError, check_renders, is_jinja_spec, template_for
 from .mixture import Component, components, realised_proportions
 from .objectives import PrefixSplit, masked_lm
 from .packing import IndexedStore, make_rows
 from .seq2seq import Seq2SeqRows
 from .sources import BadRecords, read_documents
 from .store import MemoryStore, ShardStore
-from .chat_template import ChatTemplateError, check_renders, is_jinja_spec, template_for
 from .supervised import document_text, encode_document
 from .tokenizer import load_tokenizer, make_tokenizer
 from .windows import SyntheticSource

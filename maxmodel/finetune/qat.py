@@ -47,7 +47,7 @@ def quantized_copy(model, bits: int):
     from .peft.lora import targets_of
     for module, attr, contract, lead in targets_of(model, tuple(TARGETS)):
         w = getattr(module, attr)
-        fn = lambda x, c=contract: quantize_dequantize(x, bits, c)  # noqa: E731
+        fn = lambda x, c=contract: quantize_dequantize(x, bits, c)
         for _ in range(lead):
             fn = jax.vmap(fn)
         w[...] = fn(w[...])

@@ -145,6 +145,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="one JSON object per prompt")
     parser.add_argument("--interactive", action="store_true", help="chat REPL with the model's chat template")
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except ValueError as e:  # a request the engine refuses (e.g. n beyond --max-batch): the field is named
+        raise ConfigError(f"--{str(e).split(':')[0].replace('_', '-')}", str(e)) from None
+
+
+def _run(args) -> int:
     if sum(x is not None and x is not False for x in (args.prompt, args.prompts, args.interactive or None)) != 1:
         raise ConfigError("--prompt", "give --prompt TEXT, --prompts FILE.jsonl or --interactive")
     prompts = read_prompts(args.prompts) if args.prompts else args.prompt

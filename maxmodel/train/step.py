@@ -12,15 +12,15 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from maxmodel.config.schema import Config
+from maxmodel.finetune import objectives, peft
+from maxmodel.finetune.objectives import BATCH_KEYS, LossSettings
 from maxmodel.models.moe import update_router_bias
 from maxmodel.models.registry import build_model
 from maxmodel.parallel.mesh import check_layout
 
-from maxmodel.finetune import objectives, peft
-from maxmodel.finetune.objectives import BATCH_KEYS, LossSettings
-
 from . import guards
 from .optimizer import learning_rate_schedule, make_optimizer
+
 
 def batch_keys(cfg: Config) -> tuple[str, ...]:
     """The arrays one batch holds for this config's objective."""

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from maxmodel.config.errors import ConfigError
-from maxmodel.models.layers import ADAPTER_SUFFIX as SUFFIX, dense
+from maxmodel.models.layers import ADAPTER_SUFFIX as SUFFIX
+from maxmodel.models.layers import dense
 
 from .config import target_names
 
