@@ -47,8 +47,9 @@ def test_converted_model_greedy_decodes_what_transformers_generates(kind, tmp_pa
 def run_dir(tmp_path_factory):
     from conftest import TINY
     out = tmp_path_factory.mktemp("gen")
+    # trained on a layout that one device cannot hold: generation takes the devices it is given
     args = TINY + [f"run.output_dir={out}", "run.name=r", "train.steps=2", "data.source=builtin",
-                   "checkpoint.every_steps=2", "checkpoint.async=false"]
+                   "checkpoint.every_steps=2", "checkpoint.async=false", "mesh.data=4", "mesh.fsdp=2"]
     assert cli(["train", *args]) == 0
     return out / "r"
 

@@ -48,8 +48,8 @@ def open_model(args):
     overrides = list(args.overrides)
     if not any(o.startswith("run.cpu_devices=") for o in overrides):
         overrides.append("run.cpu_devices=1")
-    if not any(o.startswith("mesh.") for o in overrides):
-        overrides.append("mesh.data=-1")
+    if not any(o.startswith("mesh.") for o in overrides):  # the training layout need not fit these devices
+        overrides += ["mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1", "mesh.expert=1"]
     return load_engine(args.model, overrides, **engine_kwargs(args))
 
 
