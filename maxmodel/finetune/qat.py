@@ -12,7 +12,8 @@ calling module, which maxmodel's 2-D `dense` over reshaped, scanned weights neve
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
+
+from maxmodel.models.quant import symmetric_quantize
 
 BITS = {"int8": 8, "int4": 4}
 
@@ -20,11 +21,8 @@ BITS = {"int8": 8, "int4": 4}
 def quantize_dequantize(w, bits: int, contract: int = 1):
     """Symmetric per-output-channel round trip of a weight [*in (contract dims), *out]: the absmax over the
     input dims maps to 2^(bits-1) - 1."""
-    qmax = 2 ** (bits - 1) - 1
-    w32 = w.astype(jnp.float32)
-    absmax = jnp.max(jnp.abs(w32), axis=tuple(range(contract)), keepdims=True)
-    scale = jnp.where(absmax > 0, absmax / qmax, 1.0)
-    return (jnp.clip(jnp.round(w32 / scale), -qmax, qmax) * scale).astype(w.dtype)
+    codes, scale = symmetric_quantize(w, tuple(range(contract)), 2 ** (bits - 1) - 1)
+    return (codes * scale).astype(w.dtype)
 
 
 def fake_quantize(w, bits: int, contract: int = 1):

@@ -35,6 +35,7 @@ from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec
 
 from maxmodel.config.errors import ConfigError
+from maxmodel.models.quant import symmetric_quantize
 
 MODES = {"int8": (jnp.int8, 127.0), "int4": (jnp.int4, 7.0)}
 # Logical axes of the linear weights (without `layers`) -> (number of contraction axes, axes after them).
@@ -135,11 +136,9 @@ def _kernel(n_in: int, n_after: int, mode: str, groups: int, out_shardings):
         i1 = w.ndim - n_after
         i0 = i1 - n_in
         k = math.prod(w.shape[i0:i1])
-        g = w.astype(jnp.float32).reshape(*w.shape[:i0], groups, k // groups, *w.shape[i1:])
-        scale = jnp.max(jnp.abs(g), axis=i0 + 1) / qmax                       # [*lead, G, *after]
-        safe = jnp.expand_dims(jnp.where(scale == 0, 1.0, scale), i0 + 1)
-        q = jnp.clip(jnp.round(g / safe), -qmax, qmax).reshape(w.shape).astype(code_dtype)
-        return q, scale
+        g = w.reshape(*w.shape[:i0], groups, k // groups, *w.shape[i1:])
+        q, scale = symmetric_quantize(g, (i0 + 1,), qmax)
+        return q.reshape(w.shape).astype(code_dtype), jnp.squeeze(scale, i0 + 1)  # scale: [*lead, G, *after]
     return jax.jit(run, out_shardings=out_shardings)
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from maxmodel.config.errors import ConfigError
+from maxmodel.models.quant import symmetric_quantize
 
 from .lora import targets_of
 
@@ -53,10 +54,8 @@ def nf4_dequantize(codes, scales, axis: int, dtype=jnp.float32):
 
 
 def int8_quantize(w, contract: int, lead: int = 0):
-    axes = tuple(range(lead, lead + contract))
-    absmax = jnp.max(jnp.abs(w.astype(jnp.float32)), axis=axes, keepdims=True)
-    scale = jnp.where(absmax > 0, absmax / 127.0, 1.0)
-    return jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8), scale
+    codes, scale = symmetric_quantize(w, tuple(range(lead, lead + contract)), 127)
+    return codes.astype(jnp.int8), scale
 
 
 class QuantizedWeight(nnx.Module):
