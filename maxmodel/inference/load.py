@@ -56,22 +56,14 @@ def model_tokenizer(path: Path, cfg):
 
 
 def _restore(path: Path, cfg, abstract, shardings):
-    import orbax.checkpoint as ocp
-
-    from maxmodel.train.checkpoint import ITEMS, abstract_like, as_path
+    """A model directory's params/, else the latest checkpoint of the run directory."""
+    from maxmodel.train.checkpoint import abstract_like, restore_params
     from maxmodel.train.export import load_params
+    target = abstract_like(abstract, shardings)
     if (path / "export.json").is_file() and (path / "params").is_dir():
-        return load_params(str(path), abstract_like(abstract, shardings))
-    ckpt_dir = as_path(cfg.checkpoint.dir or path / "checkpoints")
-    manager = ocp.CheckpointManager(ckpt_dir, item_names=ITEMS, options=ocp.CheckpointManagerOptions(read_only=True))
-    step = manager.latest_step()
-    if step is None:
-        raise ConfigError("MODEL", f"{path} has no parameters: no params/ with export.json and no checkpoint in "
-                                   f"{ckpt_dir}")
-    log.info("loading step %d from %s", step, ckpt_dir)
-    params = manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_like(abstract, shardings)))).params
-    manager.close()
+        return load_params(str(path), target)
+    step, params = restore_params(cfg.checkpoint.dir or path / "checkpoints", target, key="MODEL")
+    log.info("loaded step %d of %s", step, path)
     return params
 
 

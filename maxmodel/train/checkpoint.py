@@ -87,6 +87,28 @@ def check_manifest(step_dir: epath.Path) -> str | None:
     return None
 
 
+def restore_params(ckpt_dir, target, step: int | None = None, key: str = "checkpoint.dir"):
+    """(step, parameters) of a run's checkpoint (the latest by default) restored onto `target`, alone: no
+    optimizer state. For `maxmodel export` and for generating from a run directory; a missing or damaged
+    checkpoint is a ConfigError naming `key` (or --step)."""
+    from maxmodel.config.errors import ConfigError
+    ckpt_dir = as_path(ckpt_dir)
+    manager = ocp.CheckpointManager(ckpt_dir, item_names=ITEMS, options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+        steps = sorted(manager.all_steps())
+        if not steps:
+            raise ConfigError(key, f"no checkpoints in {ckpt_dir}")
+        step = steps[-1] if step is None else step
+        if step not in steps:
+            raise ConfigError("--step", f"no checkpoint at step {step} in {ckpt_dir}; there are {steps}")
+        problem = check_manifest(ckpt_dir / str(step))
+        if problem not in (None, "unverified"):
+            raise ConfigError("--step", f"checkpoint {ckpt_dir / str(step)} is damaged: {problem}")
+        return step, manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))).params
+    finally:
+        manager.close()
+
+
 @dataclass
 class Restored:
     step: int

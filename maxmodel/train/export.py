@@ -67,7 +67,7 @@ def export(cfg, step: int | None, out: str, dtype: str | None, fmt: str = "model
     from maxmodel.parallel.mesh import build_mesh
     from maxmodel.parallel.rules import mesh_rules
 
-    from .checkpoint import ITEMS, abstract_like, as_path, check_manifest
+    from .checkpoint import abstract_like, as_path, restore_params
     from .loop import run_dir_of
     from .step import abstract_state, concrete_shardings
 
@@ -78,26 +78,12 @@ def export(cfg, step: int | None, out: str, dtype: str | None, fmt: str = "model
         raise ConfigError("--format", f"peft writes LoRA adapters, and this run has peft.method={cfg.peft.method}")
     distributed.initialize(cfg.run.cpu_devices)
     ckpt_dir = as_path(cfg.checkpoint.dir or run_dir_of(cfg) / "checkpoints")
-    manager = ocp.CheckpointManager(ckpt_dir, item_names=ITEMS,
-                                    options=ocp.CheckpointManagerOptions(read_only=True))
-    steps = sorted(manager.all_steps())
-    if not steps:
-        raise ConfigError("checkpoint.dir", f"no checkpoints in {ckpt_dir}")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-        raise ConfigError("--step", f"no checkpoint at step {step} in {ckpt_dir}; there are {steps}")
-    problem = check_manifest(ckpt_dir / str(step))
-    if problem not in (None, "unverified"):
-        raise ConfigError("--step", f"checkpoint {ckpt_dir / str(step)} is damaged: {problem}")
-
     mesh = build_mesh(cfg.mesh)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(mesh_rules(cfg.mesh, mesh)):
         _, abstract = abstract_state(cfg)
         shardings = concrete_shardings(abstract, mesh)
-        params = manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_like(abstract, shardings)))).params
+        step, params = restore_params(ckpt_dir, abstract_like(abstract, shardings), step)
         if fmt == "peft":
-            manager.close()
             if jax.process_index() == 0:
                 from maxmodel.finetune.peft.hf_peft import save_peft
                 save_peft(cfg, jax.device_get(params).to_pure_dict(), out_dir)
@@ -111,7 +97,6 @@ def export(cfg, step: int | None, out: str, dtype: str | None, fmt: str = "model
             params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p), out_shardings=shardings)(params)
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(_params_dir(out_dir), params)
-    manager.close()
     if jax.process_index() == 0:
         from maxmodel.config.schema import to_dict
         from maxmodel.data.tokenizer import copy_hf_tokenizer
