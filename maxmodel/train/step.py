@@ -212,8 +212,9 @@ def build_train_step(cfg: Config, graphdef: nnx.GraphDef, abstract_params: nnx.S
         trainable = optax.apply_updates(trainable, updates)
         if moe is not None and moe.bias_balancing:  # DeepSeek-V3: routing biases follow the load, not gradients
             trainable = update_router_bias(graphdef, trainable, stats["load"], moe.bias_update_rate)
+        # an objective's metrics are sums over what it counts, like its loss: reported as means per count
         return trainable, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": count,
-                                      **extra, **guards.metrics(opt_state), **({"moe": stats} if stats else {})}
+                                      **{k: v / denom for k, v in extra.items()}, **guards.metrics(opt_state), **({"moe": stats} if stats else {})}
 
     def evaluate(params, batch):
         _, (nll, count, _, _) = _loss_sums(objective, graphdef, (params,), batch, LossSettings(0.0, settings.loss_chunk),
