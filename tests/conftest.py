@@ -16,7 +16,7 @@ from maxmodel import distributed
 
 distributed.initialize(cpu_devices=8)
 
-import pytest
+import pytest  # noqa: E402  (after the device count is set)
 
 # A small model and short sequences: every test compiles in seconds on 2 cores.
 TINY = ["model.d_model=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2", "model.d_ff=128",
