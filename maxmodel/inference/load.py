@@ -49,6 +49,10 @@ def model_tokenizer(path: Path, cfg):
     for name in ("tokenizer.json", "tokenizer.model"):
         if (path / name).is_file():
             return load_tokenizer(str(path / name))
+    export = path / "export.json"
+    named = json.loads(export.read_text()).get("tokenizer") if export.is_file() else None
+    if named:  # a tokenizer known by name (bytes, a tiktoken encoding), recorded by `maxmodel export`
+        return load_tokenizer(named)
     if cfg.data.tokenizer == "spm":
         raise ConfigError("MODEL", f"{path} has no tokenizer.json or tokenizer.model (the run's sentencepiece "
                                    f"model) and data.tokenizer is 'spm'; set data.tokenizer=PATH")

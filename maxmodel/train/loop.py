@@ -125,7 +125,7 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
         result.start_step = start
         objective = objectives.get(cfg.train.objective)
         # the objective's host work between the data pipeline and the step (reference log-probs, rollouts)
-        prepare = objective.prepare(cfg, ts, mesh) if objective.prepare else _plain_batch(mesh)
+        prepare = objective.prepare(cfg, ts, mesh, data) if objective.prepare else _plain_batch(mesh)
 
         tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
         moe = cfg.model.moe
@@ -184,7 +184,7 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
                     result.losses[step] = record["loss"]
                     bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{record['mfu']:.1%}")
                     interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
-                if step % cfg.run.eval_every == 0 or step == cfg.train.steps:
+                if (step % cfg.run.eval_every == 0 or step == cfg.train.steps) and data.eval_source is not None:
                     goodput.lap("productive")
                     t0 = time.perf_counter()
                     record["eval_loss"] = result.eval_loss = evaluate(ts, params, data, mesh, cfg.run.eval_batches,

@@ -17,9 +17,11 @@ BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 @dataclass(frozen=True)
 class LossSettings:
-    """What the step decides for every objective: the z-loss weight and the fused head's chunk (0 = off)."""
+    """What the step decides for every objective: the z-loss weight and the fused head's chunk (0 = off);
+    `config`, the run's Config, where an objective reads its method settings (rl.*, dpo.*)."""
     z_loss: float = 0.0
     loss_chunk: int = 0
+    config: Any = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ class Objective:
     formats: tuple[str, ...] | None = None
     doc: str = ""
     metrics: tuple[str, ...] = field(default_factory=tuple)
-    # (cfg, train_step, mesh) -> a Preparer: the host work that turns the data pipeline's local rows into the
+    # (cfg, train_step, mesh, train_data) -> a Preparer: the host work that turns the data pipeline's local rows into the
     # step's global batch (reference log-probs, rollouts, rewards). None: the rows go to the step as they are.
     prepare: Callable | None = None
 
