@@ -226,6 +226,16 @@ class RLConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Distillation from a teacher model (train.objective=distill | gkd): any maxmodel model directory or run
+    with the student's tokenizer (same vocab_size), of any size; it runs on the student's mesh."""
+    teacher: str = ""                     # a model or run directory
+    temperature: float = 2.0              # distill: both distributions softened by T; the KD term scaled by T^2
+    alpha: float = 0.5                    # distill: weight of the KD term (1 - alpha: the hard-label loss)
+    beta: float = 1.0                     # gkd: generalized JSD; 0 = forward KL(teacher||student), 1 = reverse KL
+
+
+@dataclass
 class RunConfig:
     name: str = "default"
     output_dir: str = "runs"
@@ -251,6 +261,7 @@ class Config:
     init: InitConfig = field(default_factory=InitConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 

@@ -65,12 +65,13 @@ def run_dir_of(cfg: Config) -> Path:
     return Path(cfg.run.output_dir) / cfg.run.name
 
 
-def evaluate(ts, params, data, mesh, num_batches: int, prepare) -> float:
+def evaluate(ts, params, data, mesh, num_batches: int, prepare) -> float | None:
+    """The held-out loss per counted token, or None when the held-out split has no whole global batch."""
     nll, count = 0.0, 0.0
     for batch in data.eval_batches(num_batches):
         n, c = ts.eval_fn(params, prepare(None, params, batch))
         nll, count = nll + float(n), count + float(c)
-    return nll / max(count, 1.0)
+    return nll / count if count else None
 
 
 def _plain_batch(mesh):
@@ -187,8 +188,9 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
                 if (step % cfg.run.eval_every == 0 or step == cfg.train.steps) and data.eval_source is not None:
                     goodput.lap("productive")
                     t0 = time.perf_counter()
-                    record["eval_loss"] = result.eval_loss = evaluate(ts, params, data, mesh, cfg.run.eval_batches,
-                                                                        prepare)
+                    result.eval_loss = evaluate(ts, params, data, mesh, cfg.run.eval_batches, prepare)
+                    if result.eval_loss is not None:
+                        record["eval_loss"] = result.eval_loss
                     interval_start += time.perf_counter() - t0  # eval time is not step time
                     goodput.lap("eval")
                 if record:

@@ -30,7 +30,9 @@ def request_seed(seed: int, step: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, step, index]).generate_state(1)[0])
 
 
-class Rollouts:
+class PolicySampler:
+    """The policy's completions of a step's prompts, as the step's rows (shared by GRPO, PPO and GKD)."""
+
     def __init__(self, cfg, ts, mesh, data):
         rl, t = cfg.rl, cfg.train
         if t.batch_size % rl.group_size:
@@ -39,14 +41,6 @@ class Rollouts:
         self.cfg, self.ts, self.mesh = cfg, ts, mesh
         self.records, self.tokenizer = data.records, data.tokenizer
         self.process_index, self.process_count = data.process_index, data.process_count
-        self.rewards = load_rewards(rl.rewards)
-        if not self.rewards and not rl.reward_model:
-            raise ConfigError("rl.rewards", "give reward functions (dotted paths) or rl.reward_model")
-        self.reward_model = None
-        if rl.reward_model:
-            from maxmodel.finetune.reward_model import RewardModelScorer
-            self.reward_model = RewardModelScorer(rl.reward_model)
-        self.reference = Reference(cfg, ts, mesh) if rl.beta > 0 else None
         self.generator: Generator | None = None
         self.metrics: dict = {}
 
@@ -82,24 +76,7 @@ class Rollouts:
         outs = gen.generate(prompts, options)
         return prompts, [o.completions for o in outs]
 
-    def rewards_of(self, records: list[dict], completions: list) -> tuple[np.ndarray, dict]:
-        g = self.cfg.rl.group_size
-        prompts = [r["prompt"] for r in records for _ in range(g)]
-        texts = [c.text for group in completions for c in group]
-        columns = {k: [r.get(k) for r in records for _ in range(g)]
-                   for k in sorted({k for r in records for k in r} - {"prompt"})}
-        per_fn, failures = score(self.rewards, prompts, texts, columns, self.cfg.data.on_bad_record == "skip")
-        extra = self.reward_model(prompts, texts) if self.reward_model is not None else None
-        total = combine(self.rewards, per_fn, extra)
-        stats = {f"reward/{name.replace(':', '.').rsplit('.', 1)[-1]}": float(np.nanmean(v))
-                 for name, v in per_fn.items()}
-        if extra is not None:
-            stats["reward/model"] = float(np.mean(extra))
-        stats.update(reward=float(np.nanmean(total)), reward_std=float(np.nanstd(total)),
-                     reward_failures=failures)
-        return total, stats
-
-    def rows(self, prompts: list, completions: list, advantages: np.ndarray) -> dict[str, np.ndarray]:
+    def rows(self, prompts: list, completions: list, advantages=None) -> dict[str, np.ndarray]:
         """The global batch as numpy rows: one per completion (prompt-major, samples in order)."""
         n, length = sum(len(g) for g in completions), self.cfg.train.seq_len
         pad = self.tokenizer.pad_id
@@ -117,11 +94,12 @@ class Rollouts:
                 out["positions"][row, :m] = np.arange(m)
                 out["loss_mask"][row, p - 1:m] = 1.0     # targets p-1 .. m-1 are the completion's tokens
                 out["old_logps"][row, p - 1:m] = c.logprobs
-                out["advantages"][row, p - 1:m] = advantages[row]
+                out["advantages"][row, p - 1:m] = 0.0 if advantages is None else advantages[row]
                 row += 1
         return out
 
-    def __call__(self, step, params, local):
+    def sample(self, step, params, local) -> tuple[list, list, list[dict]]:
+        """(prompt ids, completions, records) of the step's prompts; timing and lengths into self.metrics."""
         if step is None:
             raise ValueError("RL runs have no held-out rows to evaluate")
         indices = local["index"]
@@ -129,16 +107,56 @@ class Rollouts:
         t0 = time.perf_counter()
         prompts, completions = self.generate(step, params, records, indices)
         seconds = time.perf_counter() - t0
-        rewards, stats = self.rewards_of(records, completions)
-        advantages, group_stats = group_advantages(rewards, self.cfg.rl.group_size, self.cfg.rl.scale_rewards)
-        rows = self.rows(prompts, completions, advantages)
         lengths = np.array([len(c.token_ids) for group in completions for c in group])
         truncated = np.mean([c.finish_reason == "length" for group in completions for c in group])
-        self.metrics = {**stats, **group_stats, "completion_length": float(lengths.mean()),
-                        "completion_length_max": int(lengths.max()), "truncated": float(truncated),
-                        "rollout_seconds": seconds, "rollout_tokens_per_sec": float(lengths.sum() / seconds)}
+        self.metrics = {"completion_length": float(lengths.mean()), "completion_length_max": int(lengths.max()),
+                        "truncated": float(truncated), "rollout_seconds": seconds,
+                        "rollout_tokens_per_sec": float(lengths.sum() / seconds)}
+        return prompts, completions, records
+
+    def global_rows(self, rows: dict):
+        """This process's share of the global rows, assembled into the step's sharded batch."""
+        return global_batch({k: v[self.process_index::self.process_count] for k, v in rows.items()}, self.mesh)
+
+
+class Rollouts(PolicySampler):
+    """GRPO's Preparer: sampled completions, their rewards and group advantages, the reference log-probs."""
+
+    def __init__(self, cfg, ts, mesh, data):
+        super().__init__(cfg, ts, mesh, data)
+        rl = cfg.rl
+        self.rewards = load_rewards(rl.rewards)
+        if not self.rewards and not rl.reward_model:
+            raise ConfigError("rl.rewards", "give reward functions (dotted paths) or rl.reward_model")
+        self.reward_model = None
+        if rl.reward_model:
+            from maxmodel.finetune.reward_model import RewardModelScorer
+            self.reward_model = RewardModelScorer(rl.reward_model)
+        self.reference = Reference(cfg, ts, mesh) if rl.beta > 0 else None
+
+    def rewards_of(self, records: list[dict], completions: list) -> tuple[np.ndarray, dict]:
+        g = self.cfg.rl.group_size
+        prompts = [r["prompt"] for r in records for _ in range(g)]
+        texts = [c.text for group in completions for c in group]
+        columns = {k: [r.get(k) for r in records for _ in range(g)]
+                   for k in sorted({k for r in records for k in r} - {"prompt"})}
+        per_fn, failures = score(self.rewards, prompts, texts, columns, self.cfg.data.on_bad_record == "skip")
+        extra = self.reward_model(prompts, texts) if self.reward_model is not None else None
+        total = combine(self.rewards, per_fn, extra)
+        stats = {f"reward/{name.replace(':', '.').rsplit('.', 1)[-1]}": float(np.nanmean(v))
+                 for name, v in per_fn.items()}
+        if extra is not None:
+            stats["reward/model"] = float(np.mean(extra))
+        stats.update(reward=float(np.nanmean(total)), reward_std=float(np.nanstd(total)),
+                     reward_failures=failures)
+        return total, stats
+
+    def __call__(self, step, params, local):
+        prompts, completions, records = self.sample(step, params, local)
+        rewards, stats = self.rewards_of(records, completions)
+        advantages, group_stats = group_advantages(rewards, self.cfg.rl.group_size, self.cfg.rl.scale_rewards)
+        self.metrics.update(stats, **group_stats)
         self.last_rollout = (prompts, completions, rewards, advantages)
-        local_rows = {k: v[self.process_index::self.process_count] for k, v in rows.items()}
-        batch = global_batch(local_rows, self.mesh)
+        batch = self.global_rows(self.rows(prompts, completions, advantages))
         ref = self.reference(params, batch) if self.reference is not None else batch["old_logps"] * 0
         return {**batch, "ref_logps": ref}
