@@ -170,13 +170,13 @@ def test_bad_prompt_records_are_named(task, tmp_path):
         train(load_config(overrides=over))
 
 
-def test_grpo_is_exact_on_resume_and_on_eight_devices(task, monkeypatch):
+def test_grpo_is_exact_on_resume_and_on_eight_devices(task, monkeypatch, compile_cache):
     """Stopped after 2 steps and rerun, a GRPO run's losses (rollouts included) are bitwise those of an
     uninterrupted one; on data x fsdp x tensor = 8 devices its losses and gradient norms equal the 1-device
     run's (1e-5). That comparison uses SGD: Adam's first steps divide each gradient by its own magnitude, so
     a component that is zero up to float rounding (the KL term's at the reference) moves by a full lr with a
     sign the layout's reduction order picks, whatever the layout's arithmetic accuracy."""
-    steps = ["train.steps=4", "checkpoint.every_steps=2", "checkpoint.keep=10"]
+    steps = ["train.steps=4", "checkpoint.every_steps=2", "checkpoint.keep=10", f"run.compile_cache_dir={compile_cache}"]
     sharded = grpo_overrides(task, "full", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", *steps)
     full = train(load_config(overrides=sharded))
     split = [o.replace("run.name=full", "run.name=split") for o in sharded]
@@ -190,7 +190,7 @@ def test_grpo_is_exact_on_resume_and_on_eight_devices(task, monkeypatch):
     assert all(0 <= r["reward/exact_match"] <= 1 and r["kl"] >= 0 for r in records)
     assert records[0]["kl"] < 1e-6  # the first update starts at the reference
 
-    sgd = ["optimizer.name=sgd", "optimizer.lr=0.5", "train.steps=3"]
+    sgd = ["optimizer.name=sgd", "optimizer.lr=0.5", "train.steps=3", f"run.compile_cache_dir={compile_cache}"]
     train(load_config(overrides=grpo_overrides(task, "eight", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
                                                *sgd)))
     monkeypatch.setattr(loop, "build_mesh", lambda m: build_mesh(m, jax.devices()[:1]))

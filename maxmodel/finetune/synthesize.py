@@ -93,6 +93,9 @@ def synthesize(generator, spec: SynthesisSpec, progress: bool = True) -> dict:
             rewards = _rewards(functions, scorer, part, texts, spec)
             for j, record in enumerate(part):
                 for k in _chosen(rewards, j, spec):
+                    if not texts[j][k].strip():
+                        stats["dropped"] += 1  # nothing to train on (the model ended at once)
+                        continue
                     r = None if rewards is None else float(rewards[j][k])
                     if r is not None and (np.isnan(r) or (spec.min_reward is not None and r < spec.min_reward)):
                         stats["dropped"] += 1  # no reward (a skipped failure), or below the bar
