@@ -152,6 +152,7 @@ class Rollouts(PolicySampler):
         return total, stats
 
     def __call__(self, step, params, local):
+        t0 = time.perf_counter()
         prompts, completions, records = self.sample(step, params, local)
         rewards, stats = self.rewards_of(records, completions)
         advantages, group_stats = group_advantages(rewards, self.cfg.rl.group_size, self.cfg.rl.scale_rewards)
@@ -159,4 +160,6 @@ class Rollouts(PolicySampler):
         self.last_rollout = (prompts, completions, rewards, advantages)
         batch = self.global_rows(self.rows(prompts, completions, advantages))
         ref = self.reference(params, batch) if self.reference is not None else batch["old_logps"] * 0
+        ref.block_until_ready()
+        self.metrics["prepare_seconds"] = time.perf_counter() - t0  # rollout + rewards + reference: not training
         return {**batch, "ref_logps": ref}
