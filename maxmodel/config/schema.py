@@ -223,6 +223,10 @@ class RLConfig:
     epsilon_high: float = 0.0             # ratio clip above (1 + epsilon_high); 0 = epsilon (DAPO raises it)
     loss_agg: str = "grpo"                # grpo (per-sequence mean, then mean) | dr_grpo (sum / G*max_new_tokens) | dapo (token mean)
     scale_rewards: bool = True            # divide advantages by the group's reward std (Dr.GRPO: false)
+    gamma: float = 1.0                    # ppo: discount over completion tokens
+    gae_lambda: float = 0.95              # ppo: GAE's bias / variance trade-off
+    value_coef: float = 0.1               # ppo: weight of the value loss
+    value_clip: float = 0.2               # ppo: old value +- this bounds the clipped value prediction
 
 
 @dataclass

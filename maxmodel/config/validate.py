@@ -35,6 +35,7 @@ NON_NEGATIVE = ("pipeline.microbatches", "optimizer.lr", "optimizer.warmup_steps
                 "data.workers", "data.prefetch",
                 "model.attention.global_every", "model.attention.query_pre_attn_scalar", "model.token_types",
                 "rl.beta", "rl.epsilon", "rl.epsilon_high", "rl.temperature", "rl.top_k", "distill.alpha",
+                "rl.gamma", "rl.gae_lambda", "rl.value_coef", "rl.value_clip",
                 "distill.beta")
 DATA_SOURCES = ("builtin", "synthetic", "jsonl", "text", "parquet", "arrayrecord", "mixture")
 
