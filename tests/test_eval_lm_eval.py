@@ -14,8 +14,8 @@ import pytest
 pytestmark = pytest.mark.xdist_group("eval_hf")
 
 MAX_LENGTH = 32  # shorter than the perplexity documents: several rolling windows each, and left truncation
-WORDS = ("the quick brown fox jumps over a lazy dog while seven small models score every choice they are "
-         "given by the harness").split()
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "small", "models",
+         "score", "every", "choice", "they", "are", "given", "by", "the", "harness"]
 
 
 def _docs(greedy: list[str]):
@@ -68,7 +68,7 @@ def models(tmp_path_factory):
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator([" ".join(WORDS)] * 4, trainers.BpeTrainer(
         vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    hf_dir, mm_dir, tasks = root / "hf", root / "mm", root / "tasks"
+    hf_dir, mm_dir = root / "hf", root / "mm"
     hf_oracle.run("build", json.dumps({
         "config": "LlamaConfig", "dir": str(hf_dir), "seed": 0, "std": 0.3,
         "kwargs": {"vocab_size": tok.get_vocab_size(), "hidden_size": 32, "intermediate_size": 48,
