@@ -77,6 +77,10 @@ class EvalModel:
         if self.generator is None:
             raise ValueError("this task generates text and needs the generation engine; during training only "
                              "log-likelihood and perplexity tasks run")
+        import jax
+        if jax.process_count() > 1:
+            raise ValueError("generative tasks run on one host (the engine's batcher is per process); "
+                             "multi-host evaluation scores log-likelihood and perplexity tasks")
         limit = min(self.generator.max_len, self.max_length)
         ids = []
         for p, o in zip(prompts, options):

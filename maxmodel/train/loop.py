@@ -124,6 +124,10 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
                                     cfg.train.seq_len, cfg.model.tie_embeddings)
         peak_total = peak * jax.device_count()
         result.stats.update(flops_per_token=flops_tok, peak_flops=peak_total, peak_source=peak_source)
+        evaluator = None
+        if cfg.run.eval_tasks:  # lm-eval / native tasks on the live parameters (eval/during_training.py)
+            from maxmodel.eval.during_training import TrainingEvaluator
+            evaluator = TrainingEvaluator(cfg, graphdef, mesh, rules, data.tokenizer)
         bar = tqdm(total=cfg.train.steps, initial=start, disable=not (main and cfg.run.progress),
                    desc=cfg.run.name, unit="step", dynamic_ncols=True)
         interval_start, interval_steps, compile_seconds = time.perf_counter(), 0, None
@@ -177,6 +181,8 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
                     goodput.lap("productive")
                     t0 = time.perf_counter()
                     record["eval_loss"] = result.eval_loss = evaluate(ts, params, data, mesh, cfg.run.eval_batches)
+                    if evaluator is not None:
+                        record.update(evaluator(params, step))
                     interval_start += time.perf_counter() - t0  # eval time is not step time
                     goodput.lap("eval")
                 if record:
