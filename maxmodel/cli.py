@@ -24,8 +24,7 @@ COMMANDS = {
     "bench": ("maxmodel.bench", "time the train step of a config: tokens/s, step time, compile, MFU, memory"),
     "plot": ("maxmodel.train.plot", "draw loss/eval/LR/throughput curves of one or more runs to a PNG"),
     "serve": ("maxmodel.inference.serve_cli", "serve a model over an OpenAI-compatible HTTP API"),
-    "eval": ("maxmodel.eval.cli", "evaluate a model: lm-eval tasks, perplexity, multiple choice, completion; "
-                                  "`eval report` plots results"),
+    "eval": ("maxmodel.eval.cli", "evaluate a model (lm-eval tasks, perplexity, choice, completion); eval report"),
 }
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PREEMPTED = 0, 1, 2, 3
