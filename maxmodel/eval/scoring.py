@@ -7,7 +7,8 @@ A sequence is `(tokens, start)`: the log-probability of tokens[start:] given eve
 Its `len(tokens) - 1` predictions go into one row; rows are filled first-fit (data/packing.py's planner,
 the one training uses), longest sequences first. Batches have a fixed shape [rows, row_len] (row_len the
 smallest of a few bucket lengths that holds the batch's longest sequence), so a whole evaluation compiles
-a handful of programs. Rows go over the batch axes of the mesh (data, fsdp, expert) as in training.
+a handful of programs. Only the scored positions reach the vocabulary head (gathered into [rows, K], K a
+power of two): for a multiple-choice request that is its few continuation tokens, not its context. Rows go over the batch axes of the mesh (data, fsdp, expert) as in training.
 
 Multi-host: process 0 drives (lm-eval runs there); the other processes call `follow()`, which receives each
 batch by broadcast and joins the same global forward pass, until process 0's `close()`.
@@ -73,10 +74,14 @@ class PackedScorer:
         """New weights of the same tree (the trainer's current step): nothing recompiles."""
         self.params = params
 
-    def _score_fn(self, params, inputs, targets, segment_ids, positions):
-        """Per position: log p(target) and whether the target is the argmax (f32 log-softmax, as lm-eval's
-        hf backend takes it)."""
-        logits = nnx.merge(self.graphdef, params)(inputs, segment_ids, positions).astype(jnp.float32)
+    def _score_fn(self, params, inputs, segment_ids, positions, index, targets):
+        """At the scored positions `index` [B, K] only: log p(target) and whether the target is the argmax
+        (f32 log-softmax, as lm-eval's hf backend takes it). The vocabulary head runs on those K positions,
+        not all L: a multiple-choice request scores a few continuation tokens after a long context."""
+        model = nnx.merge(self.graphdef, params)
+        hidden, _ = model.hidden(inputs, segment_ids, positions)
+        hidden = jnp.take_along_axis(hidden, index[..., None], axis=1)
+        logits = model.logits(hidden).astype(jnp.float32)
         log_z = jax.nn.logsumexp(logits, axis=-1)
         target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
         return target_logit - log_z, jnp.argmax(logits, axis=-1) == targets
@@ -107,23 +112,31 @@ class PackedScorer:
         return out  # type: ignore[return-value]
 
     def _run_batch(self, seqs, rows_of, row_len: int, out: list, ids: list[int]) -> None:
-        arrays = {k: np.zeros((self.rows, row_len), np.int32) for k in ("inputs", "targets", "segment_ids")}
-        fill = np.zeros(self.rows, np.int64)
+        arrays = {k: np.zeros((self.rows, row_len), np.int32) for k in ("inputs", "segment_ids")}
+        fill, scored = np.zeros(self.rows, np.int64), [[] for _ in range(self.rows)]
+        targets = [[] for _ in range(self.rows)]
         spans = []
         for (tokens, start), r in zip(seqs, rows_of):
             n, a = len(tokens) - 1, int(fill[r])
             arrays["inputs"][r, a:a + n] = tokens[:-1]
-            arrays["targets"][r, a:a + n] = tokens[1:]
             arrays["segment_ids"][r, a:a + n] = int(arrays["segment_ids"][r].max()) + 1
-            spans.append((r, a + start - 1, a + n))  # predictions of tokens[start:]
+            k = len(scored[r])
+            scored[r] += range(a + start - 1, a + n)  # the positions predicting tokens[start:]
+            targets[r] += tokens[start:]
+            spans.append((r, k, len(scored[r])))
             fill[r] += n
+        width = next(b for b in _buckets(row_len, 16) if b >= max(map(len, scored)))
+        arrays["index"], arrays["targets"] = (np.zeros((self.rows, width), np.int32) for _ in range(2))
+        for r in range(self.rows):
+            arrays["index"][r, :len(scored[r])] = scored[r]
+            arrays["targets"][r, :len(targets[r])] = targets[r]
         logp, greedy = self._forward(arrays)
         for i, (r, a, b) in zip(ids, spans):
             out[i] = Score(float(logp[r, a:b].astype(np.float64).sum()), bool(greedy[r, a:b].all()), b - a)
 
     def _forward(self, arrays: dict) -> tuple[np.ndarray, np.ndarray]:
         if jax.process_count() > 1:  # the followers join this batch
-            _broadcast(np.array([_SCORE, arrays["inputs"].shape[1]], np.int32))
+            _broadcast(np.array([_SCORE, arrays["inputs"].shape[1], arrays["index"].shape[1]], np.int32))
             arrays = _broadcast(arrays)
         return self._global_forward(arrays)
 
@@ -131,7 +144,7 @@ class PackedScorer:
         arrays = dict(arrays, positions=np.stack([positions_from_segments(s) for s in arrays["segment_ids"]]))
         with self.context():
             batch = [jax.make_array_from_callback(arrays[k].shape, self.row_sharding, lambda i, k=k: arrays[k][i])
-                     for k in ("inputs", "targets", "segment_ids", "positions")]
+                     for k in ("inputs", "segment_ids", "positions", "index", "targets")]
             logp, greedy = self._fn(self.params, *batch)
         self.forward_passes += 1
         return np.asarray(logp), np.asarray(greedy)
@@ -139,17 +152,16 @@ class PackedScorer:
     def follow(self) -> None:
         """On processes other than 0: join process 0's forward passes until it calls `close()`."""
         while True:
-            cmd, row_len = (int(x) for x in _broadcast(np.zeros(2, np.int32)))
+            cmd, row_len, width = (int(x) for x in _broadcast(np.zeros(3, np.int32)))
             if cmd == _STOP:
                 return
-            shape = (self.rows, row_len)
-            self._global_forward(_broadcast({k: np.zeros(shape, np.int32)
-                                             for k in ("inputs", "targets", "segment_ids")}))
+            shapes = {"inputs": row_len, "segment_ids": row_len, "index": width, "targets": width}
+            self._global_forward(_broadcast({k: np.zeros((self.rows, n), np.int32) for k, n in shapes.items()}))
 
     def close(self) -> None:
         """On process 0: release the followers."""
         if jax.process_count() > 1:
-            _broadcast(np.array([_STOP, 0], np.int32))
+            _broadcast(np.array([_STOP, 0, 0], np.int32))
 
 
 def _broadcast(tree):
