@@ -42,7 +42,8 @@ def requests(docs: int, choices: int, vocab: int, seed: int = 0) -> list[tuple[l
 def ensure_tokenizer(models: Path) -> None:
     """A tokenizer.json beside both weight directories (random bench-50m has none; the requests are token ids,
     so any tokenizer with BOS/EOS serves to load the backends)."""
-    from tokenizers import Tokenizer, models as tok_models
+    from tokenizers import Tokenizer
+    from tokenizers import models as tok_models
     for name in ("target", "target-hf"):
         d = models / name
         if (d / "tokenizer.json").is_file() or (d / "tokenizer.model").is_file():

@@ -142,3 +142,35 @@ def test_a_maxmodel_model_as_judge(model):
     assert pair["judged"] == 2 and 0 <= pair["consistency"] <= 1 and 0 <= pair["first_position_rate"] <= 1
     free = autorater.pointwise(autorater.Judge(model, mode="generate", max_gen_toks=3), items, "correct")
     assert free["judged"] + free["skipped"] == 2  # whatever a barely trained model says is parsed or counted
+
+
+def test_two_hosts_score_with_process_0_driving(run_dir, model, tmp_path):
+    """Two processes (2 emulated devices each, rows over the 4): process 0 runs the tasks, process 1 joins
+    every forward pass; the numbers equal the one-process evaluation's."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from maxmodel.eval.native import native_task, run_native
+    root = run_dir.parent
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tasks = f"perplexity:{root / 'ppl.txt'},choice:{root / 'choice.jsonl'}"
+    procs = []
+    for i in range(2):
+        env = {**os.environ, "MAXMODEL_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "MAXMODEL_NUM_PROCESSES": "2",
+               "MAXMODEL_PROCESS_ID": str(i), "MAXMODEL_CPU_DEVICES": "2", "XLA_FLAGS": ""}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "maxmodel.cli", "eval", str(run_dir), "--tasks", tasks, "--max-length", str(SEQ),
+             "--batch-rows", "8", "--row-len", str(SEQ), "--output", str(tmp_path / f"out{i}.json")],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    assert "process 1/2" in logs[1] and not (tmp_path / "out1.json").exists()  # only process 0 writes
+    results = json.loads((tmp_path / "out0.json").read_text())["results"]
+    ppl = run_native(native_task(f"perplexity:{root / 'ppl.txt'}"), model)
+    assert results[f"perplexity:{root / 'ppl.txt'}"]["nll"] == pytest.approx(ppl["nll"], rel=1e-5)
+    assert results[f"choice:{root / 'choice.jsonl'}"]["acc"] == run_native(
+        native_task(f"choice:{root / 'choice.jsonl'}"), model)["acc"]

@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 
 def main(argv: list[str]) -> int:
@@ -26,7 +27,7 @@ def main(argv: list[str]) -> int:
     import torch
     torch.set_num_threads(args.threads)
     from lm_eval.models.huggingface import HFLM
-    pairs = json.loads(open(args.requests).read())
+    pairs = json.loads(Path(args.requests).read_text())
     requests = [(None, ctx, cont) for ctx, cont in pairs]
     lm = HFLM(pretrained=args.model, dtype="float32", device="cpu", batch_size=args.batch_size,
               max_length=args.max_length)

@@ -147,7 +147,8 @@ class PackedScorer:
                      for k in ("inputs", "segment_ids", "positions", "index", "targets")]
             logp, greedy = self._fn(self.params, *batch)
         self.forward_passes += 1
-        return np.asarray(logp), np.asarray(greedy)
+        # replicated: every process holds the whole result (np.asarray refuses arrays spanning processes)
+        return np.asarray(logp.addressable_data(0)), np.asarray(greedy.addressable_data(0))
 
     def follow(self) -> None:
         """On processes other than 0: join process 0's forward passes until it calls `close()`."""
