@@ -141,6 +141,21 @@ def test_maxmodel_backend_equals_the_hf_backend(models, eval_model, reference):
     assert eval_model.scorer.forward_passes < 10
 
 
+def test_the_backend_by_name_with_model_args(models, reference):
+    """What `simple_evaluate(model="maxmodel", model_args=...)` builds from the registry (a string of
+    arguments, as lm-eval's own CLI passes them)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import maxmodel.eval.lm_backend  # noqa: F401 - registers "maxmodel"
+    out = lm_eval.simple_evaluate(model="maxmodel", model_args=f"pretrained={models[1]},max_length={MAX_LENGTH},"
+                                  "batch_rows=8,row_len=32,overrides=run.cpu_devices=8", tasks=["mc_tiny"],
+                                  log_samples=True, bootstrap_iters=0,
+                                  task_manager=TaskManager(include_path=str(models[2]), include_defaults=False))
+    _compare(hf_lm_eval.requests_of(out["samples"])["mc_tiny"], reference["requests"]["mc_tiny"], "mc_tiny")
+    assert out["results"]["mc_tiny"]["acc,none"] == reference["results"]["mc_tiny"]["acc,none"]
+
+
 def test_local_completions_through_maxmodel_serve_gives_the_same_loglikelihoods(models, eval_model, reference):
     import lm_eval
     from lm_eval.api.registry import get_model
