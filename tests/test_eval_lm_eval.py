@@ -49,6 +49,11 @@ def write_tasks(root, greedy: list[str]) -> None:
         "target_delimiter: ''\n"
         "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\n"
         "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    (root / "gen_tiny.yaml").write_text(
+        f"task: gen_tiny\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {root / 'mc.jsonl'}\n"
+        "test_split: test\noutput_type: generate_until\ndoc_to_text: \"Question: {{question}}\\nAnswer:\"\n"
+        "doc_to_target: '{{choices[answer]}}'\ngeneration_kwargs:\n  until: [\"\\n\\n\"]\n  max_gen_toks: 5\n"
+        "  do_sample: false\nmetric_list:\n  - metric: exact_match\n")
     (root / "ppl_tiny.yaml").write_text(
         f"task: ppl_tiny\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {root / 'ppl.jsonl'}\n"
         "test_split: test\noutput_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
@@ -102,7 +107,8 @@ def eval_model(models):
 @pytest.fixture(scope="module")
 def reference(models, eval_model):  # eval_model writes the task files
     hf_dir, _, tasks = models
-    return hf_lm_eval.run({"pretrained": str(hf_dir), "tasks": ["mc_tiny", "ppl_tiny"], "include_path": str(tasks),
+    return hf_lm_eval.run({"pretrained": str(hf_dir), "tasks": ["mc_tiny", "ppl_tiny", "gen_tiny"],
+                           "include_path": str(tasks),
                            "max_length": MAX_LENGTH, "batch_size": 4})
 
 
@@ -115,6 +121,8 @@ def _compare(ours: dict, theirs: dict, task: str) -> int:
             assert a[0] == pytest.approx(b[0], abs=1e-4), (task, doc, i, a, b)
             assert bool(a[1]) == bool(b[1]), (task, doc, i, a, b)
             greedy += bool(b[1])
+        elif isinstance(b, str):  # a greedy generation
+            assert a == b, (task, doc, a, b)
         else:  # a rolling document's total
             assert a == pytest.approx(b, abs=1e-4), (task, doc, a, b)
     return greedy
@@ -125,7 +133,7 @@ def test_maxmodel_backend_equals_the_hf_backend(models, eval_model, reference):
     from lm_eval.tasks import TaskManager
 
     from maxmodel.eval.lm_backend import MaxModelLM
-    out = lm_eval.simple_evaluate(model=MaxModelLM(model=eval_model), tasks=["mc_tiny", "ppl_tiny"],
+    out = lm_eval.simple_evaluate(model=MaxModelLM(model=eval_model), tasks=["mc_tiny", "ppl_tiny", "gen_tiny"],
                                   log_samples=True, bootstrap_iters=0,
                                   task_manager=TaskManager(include_path=str(models[2]), include_defaults=False))
     ours = hf_lm_eval.requests_of(out["samples"])
@@ -133,6 +141,9 @@ def test_maxmodel_backend_equals_the_hf_backend(models, eval_model, reference):
     greedy = _compare(ours["mc_tiny"], reference["requests"]["mc_tiny"], "mc_tiny")
     assert 0 < greedy < len(ours["mc_tiny"]), greedy  # both flags occur, so the comparison covers them
     _compare(ours["ppl_tiny"], reference["requests"]["ppl_tiny"], "ppl_tiny")
+    # generate_until through the engine: transformers' greedy generate makes the same text
+    _compare(ours["gen_tiny"], reference["requests"]["gen_tiny"], "gen_tiny")
+    assert sum(len(r[2]) for r in ours["gen_tiny"]) > 10  # not a comparison of empty strings
     for metric in ("acc,none", "acc_norm,none"):
         assert out["results"]["mc_tiny"][metric] == reference["results"]["mc_tiny"][metric]
     for metric in ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"):

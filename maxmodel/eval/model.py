@@ -73,7 +73,7 @@ class EvalModel:
 
     def generate(self, prompts: list[list[int]], options: list) -> list[str]:
         """Greedy or sampled completions (inference.sampling.SamplingOptions each), all in one continuous
-        batch; prompts are cut from the left to leave room for max_new_tokens."""
+        batch, as text (`decode`); prompts are cut from the left to leave room for max_new_tokens."""
         if self.generator is None:
             raise ValueError("this task generates text and needs the generation engine; during training only "
                              "log-likelihood and perplexity tasks run")
@@ -87,4 +87,13 @@ class EvalModel:
             if o.max_new_tokens >= limit:
                 raise ValueError(f"max_gen_toks={o.max_new_tokens} leaves no room for a prompt in max_len {limit}")
             ids.append(list(p)[-(limit - o.max_new_tokens):])
-        return [out.completions[0].text for out in self.generator.generate(ids, options)]
+        return [self.decode(out.completions[0].token_ids) for out in self.generator.generate(ids, options)]
+
+    def decode(self, ids) -> str:
+        """Generated ids as text without special tokens (a BOS or EOS the model emits is not part of an
+        answer; lm-eval's hf backend decodes so too). Callers cut the text at their stop strings."""
+        inner = getattr(self.tokenizer, "tok", None)
+        if inner is not None:
+            return inner.decode([int(i) for i in ids], skip_special_tokens=True)
+        special = {self.tokenizer.bos_id, self.tokenizer.eos_id, getattr(self.tokenizer, "pad_id", None)}
+        return self.tokenizer.decode([int(i) for i in ids if int(i) not in special])
