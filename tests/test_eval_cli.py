@@ -32,6 +32,10 @@ def _write_tasks(root):
     tasks.mkdir()
     (tasks / "qa.yaml").write_text(f"native: completion\nname: qa\npath: {root / 'qa.jsonl'}\n"
                                    "metrics: [exact_match, f1, bleu, rouge]\nmax_gen_toks: 4\nuntil: ['\\n']\n")
+    (tasks / "mc_lm.yaml").write_text(  # an lm-eval task on the same file as choice:choice.jsonl
+        f"task: mc_lm\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {root / 'choice.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"Question: {{question}}\\nAnswer:\"\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n")
     (tasks / "lenient.yaml").write_text(f"native: choice\nname: lenient\npath: {root / 'bad.jsonl'}\n"
                                         "on_bad_record: skip\n")
 
@@ -107,14 +111,19 @@ def test_native_choice_and_completion_tasks(run_dir, model):
 def test_eval_command_keeps_finished_tasks_and_names_the_bad_line(run_dir, tmp_path, capsys):
     root = run_dir.parent
     out = tmp_path / "results.json"
-    tasks = f"perplexity:{root / 'ppl.txt'},choice:{root / 'bad.jsonl'},qa"
+    tasks = f"perplexity:{root / 'ppl.txt'},choice:{root / 'bad.jsonl'},qa,mc_lm,choice:{root / 'choice.jsonl'}"
     rc = cli_main(["eval", str(run_dir), "--tasks", tasks, "--include-path", str(root / "tasks"),
                    "--only-include-path", "--max-length", str(SEQ), "--batch-rows", "8", "--row-len", str(SEQ),
                    "--output", str(out)])
     assert rc == 2
     assert f"{root / 'bad.jsonl'}:2: malformed JSON" in capsys.readouterr().err
     results = json.loads(out.read_text())
-    assert set(results["results"]) == {f"perplexity:{root / 'ppl.txt'}", "qa"}  # the finished ones are kept
+    assert set(results["results"]) == {f"perplexity:{root / 'ppl.txt'}", "qa", "mc_lm",
+                                       f"choice:{root / 'choice.jsonl'}"}  # the finished ones are kept
+    assert results["versions"]["mc_lm"] is not None and results["n-shot"]["mc_lm"] == 0  # lm-eval's structure
+    assert results["configs"]["mc_lm"]["output_type"] == "multiple_choice"
+    # lm-eval's task and the native one ask the same requests: the same accuracy
+    assert results["results"]["mc_lm"]["acc,none"] == results["results"][f"choice:{root / 'choice.jsonl'}"]["acc"]
     assert results["maxmodel"]["bad_input"] == [f"choice:{root / 'bad.jsonl'}"]
     assert results["results"]["qa"]["n"] == 4 and "bits_per_byte" in results["results"][f"perplexity:{root / 'ppl.txt'}"]
 
