@@ -6,6 +6,7 @@ unknown task; `maxmodel eval report` draws them; a maxmodel model as judge."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from conftest import TINY
@@ -69,11 +70,44 @@ def test_training_logs_the_task_metrics_at_the_chosen_steps(run_dir, model):
         assert 0 <= r[f"eval/{choice}/acc"] <= 1 and r[f"eval/{ppl}/token_perplexity"] > 1
         assert "missing.jsonl" in r["eval_failed"][f"choice:{root / 'missing.jsonl'}"]  # reported, not fatal
     assert logged[2][f"eval/{ppl}/nll"] != logged[4][f"eval/{ppl}/nll"]  # the weights moved in between
-    assert list((run_dir / "tensorboard").iterdir())  # the same scalars went to TensorBoard
+    tb = {(2, f"eval/{choice}/acc"), (4, f"eval/{ppl}/bits_per_byte")}  # TensorBoard turns ':' into '_'
+    assert {(step, re.sub(r"[^-/\w.]", "_", tag)) for step, tag in tb} <= _tensorboard_scalars(run_dir)
     # the step-4 evaluation equals evaluating the final checkpoint afterwards (same windows of 32)
     later = run_native(native_task(ppl), model)
     assert later["nll"] == pytest.approx(logged[4][f"eval/{ppl}/nll"], rel=1e-5)
     assert run_native(native_task(choice), model)["acc"] == logged[4][f"eval/{choice}/acc"]
+
+
+def _tensorboard_scalars(run_dir) -> set[tuple[int, str]]:
+    """(step, tag) of every scalar in the run's TensorBoard event files (TFRecord framing: length, CRC, an
+    Event proto, CRC)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+    out = set()
+    for file in (run_dir / "tensorboard").glob("events.out.tfevents.*"):
+        data, at = file.read_bytes(), 0
+        while at < len(data):
+            (n,) = struct.unpack("<Q", data[at:at + 8])
+            event = event_pb2.Event.FromString(data[at + 12:at + 12 + n])
+            out |= {(event.step, v.tag) for v in event.summary.value}
+            at += 12 + n + 4
+    return out
+
+
+def test_backend_generate_until_samples_with_its_seed(model):
+    from lm_eval.api.instance import Instance
+
+    from maxmodel.eval.lm_backend import MaxModelLM
+    lm = MaxModelLM(model=model)
+
+    def generate(seed):
+        kwargs = {"until": ["\n\n"], "max_gen_toks": 6, "do_sample": True, "temperature": 1.0, "seed": seed}
+        return lm.generate_until([Instance("generate_until", {}, (f"The {w} ", dict(kwargs)), i)
+                                  for i, w in enumerate(("list", "loop", "class"))])
+    first = generate(5)
+    assert generate(5) == first and generate(6) != first  # the request's seed decides the sample
+    assert all(len(model.encode(t, bos=False)) <= 6 for t in first)  # max_gen_toks bounds it (bytes tokenizer)
 
 
 def test_native_choice_and_completion_tasks(run_dir, model):
