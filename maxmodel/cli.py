@@ -24,6 +24,10 @@ COMMANDS = {
     "bench": ("maxmodel.bench", "time the train step of a config: tokens/s, step time, compile, MFU, memory"),
     "plot": ("maxmodel.train.plot", "draw loss/eval/LR/throughput curves of one or more runs to a PNG"),
     "serve": ("maxmodel.inference.serve_cli", "serve a model over an OpenAI-compatible HTTP API"),
+    "recipe": ("maxmodel.finetune.recipe", "run a multi-stage post-training recipe (e.g. sft -> grpo -> "
+                                           "rejection sampling -> sft), resumable at any stage"),
+    "synthesize": ("maxmodel.finetune.synthesize", "sample a dataset from a model: data distillation, or the "
+                                                   "best-rewarded of N (rejection sampling)"),
     "eval": ("maxmodel.eval.cli", "evaluate a model (lm-eval tasks, perplexity, choice, completion); eval report"),
 }
 

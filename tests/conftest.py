@@ -16,7 +16,7 @@ from maxmodel import distributed
 
 distributed.initialize(cpu_devices=8)
 
-import pytest
+import pytest  # noqa: E402  (after the device count is set)
 
 # A small model and short sequences: every test compiles in seconds on 2 cores.
 TINY = ["model.d_model=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2", "model.d_ff=128",
@@ -27,3 +27,17 @@ TINY = ["model.d_model=64", "model.num_layers=2", "model.num_heads=4", "model.nu
 @pytest.fixture
 def tiny_overrides(tmp_path):
     return TINY + [f"run.output_dir={tmp_path}", "data.source=synthetic"]
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """A persistent XLA cache directory for a module whose runs recompile the same programs (a resumed run,
+    the same run on another layout): pass it as run.compile_cache_dir. It is switched off again after the
+    module, so other tests (which time compilation) never read from it."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+    before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    yield tmp_path_factory.mktemp("xla-cache")
+    jax.config.update("jax_compilation_cache_dir", before[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+    compilation_cache.reset_cache()

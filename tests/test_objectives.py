@@ -16,10 +16,14 @@ def test_every_objective_is_a_module_with_its_keys():
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_losses_bit_identical_to_the_code_before_the_refactor(name, tmp_path):
-    """Losses of the first steps (and the held-out loss) equal, as exact floats, the ones recorded from the
-    inline-loss step before this refactor (tests/objective_reference.py)."""
-    assert run(name, str(tmp_path)) == json.loads(REFERENCE.read_text())[name]
+def test_losses_equal_the_code_before_the_refactor(name, tmp_path):
+    """Losses of the first steps (and the held-out loss) equal the ones recorded from the inline-loss step
+    before this refactor (tests/objective_reference.py). They were bit-identical on the recording machine; on
+    another CPU XLA's generated code may round the last bits of a float32 sum differently, hence 1e-6."""
+    got, want = run(name, str(tmp_path)), json.loads(REFERENCE.read_text())[name]
+    def floats(d):
+        return {k: float.fromhex(v) for k, v in d["losses"].items()} | {"eval": float.fromhex(d["eval_loss"])}
+    assert floats(got) == pytest.approx(floats(want), rel=1e-6, abs=0)
 
 
 @pytest.mark.parametrize("overrides, key", [

@@ -205,6 +205,37 @@ class PeftConfig:
 
 
 @dataclass
+class RLConfig:
+    """Online RL (train.objective=grpo | ppo): rollouts from the generation engine on the training mesh, with
+    the policy's current weights, every step. train.batch_size counts completions: batch_size / group_size
+    prompts per step, each row one prompt + completion padded to train.seq_len."""
+    group_size: int = 4                   # G completions per prompt (GRPO's group)
+    max_new_tokens: int = 16              # completion budget (prompt + completion <= train.seq_len + 1)
+    temperature: float = 1.0              # rollout sampling; log-probs are the raw model's either way
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: Any = field(default_factory=list)  # stop strings ending a completion early (EOS always does)
+    rewards: Any = field(default_factory=list)  # [{fn: package.module.function, weight: 1.0}, ...]
+    reward_model: str = ""                # a reward model directory scoring completions (beside or instead of rewards)
+    beta: float = 0.04                    # KL-to-reference coefficient (0: no reference model is run)
+    kl_estimator: str = "k3"              # k1 (log ratio) | k3 (Schulman's unbiased, non-negative)
+    epsilon: float = 0.2                  # ratio clip below (1 - epsilon)
+    epsilon_high: float = 0.0             # ratio clip above (1 + epsilon_high); 0 = epsilon (DAPO raises it)
+    loss_agg: str = "grpo"                # grpo (per-sequence mean, then mean) | dr_grpo (sum / G*max_new_tokens) | dapo (token mean)
+    scale_rewards: bool = True            # divide advantages by the group's reward std (Dr.GRPO: false)
+
+
+@dataclass
+class DistillConfig:
+    """Distillation from a teacher model (train.objective=distill | gkd): any maxmodel model directory or run
+    with the student's tokenizer (same vocab_size), of any size; it runs on the student's mesh."""
+    teacher: str = ""                     # a model or run directory
+    temperature: float = 2.0              # distill: both distributions softened by T; the KD term scaled by T^2
+    alpha: float = 0.5                    # distill: weight of the KD term (1 - alpha: the hard-label loss)
+    beta: float = 1.0                     # gkd: generalized JSD; 0 = forward KL(teacher||student), 1 = reverse KL
+
+
+@dataclass
 class RunConfig:
     name: str = "default"
     output_dir: str = "runs"
@@ -234,6 +265,8 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     init: InitConfig = field(default_factory=InitConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 

@@ -19,18 +19,23 @@ CHOICES = {
     "optimizer.schedule": ("cosine", "linear", "wsd", "constant"),
     "data.on_bad_record": ("error", "skip"),
     "train.on_nonfinite": ("skip", "stop"),
-    "data.format": ("text", "prompt_completion", "chat"),
+    "data.format": ("text", "prompt_completion", "chat", "prompt"),
+    "rl.kl_estimator": ("k1", "k3"),
+    "rl.loss_agg": ("grpo", "dr_grpo", "dapo"),
     "data.packing": ("concat", "first_fit", "none"),
 }
 POSITIVE = ("pipeline.repeats", "model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads", "model.max_seq_len",
             "train.steps", "train.batch_size", "train.seq_len", "train.microbatches",
-            "run.log_every", "run.eval_every", "run.cpu_devices", "checkpoint.keep", "checkpoint.local_keep")
+            "run.log_every", "run.eval_every", "run.cpu_devices", "checkpoint.keep", "checkpoint.local_keep",
+            "rl.group_size", "rl.max_new_tokens", "distill.temperature")
 NON_NEGATIVE = ("pipeline.microbatches", "optimizer.lr", "optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.clip_norm",
                 "train.z_loss", "train.loss_chunk", "model.num_kv_heads", "model.num_encoder_layers", "model.head_dim", "model.d_ff", "run.eval_batches", "run.eval_limit",
                 "checkpoint.every_steps", "checkpoint.every_minutes", "checkpoint.keep_every",
                 "checkpoint.local_every_steps", "train.spike_sigma", "train.spike_warmup",
                 "data.workers", "data.prefetch",
-                "model.attention.global_every", "model.attention.query_pre_attn_scalar", "model.token_types")
+                "model.attention.global_every", "model.attention.query_pre_attn_scalar", "model.token_types",
+                "rl.beta", "rl.epsilon", "rl.epsilon_high", "rl.temperature", "rl.top_k", "distill.alpha",
+                "distill.beta")
 DATA_SOURCES = ("builtin", "synthetic", "jsonl", "text", "parquet", "arrayrecord", "mixture")
 
 

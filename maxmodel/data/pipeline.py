@@ -44,6 +44,7 @@ class TrainData:
     process_index: int
     process_count: int
     stats: dict = field(default_factory=dict)
+    records: list | None = None   # data.format=prompt: the RL prompt records the iterator indexes
 
     def eval_batches(self, num_batches: int):
         """The first `num_batches` global batches of held-out rows, in order (this process's rows)."""
@@ -175,6 +176,9 @@ def make_train_data(cfg: Config, run_dir: Path, process_index: int = 0, process_
     if t.objective in ("masked_lm", "prefix_lm") and d.source == "synthetic":  # seq2seq has synthetic pairs
         raise ConfigError("data.source", f"train.objective={t.objective} needs documents and a tokenizer "
                                          f"(builtin, jsonl, text, parquet, arrayrecord, mixture), not synthetic")
+    if d.format == "prompt":  # RL: the pipeline chooses prompts; rollouts make the rows (finetune/rl)
+        from maxmodel.finetune.rl.prompts import prompt_data
+        return prompt_data(cfg, run_dir, process_index, process_count)
     if d.source == "synthetic":
         return _synthetic(cfg, process_index, process_count, local_batch)
     if d.source.startswith("seqio:"):

@@ -19,7 +19,7 @@ from maxmodel.config.errors import ConfigError
 
 RAW_SOURCES = ("jsonl", "text", "parquet", "builtin")
 CHAT_ROLES = ("system", "user", "assistant", "tool")
-FORMAT_FIELDS = {"prompt_completion": ("prompt", "completion"), "chat": ("messages",)}
+FORMAT_FIELDS = {"prompt_completion": ("prompt", "completion"), "chat": ("messages",), "prompt": ("prompt",)}
 
 
 class DataError(ConfigError):
@@ -98,6 +98,15 @@ def _take(record, fmt: str, text_field: str, where: str, bad: BadRecords):
             bad(where, "empty document", "empty document")
             return None
         return text
+    if fmt == "prompt":  # RL prompts: a string or a conversation; every other field goes to the rewards
+        prompt = record["prompt"]
+        chat = isinstance(prompt, list) and prompt and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in prompt)
+        if not (isinstance(prompt, str) and prompt) and not chat:
+            bad(where, "'prompt' must be a non-empty string or a list of {role, content} messages", "bad prompt")
+            return None
+        return dict(record)
     if fmt == "prompt_completion":
         if not all(isinstance(record[f], str) for f in fields):
             bad(where, "prompt and completion must be strings", "not a string")

@@ -41,6 +41,9 @@ class TrainingEvaluator:
         record, failed = {}, {}
         for name in self.names:
             try:
+                if self.cfg.model.arch != "decoder":
+                    raise ValueError(f"evaluation tasks score a causal decoder; this run's model.arch is "
+                                     f"{self.cfg.model.arch}")
                 if self.tokenizer is None:
                     raise ValueError("this run has no tokenizer (data.source=synthetic): text tasks cannot run")
                 results = evaluate(model, self._plan(name), limit=self.cfg.run.eval_limit or None)

@@ -49,6 +49,10 @@ def model_tokenizer(path: Path, cfg):
     for name in ("tokenizer.json", "tokenizer.model"):
         if (path / name).is_file():
             return load_tokenizer(str(path / name))
+    export = path / "export.json"
+    named = json.loads(export.read_text()).get("tokenizer") if export.is_file() else None
+    if named:  # a tokenizer known by name (bytes, a tiktoken encoding), recorded by `maxmodel export`
+        return load_tokenizer(named)
     if cfg.data.tokenizer == "spm":
         raise ConfigError("MODEL", f"{path} has no tokenizer.json or tokenizer.model (the run's sentencepiece "
                                    f"model) and data.tokenizer is 'spm'; set data.tokenizer=PATH")
@@ -65,6 +69,14 @@ def _restore(path: Path, cfg, abstract, shardings):
     step, params = restore_params(cfg.checkpoint.dir or path / "checkpoints", target, key="MODEL")
     log.info("loaded step %d of %s", step, path)
     return params
+
+
+def restore_model(path: Path, cfg, mesh):
+    """(graphdef, params) of the model at `path` (model or run directory, config `cfg`), each parameter
+    sharded on `mesh` by the logical rules in effect: call under the mesh and rules."""
+    from maxmodel.train.step import abstract_state, concrete_shardings
+    graphdef, abstract = abstract_state(cfg)
+    return graphdef, _restore(Path(path), cfg, abstract, concrete_shardings(abstract, mesh))
 
 
 def load_engine(model_path, overrides=(), quantize: str | None = None, draft=None, draft_tokens: int = 4,
@@ -115,8 +127,6 @@ def _engine(path: Path, cfg, quantize, engine_options):
 
     from maxmodel.parallel.mesh import build_mesh
     from maxmodel.parallel.rules import mesh_rules
-    from maxmodel.train.step import abstract_state, concrete_shardings
-
     from .engine import Engine, EngineOptions
 
     tokenizer = model_tokenizer(path, cfg)
@@ -126,8 +136,7 @@ def _engine(path: Path, cfg, quantize, engine_options):
     mesh = build_mesh(cfg.mesh, devices)
     rules = mesh_rules(cfg.mesh, mesh)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        graphdef, abstract = abstract_state(cfg)
-        params = _restore(path, cfg, abstract, concrete_shardings(abstract, mesh))
+        graphdef, params = restore_model(path, cfg, mesh)
         if quantize:
             from .quantize import quantize_params
             params = quantize_params(cfg, params, quantize)

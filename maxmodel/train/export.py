@@ -107,8 +107,15 @@ def export(cfg, step: int | None, out: str, dtype: str | None, fmt: str = "model
             shutil.copy(spm, out_dir / "tokenizer.model")
         (out_dir / "export.json").write_text(jsonio.dumps(
             {"step": step, "source": str(ckpt_dir), "dtype": dtype or cfg.train.param_dtype,
-             "scan_layers": cfg.train.scan_layers, "model": to_dict(cfg.model)}, indent=1))
+             "scan_layers": cfg.train.scan_layers, "model": to_dict(cfg.model),
+             **({"tokenizer": cfg.data.tokenizer} if _named_tokenizer(cfg.data.tokenizer) else {})}, indent=1))
     return out_dir
+
+
+def _named_tokenizer(spec: str) -> bool:
+    """A tokenizer known by name (bytes, a tiktoken encoding), not a file: export.json records it, since
+    there is no file to copy beside the weights."""
+    return spec != "spm" and not Path(spec).suffix
 
 
 def main(argv: list[str]) -> int:

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from maxmodel import distributed, jsonio
 from maxmodel.config.schema import Config, to_dict
 from maxmodel.data.pipeline import make_train_data
+from maxmodel.finetune import objectives
 from maxmodel.parallel.mesh import build_mesh
 from maxmodel.parallel.rules import mesh_rules
 
@@ -64,12 +65,18 @@ def run_dir_of(cfg: Config) -> Path:
     return Path(cfg.run.output_dir) / cfg.run.name
 
 
-def evaluate(ts, params, data, mesh, num_batches: int) -> float:
+def evaluate(ts, params, data, mesh, num_batches: int, prepare) -> float | None:
+    """The held-out loss per counted token, or None when the held-out split has no whole global batch."""
     nll, count = 0.0, 0.0
     for batch in data.eval_batches(num_batches):
-        n, c = ts.eval_fn(params, global_batch(batch, mesh))
+        n, c = ts.eval_fn(params, prepare(None, params, batch))
         nll, count = nll + float(n), count + float(c)
-    return nll / max(count, 1.0)
+    return nll / count if count else None
+
+
+def _plain_batch(mesh):
+    """The default Preparer: this process's rows, assembled into the global batch."""
+    return lambda step, params, local: global_batch(local, mesh)
 
 
 def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
@@ -117,6 +124,9 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
                     cfg, ts.param_shardings)
             opt_state, start = ts.init_opt(params), 0
         result.start_step = start
+        objective = objectives.get(cfg.train.objective)
+        # the objective's host work between the data pipeline and the step (reference log-probs, rollouts)
+        prepare = objective.prepare(cfg, ts, mesh, data) if objective.prepare else _plain_batch(mesh)
 
         tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
         moe = cfg.model.moe
@@ -142,7 +152,7 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
                 local = next(data.train)
                 data_wait += time.perf_counter() - wait_start
                 goodput.lap("data_wait")
-                batch = global_batch(local, mesh)
+                batch = prepare(step, params, local)
                 profiler.before_step(step)
                 params, opt_state, metrics = ts.step_fn(params, opt_state, batch)
                 step += 1
@@ -170,6 +180,8 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
                               **goodput.metrics()}
                     if "moe" in m:
                         record.update(moe_record(m["moe"]))
+                    record.update({k: float(v) for k, v in m.items() if k in objective.metrics})
+                    record.update(getattr(prepare, "metrics", {}))
                     last_record = record
                     if record["data_wait"] > 0.05:
                         log.warning("step %d: %.0f%% of step time spent waiting for data (raise data.prefetch "
@@ -177,11 +189,15 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
                     result.losses[step] = record["loss"]
                     bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{record['mfu']:.1%}")
                     interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
-                if step % cfg.run.eval_every == 0 or step == cfg.train.steps:
+                eval_due = step % cfg.run.eval_every == 0 or step == cfg.train.steps
+                if eval_due and (data.eval_source is not None or evaluator is not None):
                     goodput.lap("productive")
                     t0 = time.perf_counter()
-                    record["eval_loss"] = result.eval_loss = evaluate(ts, params, data, mesh, cfg.run.eval_batches)
-                    if evaluator is not None:
+                    if data.eval_source is not None:
+                        result.eval_loss = evaluate(ts, params, data, mesh, cfg.run.eval_batches, prepare)
+                        if result.eval_loss is not None:
+                            record["eval_loss"] = result.eval_loss
+                    if evaluator is not None:  # run.eval_tasks, with or without a held-out split
                         record.update(evaluator(params, step))
                     interval_start += time.perf_counter() - t0  # eval time is not step time
                     goodput.lap("eval")

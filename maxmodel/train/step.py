@@ -171,7 +171,7 @@ def build_train_step(cfg: Config, graphdef: nnx.GraphDef, abstract_params: nnx.S
                                        transform_non_params=lambda _: replicated)
     data_sh = batch_sharding(mesh)
     micro = cfg.train.microbatches
-    settings = LossSettings(cfg.train.z_loss, fused_loss_chunk(cfg, mesh))
+    settings = LossSettings(cfg.train.z_loss, fused_loss_chunk(cfg, mesh), cfg)
     order = None
     if cfg.model.attention.context_parallel == "ring" and mesh.shape["sequence"] > 1:
         from maxmodel.parallel.ring_attention import load_balance_permutation
@@ -212,11 +212,12 @@ def build_train_step(cfg: Config, graphdef: nnx.GraphDef, abstract_params: nnx.S
         trainable = optax.apply_updates(trainable, updates)
         if moe is not None and moe.bias_balancing:  # DeepSeek-V3: routing biases follow the load, not gradients
             trainable = update_router_bias(graphdef, trainable, stats["load"], moe.bias_update_rate)
+        # an objective's metrics are sums over what it counts, like its loss: reported as means per count
         return trainable, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": count,
-                                      **extra, **guards.metrics(opt_state), **({"moe": stats} if stats else {})}
+                                      **{k: v / denom for k, v in extra.items()}, **guards.metrics(opt_state), **({"moe": stats} if stats else {})}
 
     def evaluate(params, batch):
-        _, (nll, count, _, _) = _loss_sums(objective, graphdef, (params,), batch, LossSettings(0.0, settings.loss_chunk),
+        _, (nll, count, _, _) = _loss_sums(objective, graphdef, (params,), batch, LossSettings(0.0, settings.loss_chunk, cfg),
                                            order, None)
         return nll, count
 

@@ -5,6 +5,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from maxmodel.train.chunked_loss import fused_cross_entropy
@@ -16,9 +17,11 @@ BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 @dataclass(frozen=True)
 class LossSettings:
-    """What the step decides for every objective: the z-loss weight and the fused head's chunk (0 = off)."""
+    """What the step decides for every objective: the z-loss weight and the fused head's chunk (0 = off);
+    `config`, the run's Config, where an objective reads its method settings (rl.*, dpo.*)."""
     z_loss: float = 0.0
     loss_chunk: int = 0
+    config: Any = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -26,7 +29,8 @@ class Objective:
     """name: the `train.objective` value. extra_keys: batch keys beyond BATCH_KEYS. archs: the `model.arch`
     values it trains. formats: the `data.format` values it accepts (None: any). loss(model, batch, settings)
     -> (summed objective, summed nll, counted tokens, model stats, extra summed metrics): sums, not means,
-    so microbatches add up to the full batch and the step divides once by the total count."""
+    so microbatches add up to the full batch and the step divides once by the total count (the extra metrics,
+    named in `metrics`, too: they are logged as means per counted unit; a preference loss counts pairs)."""
     name: str
     loss: Callable[..., tuple]
     archs: tuple[str, ...] = ("decoder",)
@@ -34,6 +38,20 @@ class Objective:
     formats: tuple[str, ...] | None = None
     doc: str = ""
     metrics: tuple[str, ...] = field(default_factory=tuple)
+    # (cfg, train_step, mesh, train_data) -> a Preparer: the host work that turns the data pipeline's local rows into the
+    # step's global batch (reference log-probs, rollouts, rewards). None: the rows go to the step as they are.
+    prepare: Callable | None = None
+
+
+def token_logps(model, batch: dict, **model_kwargs: Any):
+    """log p(target) at every position [B, L] in float32, 0 where `loss_mask` is 0: the per-token log-probs
+    preference and RL objectives sum per sequence, and that a sampler's log-probs are checked against."""
+    if "task" in batch:
+        model_kwargs = {**model_kwargs, "task": batch["task"]}
+    logits = model(batch["inputs"], batch["segment_ids"], batch["positions"], **model_kwargs).astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+    return jnp.where(batch["loss_mask"] > 0, picked, 0.0)
 
 
 def lm_loss(model, batch: dict, s: LossSettings, **model_kwargs: Any):
