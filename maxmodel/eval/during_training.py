@@ -27,12 +27,20 @@ class TrainingEvaluator:
         self.scorer = PackedScorer(cfg, graphdef, None, mesh, rules, max_len=cfg.train.seq_len,
                                    rows=cfg.train.batch_size, row_len=cfg.train.seq_len)
         self.tokenizer = tokenizer
-        self.plans: dict[str, TaskPlan] = {}  # one per task: an unknown name fails alone
+        self.plans: dict[str, TaskPlan | Exception] = {}  # one per task: an unknown name fails alone
 
     def _plan(self, name: str) -> TaskPlan:
+        """The task's plan, made once; a name that cannot be resolved fails the same way at every
+        evaluation without searching lm-eval's catalogue again (tens of seconds)."""
         if name not in self.plans:
-            self.plans[name] = TaskPlan([name], self.include_path)
-        return self.plans[name]
+            try:
+                self.plans[name] = TaskPlan([name], self.include_path)
+            except Exception as e:  # noqa: BLE001 - kept and raised again below
+                self.plans[name] = e
+        plan = self.plans[name]
+        if isinstance(plan, Exception):
+            raise plan
+        return plan
 
     def __call__(self, params, step: int) -> dict:
         """The step's record entries: eval/<task>/<metric> values, and eval_failed {task: why} if any."""
