@@ -8,8 +8,9 @@ PYTEST_WORKERS ?= 2
 # what is already in.
 #   dev: test tools and ruff; tpu: libtpu, so `maxmodel compile` can compile for TPU topologies on this CPU host;
 #   seqio: the seqio bridge (tensorflow, ~2.4 GB), whose tests run in CI; interop: safetensors, for `maxmodel convert`;
-#   serve: FastAPI, uvicorn and prometheus-client, for `maxmodel serve`.
-TEST_EXTRAS := dev,tpu,seqio,interop,serve
+#   serve: FastAPI, uvicorn and prometheus-client, for `maxmodel serve`; eval: lm-eval, sacrebleu, rouge-score,
+#   for `maxmodel eval`.
+TEST_EXTRAS := dev,tpu,seqio,interop,serve,eval
 BASE_STAMP := $(VENV)/.installed-base
 extra_stamp = $(VENV)/.installed-$(1)
 
@@ -21,7 +22,7 @@ HF_VENV := .venv-hf
 HF_STAMP := $(HF_VENV)/.installed
 WHEELS ?= /opt/wheels
 
-.PHONY: setup setup-dev setup-tpu setup-seqio setup-interop setup-serve setup-test setup-hf train test lint clean
+.PHONY: setup setup-dev setup-tpu setup-seqio setup-interop setup-serve setup-eval setup-test setup-hf train test lint clean
 
 $(BASE_STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; v = sys.version_info; sys.exit(0 if v >= (3, 12) else \
@@ -47,6 +48,7 @@ setup-tpu: $(call extra_stamp,tpu)
 setup-seqio: $(call extra_stamp,seqio)
 setup-interop: $(call extra_stamp,interop)
 setup-serve: $(call extra_stamp,serve)
+setup-eval: $(call extra_stamp,eval)
 setup-test: $(call extra_stamp,test)
 
 $(HF_STAMP): pyproject.toml

@@ -28,6 +28,7 @@ COMMANDS = {
                                            "rejection sampling -> sft), resumable at any stage"),
     "synthesize": ("maxmodel.finetune.synthesize", "sample a dataset from a model: data distillation, or the "
                                                    "best-rewarded of N (rejection sampling)"),
+    "eval": ("maxmodel.eval.cli", "evaluate a model (lm-eval tasks, perplexity, choice, completion); eval report"),
 }
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PREEMPTED = 0, 1, 2, 3

@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # Top-level modules that come only with an extra (or the separate Hugging Face venv).
 EXTRA_ONLY = ("tensorflow", "seqio", "libtpu", "safetensors", "pytest", "xdist", "nbclient", "ipykernel",
-              "transformers", "torch")
+              "transformers", "torch", "lm_eval", "sacrebleu", "rouge_score")
 
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 

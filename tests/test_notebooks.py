@@ -1,7 +1,7 @@
 """The notebooks run top to bottom in a fresh kernel and are stored with outputs stripped.
 
 planner.ipynb: the scaling laws, repeated data and IsoFLOP fits, saving three plots. quickstart.ipynb: plans a
-model, trains it on the emulated 8-device mesh, plots the curves and generates text. finetune.ipynb: LoRA SFT
+model, trains it on the emulated 8-device mesh, plots the curves, generates text and evaluates it. finetune.ipynb: LoRA SFT
 of a tiny model on chat data, merge, export to PEFT."""
 import json
 import os
@@ -45,6 +45,9 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     png = tmp_path / "quickstart_curves.png"
     assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000
     assert "8 devices: cpu" in text and "eval loss:" in text and "generated: 'The " in text
+    bpb = float(text.split("held-out bits per byte: ")[1].split()[0])
+    assert 0 < bpb < 9  # under log2(vocab 512) = 9 bits: better than an untrained (uniform) model
+    assert "multiple choice: acc " in text
 
 
 @pytest.mark.timeout(420)

@@ -246,6 +246,11 @@ class RunConfig:
     log_every: int = 10
     eval_every: int = 50
     eval_batches: int = 4
+    # every eval_every steps also these evaluation tasks (maxmodel eval's names: perplexity, choice:FILE, an
+    # lm-eval task, ...; a list or a comma-separated string); their metrics go to metrics.jsonl as eval/<task>/<metric>
+    eval_tasks: Any = field(default_factory=list)
+    eval_include_path: str = ""           # a directory of task YAMLs for eval_tasks (lm-eval's or native ones)
+    eval_limit: int = 0                   # > 0: only the first N documents of each task
     cpu_devices: int = 8
     sample_prompt: str = "The "
     sample_tokens: int = 48

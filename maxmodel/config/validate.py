@@ -29,7 +29,7 @@ POSITIVE = ("pipeline.repeats", "model.vocab_size", "model.d_model", "model.num_
             "run.log_every", "run.eval_every", "run.cpu_devices", "checkpoint.keep", "checkpoint.local_keep",
             "rl.group_size", "rl.max_new_tokens", "distill.temperature")
 NON_NEGATIVE = ("pipeline.microbatches", "optimizer.lr", "optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.clip_norm",
-                "train.z_loss", "train.loss_chunk", "model.num_kv_heads", "model.num_encoder_layers", "model.head_dim", "model.d_ff", "run.eval_batches",
+                "train.z_loss", "train.loss_chunk", "model.num_kv_heads", "model.num_encoder_layers", "model.head_dim", "model.d_ff", "run.eval_batches", "run.eval_limit",
                 "checkpoint.every_steps", "checkpoint.every_minutes", "checkpoint.keep_every",
                 "checkpoint.local_every_steps", "train.spike_sigma", "train.spike_warmup",
                 "data.workers", "data.prefetch",
@@ -70,6 +70,9 @@ def validate(cfg: Config) -> None:
     if t.profile_steps and (not isinstance(t.profile_steps, list) or len(t.profile_steps) != 2 or not all(isinstance(s, int) for s in t.profile_steps)
                             or not 0 <= t.profile_steps[0] < t.profile_steps[1]):
         raise ConfigError("train.profile_steps", f"expected [start, end] with 0 <= start < end, got {t.profile_steps}")
+    tasks = cfg.run.eval_tasks
+    if not (isinstance(tasks, str) or (isinstance(tasks, list) and all(isinstance(x, str) and x for x in tasks))):
+        raise ConfigError("run.eval_tasks", f"expected a list of task names or a comma-separated string, got {tasks!r}")
     if t.seq_len > m.max_seq_len:
         raise ConfigError("train.seq_len", f"{t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     if t.batch_size % t.microbatches:

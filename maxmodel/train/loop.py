@@ -134,6 +134,10 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
                                     cfg.train.seq_len, cfg.model.tie_embeddings)
         peak_total = peak * jax.device_count()
         result.stats.update(flops_per_token=flops_tok, peak_flops=peak_total, peak_source=peak_source)
+        evaluator = None
+        if cfg.run.eval_tasks:  # lm-eval / native tasks on the live parameters (eval/during_training.py)
+            from maxmodel.eval.during_training import TrainingEvaluator
+            evaluator = TrainingEvaluator(cfg, graphdef, mesh, rules, data.tokenizer)
         bar = tqdm(total=cfg.train.steps, initial=start, disable=not (main and cfg.run.progress),
                    desc=cfg.run.name, unit="step", dynamic_ncols=True)
         interval_start, interval_steps, compile_seconds = time.perf_counter(), 0, None
@@ -185,12 +189,16 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
                     result.losses[step] = record["loss"]
                     bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{record['mfu']:.1%}")
                     interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
-                if (step % cfg.run.eval_every == 0 or step == cfg.train.steps) and data.eval_source is not None:
+                eval_due = step % cfg.run.eval_every == 0 or step == cfg.train.steps
+                if eval_due and (data.eval_source is not None or evaluator is not None):
                     goodput.lap("productive")
                     t0 = time.perf_counter()
-                    result.eval_loss = evaluate(ts, params, data, mesh, cfg.run.eval_batches, prepare)
-                    if result.eval_loss is not None:
-                        record["eval_loss"] = result.eval_loss
+                    if data.eval_source is not None:
+                        result.eval_loss = evaluate(ts, params, data, mesh, cfg.run.eval_batches, prepare)
+                        if result.eval_loss is not None:
+                            record["eval_loss"] = result.eval_loss
+                    if evaluator is not None:  # run.eval_tasks, with or without a held-out split
+                        record.update(evaluator(params, step))
                     interval_start += time.perf_counter() - t0  # eval time is not step time
                     goodput.lap("eval")
                 if record:

@@ -1,0 +1,1 @@
+"""Evaluation: the lm-eval backend, native tasks, autoraters, evaluation during training, reports."""
