@@ -33,7 +33,7 @@ def run(name: str, output_dir: str) -> dict:
     cfg = load_config(overrides=CASES[name] + [f"run.output_dir={output_dir}", f"run.name={name}"])
     result = train(cfg)
     return {"losses": {str(k): float(v).hex() for k, v in sorted(result.losses.items())},
-            "eval_loss": float(result.eval_loss).hex()}
+            "eval_loss": None if result.eval_loss is None else float(result.eval_loss).hex()}  # None: no held-out batch
 
 
 if __name__ == "__main__":
