@@ -19,7 +19,7 @@ CHOICES = {
     "optimizer.schedule": ("cosine", "linear", "wsd", "constant"),
     "data.on_bad_record": ("error", "skip"),
     "train.on_nonfinite": ("skip", "stop"),
-    "data.format": ("text", "prompt_completion", "chat"),
+    "data.format": ("text", "prompt_completion", "chat", "preference"),
     "data.packing": ("concat", "first_fit", "none"),
 }
 POSITIVE = ("pipeline.repeats", "model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads", "model.max_seq_len",
@@ -124,6 +124,8 @@ def _validate_objective(cfg: Config) -> None:
                                          f"records, not data.format={cfg.data.format!r}")
     from maxmodel.finetune.peft.config import validate_peft
     validate_peft(cfg)
+    from maxmodel.finetune.preference_config import validate_preference
+    validate_preference(cfg)
 
 
 def _validate_seq2seq(cfg: Config) -> None:

@@ -43,6 +43,7 @@ class TrainResult:
     final_step: int
     losses: dict[int, float] = field(default_factory=dict)
     eval_loss: float | None = None
+    eval_metrics: dict = field(default_factory=dict)
     stats: dict = field(default_factory=dict)
     params: object = None
     graphdef: object = None
@@ -65,12 +66,14 @@ def run_dir_of(cfg: Config) -> Path:
     return Path(cfg.run.output_dir) / cfg.run.name
 
 
-def evaluate(ts, params, data, mesh, num_batches: int, prepare) -> float:
-    nll, count = 0.0, 0.0
+def evaluate(ts, params, data, mesh, num_batches: int, prepare) -> tuple[float, dict]:
+    """(held-out loss, {eval_<metric>: value}): the objective's metrics as means per counted unit too."""
+    nll, count, extra = 0.0, 0.0, {}
     for batch in data.eval_batches(num_batches):
-        n, c = ts.eval_fn(params, prepare(None, params, batch))
+        n, c, m = ts.eval_fn(params, prepare(None, params, batch))
         nll, count = nll + float(n), count + float(c)
-    return nll / max(count, 1.0)
+        extra = {k: extra.get(k, 0.0) + float(v) for k, v in m.items()}
+    return nll / max(count, 1.0), {f"eval_{k}": v / max(count, 1.0) for k, v in extra.items()}
 
 
 def _plain_batch(mesh):
@@ -187,8 +190,10 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
                 if step % cfg.run.eval_every == 0 or step == cfg.train.steps:
                     goodput.lap("productive")
                     t0 = time.perf_counter()
-                    record["eval_loss"] = result.eval_loss = evaluate(ts, params, data, mesh, cfg.run.eval_batches,
-                                                                        prepare)
+                    record["eval_loss"], eval_metrics = evaluate(ts, params, data, mesh, cfg.run.eval_batches, prepare)
+                    result.eval_loss = record["eval_loss"]
+                    record.update(eval_metrics)
+                    result.eval_metrics = eval_metrics
                     interval_start += time.perf_counter() - t0  # eval time is not step time
                     goodput.lap("eval")
                 if record:

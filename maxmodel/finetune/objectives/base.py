@@ -17,9 +17,11 @@ BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 @dataclass(frozen=True)
 class LossSettings:
-    """What the step decides for every objective: the z-loss weight and the fused head's chunk (0 = off)."""
+    """What the step decides for every objective: the z-loss weight and the fused head's chunk (0 = off);
+    `cfg` is the run's config, where objectives with settings of their own read them (dpo.*)."""
     z_loss: float = 0.0
     loss_chunk: int = 0
+    cfg: Any = None
 
 
 @dataclass(frozen=True)
