@@ -24,6 +24,8 @@ COMMANDS = {
     "bench": ("maxmodel.bench", "time the train step of a config: tokens/s, step time, compile, MFU, memory"),
     "plot": ("maxmodel.train.plot", "draw loss/eval/LR/throughput curves of one or more runs to a PNG"),
     "serve": ("maxmodel.inference.serve_cli", "serve a model over an OpenAI-compatible HTTP API"),
+    "label-preferences": ("maxmodel.finetune.rlaif", "RLAIF: a judge model labels pairs of completions as "
+                                                     "preference JSONL (both orders asked)"),
 }
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PREEMPTED = 0, 1, 2, 3
