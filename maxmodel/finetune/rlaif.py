@@ -1,6 +1,7 @@
 """RLAIF: a judge model labels pairs of completions, writing preference JSONL for a reward model or DPO.
 
-`maxmodel label-preferences JUDGE --input IN.jsonl --output OUT.jsonl [--template FILE] [--on-bad-record skip]`
+`maxmodel label-preferences JUDGE --input IN.jsonl --output OUT.jsonl [--template FILE] [--on-bad-record skip]
+ [key=value ...]`
 
 JUDGE is any maxmodel model or run directory (loaded with inference.load_engine). Each input record is
 {"prompt", "responses": [x, y]}; the judge reads the template filled with the prompt and the two responses
@@ -91,13 +92,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--template", default=None, help="a file with the judge prompt ({prompt}, {a}, {b})")
     parser.add_argument("--on-bad-record", choices=("error", "skip"), default="error")
     parser.add_argument("--max-new-tokens", type=int, default=4)
-    args = parser.parse_args(argv)
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the judge's config")
+    args = parser.parse_intermixed_args(argv)
     template = Path(args.template).read_text() if args.template else TEMPLATE
     for field in ("{prompt}", "{a}", "{b}"):
         if field not in template:
             raise DataError(f"{args.template}: the template has no {field}", "--template")
     from maxmodel.inference.load import load_engine
-    judge = load_engine(args.judge)
+    judge = load_engine(args.judge, args.overrides)
     counts = label_pairs(judge, args.input, args.output, template, args.on_bad_record,
                          max_new_tokens=args.max_new_tokens)
     print(jsonio.dumps(counts))
