@@ -78,7 +78,7 @@ def _pair_loss(method: str):
         d = settings.cfg.dpo
         seg, D = batch["segment_ids"], d.max_docs
         n = doc_sums(batch["loss_mask"], seg, D)
-        pol = doc_sums(token_logps(model, batch), seg, D)
+        pol = doc_sums(token_logps(model, batch, settings.loss_chunk), seg, D)
         ref = doc_sums(batch["ref_logps"], seg, D) if "ref_logps" in batch else None
         losses, chosen, rejected = pair_terms(method, d, pol, n, ref)
         nc, nr = pairs(n)
@@ -95,7 +95,7 @@ def kto_loss(model, batch, settings):
     d = settings.cfg.dpo
     seg, D = batch["segment_ids"], d.max_docs
     n = doc_sums(batch["loss_mask"], seg, D)
-    ratio = doc_sums(token_logps(model, batch), seg, D) - doc_sums(batch["ref_logps"], seg, D)
+    ratio = doc_sums(token_logps(model, batch, settings.loss_chunk), seg, D) - doc_sums(batch["ref_logps"], seg, D)
     example, mismatched = pairs(ratio)
     (ne, nm), (label, _) = pairs(n), pairs(_doc_values(batch, D))
     valid = ((ne > 0) & (nm > 0)).astype(jnp.float32)

@@ -31,9 +31,6 @@ def validate_preference(cfg) -> None:
     if cfg.data.source not in ("jsonl", "mixture"):
         raise ConfigError("data.source", f"train.objective={t.objective} reads preference records from jsonl "
                                          f"files, not data.source={cfg.data.source}")
-    if t.loss_chunk:
-        raise ConfigError("train.loss_chunk", f"train.objective={t.objective} reads per-token log-probs, which "
-                                              f"the fused head does not give: set train.loss_chunk=0")
     if t.objective in REFERENCE_OBJECTIVES and cfg.peft.method == "prompt":
         raise ConfigError("peft.method", "soft prompts have no adapter-free reference inside the model; use "
                                          "lora, qlora, adapter or none")
