@@ -134,19 +134,48 @@ def test_rlaif_labels_in_both_orders_and_names_unparsable_answers(tmp_path):
     assert [d["kind"] for d, _ in docs] == ["pair", "pair"]
 
 
-def test_label_preferences_cli_with_a_real_judge_model(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def lm_export(tmp_path_factory):
+    """A tiny language model (one step on synthetic tokens), exported: a judge, or a reward model's start."""
+    from maxmodel.train.export import main as export_main
+    from maxmodel.train.loop import train
+    tmp = tmp_path_factory.mktemp("lm")
+    over = TINY + ["data.source=synthetic", "data.tokenizer=bytes", f"run.output_dir={tmp}", "run.name=j",
+                   "train.steps=1", "model.max_seq_len=256"]
+    train(load_config(overrides=over))
+    export_main(["--run-dir", str(tmp / "j"), "--out", str(tmp / "judge")])
+    return tmp / "judge"
+
+
+@pytest.mark.parametrize("peft", ["none", "lora"])
+def test_a_reward_model_starts_from_a_language_model_export(peft, lm_export, tmp_path):
+    """init.from an export without a head: the body is restored, the head starts at zero (loss ln 2)."""
+    from maxmodel.train.loop import train
+    path = preference_data.write(tmp_path / "t.jsonl", 64, 0)
+    over = TINY + ["train.seq_len=64", "data.source=jsonl", "data.format=preference", "data.tokenizer=bytes",
+                   "train.objective=reward", f"data.path={path}", f"run.output_dir={tmp_path}", "run.name=r",
+                   "train.steps=2", "run.log_every=1", "checkpoint.enabled=false", f"init.from={lm_export}",
+                   f"peft.method={peft}", "model.max_seq_len=256"]
+    result = train(load_config(overrides=over))
+    assert abs(result.losses[1] - np.log(2)) < 1e-6
+
+
+def test_dpo_example_config_validates(capsys):
+    from pathlib import Path
+
+    from maxmodel.cli import main
+    path = Path(__file__).resolve().parents[1] / "configs" / "finetune" / "dpo.yaml"
+    assert main(["config", "show", "--json", str(path), "model.name=tiny"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["dpo"]["beta"] == 0.1
+
+
+def test_label_preferences_cli_with_a_real_judge_model(lm_export, tmp_path, capsys):
     """The CLI path end to end with a tiny (untrained) maxmodel judge: its answers are babble, so every
     record is a counted skip, and the output file is written (empty)."""
     from maxmodel.cli import main
-    from maxmodel.train.export import main as export_main
-    from maxmodel.train.loop import train
-    over = TINY + ["data.source=synthetic", "data.tokenizer=bytes", f"run.output_dir={tmp_path}", "run.name=j",
-                   "train.steps=1", "model.max_seq_len=256"]
-    train(load_config(overrides=over))
-    export_main(["--run-dir", str(tmp_path / "j"), "--out", str(tmp_path / "judge")])
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"prompt": "abc", "responses": ["x", "y"]}) + "\n")
-    code = main(["label-preferences", str(tmp_path / "judge"), "--input", str(src), "--output",
+    code = main(["label-preferences", str(lm_export), "--input", str(src), "--output",
                  str(tmp_path / "out.jsonl"), "--on-bad-record", "skip", "--max-new-tokens", "2", "data.tokenizer=bytes"])
     counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0 and counts["labelled"] + counts["inconsistent"] + counts["bad_records"]["skipped"] == 1

@@ -12,7 +12,8 @@ over its tokens, and a bar for the per-token mean:
 - ipo:   ((mean-pi_c - mean-ref_c) - (mean-pi_r - mean-ref_r) - 1/(2 beta))^2
 - simpo: h = beta (mean-pi_c - mean-pi_r) - gamma;  -(1-eps) log s(h) - eps log s(-h)  (no reference)
 - orpo:  -mean-pi_c + lambda * -log s(log odds(c) - log odds(r)),  odds(y) = p / (1 - p), p = exp(mean-pi)
-- kto:   z0 = max(0, batch mean of (pi - ref) on mismatched (prompt, response) pairs), no gradient through it;
+- kto:   z0 = max(0, batch mean of (pi - ref) on mismatched (prompt, response) pairs), no gradient through it
+         (the mean over the step's batch, or over each microbatch with train.microbatches > 1, as TRL's per device);
          desirable: lambda_D (1 - s(beta (pi - ref - z0))), undesirable: lambda_U (1 - s(beta (z0 - pi + ref)))
 - reward: Plackett-Luce on ranked groups (Bradley-Terry for pairs): -sum_k [r_k - logsumexp_{j >= k} r_j];
           squared error on single scored responses.
