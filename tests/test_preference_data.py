@@ -166,7 +166,7 @@ def test_dpo_example_config_validates(capsys):
     from maxmodel.cli import main
     path = Path(__file__).resolve().parents[1] / "configs" / "finetune" / "dpo.yaml"
     assert main(["config", "show", "--json", str(path), "model.name=tiny"]) == 0
-    assert json.loads(capsys.readouterr().out)["config"]["dpo"]["beta"] == 0.1
+    assert json.loads(capsys.readouterr().out)["dpo"]["beta"] == 0.1
 
 
 def test_label_preferences_cli_with_a_real_judge_model(lm_export, tmp_path, capsys):
