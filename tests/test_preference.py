@@ -22,6 +22,7 @@ from maxmodel.data.tokenizer import ByteTokenizer
 from maxmodel.finetune import objectives
 from maxmodel.finetune.objectives import token_logps
 from maxmodel.finetune.preference import doc_sums, pair_terms, pairs
+from maxmodel.finetune.reward_scorer import RewardScorer
 from maxmodel.models.score_head import document_scores, token_scores
 from maxmodel.parallel.mesh import build_mesh
 from maxmodel.parallel.rules import mesh_rules
@@ -189,13 +190,17 @@ def test_sigterm_on_a_dpo_run_checkpoints_and_exits_3(data, tmp_path):
 
 @pytest.mark.parametrize("kind", ["ranked", "scored"])
 def test_reward_model_on_ranked_lists_and_scores(kind, data, tmp_path):
+    held = preference_data.write(tmp_path / "held.jsonl", 64, 1, kind)
     steps = ["train.steps=30", "run.log_every=10", "run.eval_every=30", "run.eval_batches=2",
-             "checkpoint.enabled=false", f"data.path={data[kind]}", f"data.eval_path={data[kind]}"]
+             "checkpoint.every_steps=30", f"data.path={data[kind]}", f"data.eval_path={held}"]
     result = train(load_config(overrides=overrides("reward", data, tmp_path, *steps, "run.name=r")))
+    report = RewardScorer(tmp_path / "r", ["data.tokenizer=bytes"]).report(held)  # the run dir's checkpoint
     if kind == "ranked":  # Plackett-Luce: every (better, worse) pair of a list ordered
         assert result.eval_metrics["eval_reward_accuracy"] > 0.9
+        assert report["ordered_pairs"] == 3 * 64 and report["accuracy"] > 0.9
     else:  # regression onto the vowel share: a small squared error (the scores' variance is about 0.1)
         assert result.eval_metrics["eval_score_error"] < 0.03 < result.losses[10]
+        assert report["scored"] == 64 and report["pearson"] > 0.9
 
 
 @pytest.mark.parametrize("bad_overrides, key", [

@@ -124,6 +124,7 @@ def test_rlaif_labels_in_both_orders_and_names_unparsable_answers(tmp_path):
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataError, match=r"in.jsonl:4: the judge's answer '\?\?\?' does not parse"):
         label_pairs(RuleJudge(), src, tmp_path / "out.jsonl")
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 2  # what was labelled before it stays
     counts = label_pairs(RuleJudge(), src, tmp_path / "out.jsonl", on_bad_record="skip")
     assert (counts["labelled"], counts["inconsistent"], counts["bad_records"]["skipped"]) == (2, 1, 1)
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]

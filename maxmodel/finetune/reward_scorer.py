@@ -76,6 +76,32 @@ class RewardScorer:
                 for p, r in zip(prompts, responses)]
         return self.score_ids(docs)
 
+    def score_records(self, docs: list[dict]) -> list[np.ndarray]:
+        """Scores of every response of normalised preference records (data/preference.py's take_record)."""
+        from maxmodel.data.preference import encode_response
+        flat = [encode_response(d, r, self.tokenizer, self.cfg.data.chat_template)[0][:-1].tolist()
+                for d in docs for r in d["responses"]]
+        scores, out, at = self.score_ids(flat), [], 0
+        for d in docs:
+            out.append(scores[at:at + len(d["responses"])])
+            at += len(d["responses"])
+        return out
+
+    def report(self, path) -> dict:
+        """Held-out figures of a preference JSONL file: the accuracy on pairs and ranked lists (the share of
+        (better, worse) pairs scored in order) and the Pearson correlation of scores with scored responses."""
+        from maxmodel.data.sources import BadRecords, read_documents
+        docs = [d for d, _ in read_documents("jsonl", str(path), "preference", "text", BadRecords())]
+        scores = self.score_records(docs)
+        ordered = [float(s[i] > s[j]) for d, s in zip(docs, scores) if d["kind"] in ("pair", "ranked")
+                   for i in range(len(s)) for j in range(i + 1, len(s))]
+        scored = [(float(s[0]), d["value"]) for d, s in zip(docs, scores) if d["kind"] == "scored"]
+        out = {"ordered_pairs": len(ordered), "accuracy": float(np.mean(ordered)) if ordered else None,
+               "scored": len(scored), "pearson": None}
+        if len(scored) > 1:
+            out["pearson"] = float(np.corrcoef(np.asarray(scored).T)[0, 1])
+        return out
+
     def __call__(self, prompt_ids, completion) -> float:
         ids = list(completion.token_ids)
         if ids and ids[-1] == self.tokenizer.eos_id:
