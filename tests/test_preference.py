@@ -84,7 +84,7 @@ def pair_accuracy(cfg, result, eval_path):
             model, seg = nnx.merge(result.graphdef, params), b["segment_ids"]
             n = doc_sums(b["loss_mask"], seg, D)
             if method == "reward":
-                return pairs(document_scores(token_scores(model, b), seg, D)) + (n,)
+                return pairs(document_scores(token_scores(model, b), seg, b["positions"], D)) + (n,)
             pol = doc_sums(token_logps(model, b), seg, D)
             ref = doc_sums(token_logps(nnx.merge(result.graphdef, start), b), seg, D)
             return pair_terms(method, cfg.dpo, pol, n, ref)[1:] + (n,)
@@ -225,4 +225,8 @@ def test_document_sums_follow_the_segments():
     seg = jnp.array([[1, 1, 2, 2, 2, 0]])
     values = jnp.array([[1.0, 2.0, 3.0, 4.0, 5.0, 9.0]])
     np.testing.assert_array_equal(doc_sums(values, seg, 4), [[3.0, 12.0, 0.0, 0.0]])
-    np.testing.assert_array_equal(document_scores(values, seg, 4), [[2.0, 5.0, 0.0, 0.0]])  # last positions
+    pos = jnp.array([[0, 1, 0, 1, 2, 0]])
+    np.testing.assert_array_equal(document_scores(values, seg, pos, 4), [[2.0, 5.0, 0.0, 0.0]])  # last positions
+    order = jnp.array([3, 0, 5, 1, 4, 2])  # a permuted sequence (ring attention's order): the same documents
+    np.testing.assert_array_equal(document_scores(values[:, order], seg[:, order], pos[:, order], 4),
+                                  [[2.0, 5.0, 0.0, 0.0]])

@@ -24,6 +24,7 @@ import numbers
 import numpy as np
 
 from .packing import IndexedStore, first_fit
+from .sources import DataError
 from .supervised import encode_document
 
 KINDS = {"pair": ("chosen", "rejected"), "ranked": ("responses",), "unpaired": ("completion", "label"),
@@ -152,14 +153,18 @@ def encode_groups(docs: list[dict], objective: str, tokenizer, chat_template: st
             units = [([e, mismatched], [v, -1.0]) for e, v in zip(encoded, labels)]
         else:
             units = [(encoded, vals)]
-        for unit, v in units:
-            predictions, n = sum(len(t) - 1 for t, _ in unit), len(unit)
-            if predictions > seq_len or n > max_docs:
-                bad(doc["where"], f"its {n} documents need {predictions} positions, more than one row holds "
-                                  f"(train.seq_len={seq_len}, dpo.max_docs={max_docs})", "does not fit in a row")
-                break
+        need = [(sum(len(t) - 1 for t, _ in unit), len(unit)) for unit, _ in units]
+        predictions, n = max(need)
+        if predictions > seq_len or max(k for _, k in need) > max_docs:
+            bad(doc["where"], f"its {n} documents need {predictions} positions, more than one row holds "
+                              f"(train.seq_len={seq_len}, dpo.max_docs={max_docs})", "does not fit in a row")
+            continue
+        for unit, v in units:  # a record's units are kept together or not at all
             groups.append(unit)
             values.append(v)
+    if docs and not groups:
+        raise DataError(f"{docs[0]['where'].rsplit(':', 1)[0]}: no preference record fits one row of "
+                        f"train.seq_len={seq_len} ({bad.total} skipped as bad)")
     return GroupStore(groups, values)
 
 

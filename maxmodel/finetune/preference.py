@@ -117,14 +117,15 @@ def kto_loss(model, batch, settings):
 
 def _doc_values(batch, D):
     """[B, D] each document's `pref_value` (its label or score)."""
-    return document_scores(batch["pref_value"], batch["segment_ids"], D)
+    return document_scores(batch["pref_value"], batch["segment_ids"], batch["positions"], D)
 
 
 def reward_loss(model, batch, settings):
     D = settings.cfg.dpo.max_docs
     seg = batch["segment_ids"]
-    score = document_scores(token_scores(model, batch), seg, D)
-    group = document_scores(batch["pref_group"].astype(jnp.float32), seg, D)
+    pos = batch["positions"]
+    score = document_scores(token_scores(model, batch), seg, pos, D)
+    group = document_scores(batch["pref_group"].astype(jnp.float32), seg, pos, D)
     present = doc_sums(batch["loss_mask"], seg, D) > 0
     same = (group[:, :, None] == group[:, None, :]) & present[:, :, None] & present[:, None, :]
     size = jnp.sum(same, axis=-1).astype(jnp.float32)

@@ -46,7 +46,7 @@ class RewardScorer:
         def scores(params, inputs, segment_ids, positions):
             model = nnx.merge(graphdef, params)
             batch = {"inputs": inputs, "segment_ids": segment_ids, "positions": positions}
-            return document_scores(token_scores(model, batch), segment_ids, 1)[:, 0]
+            return document_scores(token_scores(model, batch), segment_ids, positions, 1)[:, 0]
         self.params, self._scores = params, jax.jit(scores)
 
     def score_ids(self, documents: list[list[int]]) -> np.ndarray:

@@ -46,15 +46,18 @@ def document_onehot(segment_ids, max_docs: int):
     return (segment_ids[..., None] == jnp.arange(1, max_docs + 1)).astype(jnp.float32)
 
 
-def last_positions(segment_ids):
-    """[B, L] bool: the last position of every document (the next position starts another segment)."""
-    following = jnp.concatenate([segment_ids[:, 1:], jnp.zeros_like(segment_ids[:, :1])], axis=1)
-    return (segment_ids > 0) & (following != segment_ids)
+def last_positions(segment_ids, positions, max_docs: int):
+    """[B, L] bool: the last position of every document, the one whose position (restarting at 0 in each
+    segment) is its length - 1. Read from the positions, not from the neighbouring column, so it holds when
+    the step has permuted the sequence (ring attention's load balancing)."""
+    onehot = document_onehot(segment_ids, max_docs)
+    length = jnp.einsum("bld,bd->bl", onehot, jnp.sum(onehot, axis=1))
+    return (segment_ids > 0) & (positions == length - 1)
 
 
-def document_scores(scores, segment_ids, max_docs: int):
+def document_scores(scores, segment_ids, positions, max_docs: int):
     """[B, D] each document's score at its last position (0 for an absent document)."""
-    at_end = jnp.where(last_positions(segment_ids), scores, 0.0)
+    at_end = jnp.where(last_positions(segment_ids, positions, max_docs), scores, 0.0)
     return jnp.einsum("bl,bld->bd", at_end, document_onehot(segment_ids, max_docs))
 
 
