@@ -170,7 +170,7 @@ def test_chunked_head_gives_the_materialised_logits_losses(data, tmp_path):
 
 def test_precomputed_reference_gives_the_live_losses(full_run, data):
     cfg, tmp, live = full_run("dpo")
-    steps = ["train.steps=30", "run.log_every=1", "run.eval_every=1000", "run.eval_batches=2",
+    steps = ["train.steps=20", "run.log_every=1", "run.eval_every=1000", "run.eval_batches=2",
              "checkpoint.enabled=false"]
     pre = train(load_config(overrides=overrides("dpo", data, tmp, *steps, "run.name=pre",
                                                 "dpo.reference=precomputed")), stop_at_step=4)
