@@ -1,14 +1,22 @@
-"""RL benchmarks (issue 16), each through maxmodel's own CLI in a subprocess, one JSON line per result.
+"""Post-training benchmarks (issue 16) on the ~50M model of configs/experiments/bench-50m.yaml and the toy task;
+one JSON line per result.
 
-  python benchmarks/rl.py OUT [--only grpo-50m,toy] [--steps 6]
+  python benchmarks/rl.py [--only dpo_vs_sft,grpo-50m,toy] [--out DIR] [--steps N] [key=value ...]
 
-- grpo-50m: GRPO on the ~50M model of configs/experiments/bench-50m.yaml (float32, one CPU device, random
-  init, byte-level prompts of the arithmetic task; a digit-share reward so that groups have spread): per
-  step the rollout time (generation of every completion on the engine, weights pushed in place) against the
-  train-step time, and the rollout's generated tokens/s. Steps after the first (compilation) count.
-- toy: the example recipe's first stages (configs/recipes/arithmetic.yaml: data -> sft -> grpo) on the tiny
-  byte-level model: greedy exact match over all 100 problems before GRPO (the SFT model) and after, the
-  sampled reward of the first and last 10 GRPO steps, and the largest KL to the reference.
+- dpo_vs_sft: a DPO step (the live reference's forward over the batch, then the policy's forward and backward;
+  full training, so the reference is a frozen copy of the weights) against an SFT step over the very same rows
+  (B 8 x L 512, one chosen + rejected pair of 255 + 255 predictions per row, the response half counted): the
+  target is <= 2.2x, two forward passes of the pair and one backward. Both use the fused / chunked head
+  (train.loss_chunk of the config). Steps of the two alternate (A B A B ...), medians count; `key=value`
+  overrides apply to bench-50m.yaml here.
+- grpo-50m: GRPO on the ~50M model (float32, one CPU device, random init, byte-level prompts of the arithmetic
+  task; a digit-share reward so that groups have spread), through `maxmodel train` in a subprocess: per step
+  the rollout time (generation of every completion on the engine, weights pushed in place), the rewards +
+  reference time and the train-step time, and the rollout's generated tokens/s. Steps after the first
+  (compilation) count.
+- toy: the example recipe (configs/recipes/arithmetic.yaml: data -> sft -> grpo -> rejection sampling -> sft)
+  on the tiny byte-level model: greedy exact match over all 100 problems after SFT, after GRPO and after the
+  rejection-sampling SFT, the sampled exact match of the first and last GRPO steps, and the largest KL.
 """
 from __future__ import annotations
 
@@ -18,12 +26,93 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from maxmodel.config import load_config  # noqa: E402
+from maxmodel.data.preference import GroupStore, PreferenceRows  # noqa: E402
+from maxmodel.finetune import objectives  # noqa: E402
+from maxmodel.parallel.mesh import build_mesh  # noqa: E402
+from maxmodel.parallel.rules import logical_rules  # noqa: E402
+from maxmodel.train.step import BATCH_KEYS, abstract_state, build_train_step, create_params, global_batch  # noqa: E402
+
+ROOT = REPO
 CONFIG = REPO / "configs" / "experiments" / "bench-50m.yaml"
 RECIPE = REPO / "configs" / "recipes" / "arithmetic.yaml"
+
+
+def pair_rows(cfg, n_batches: int, seed: int = 3):
+    """Batches of rows holding one random-token pair each: BOS + prompt (weight 0) + response (weight 1)."""
+    rng = np.random.default_rng(seed)
+    half = cfg.train.seq_len // 4
+    groups, values = [], []
+    for _ in range(n_batches * cfg.train.batch_size):
+        prompt = rng.integers(3, cfg.model.vocab_size, half)
+        docs = []
+        for _ in range(2):
+            tokens = np.concatenate([[1], prompt, rng.integers(3, cfg.model.vocab_size, half)]).astype(np.int32)
+            docs.append((tokens, (np.arange(len(tokens)) > half).astype(np.uint8)))
+        groups.append(docs)
+        values.append([0.0, 0.0])
+    rows = PreferenceRows(GroupStore(groups, values), cfg.train.seq_len, 0, "none", cfg.dpo.max_docs)
+    b = cfg.train.batch_size
+    return [{k: np.stack([rows[i * b + j][k] for j in range(b)]) for k in rows[0]} for i in range(n_batches)]
+
+
+def _method(name, overrides):
+    """Compile one method's step (and reference); returns (record, one timed step)."""
+    cfg = load_config(str(CONFIG), overrides=overrides)
+    mesh = build_mesh(cfg.mesh, jax.devices()[:1])
+    rules = logical_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)
+    keys = BATCH_KEYS + objectives.get(cfg.train.objective).extra_keys
+    local = [{k: v for k, v in b.items() if k in keys} for b in pair_rows(cfg, 2)]
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        graphdef, abstract = abstract_state(cfg)
+        ts = build_train_step(cfg, graphdef, abstract, mesh)
+        state = {"params": create_params(cfg, ts.param_shardings)}
+        state["opt"] = ts.init_opt(state["params"])
+        obj = objectives.get(cfg.train.objective)
+        prepare = obj.prepare(cfg, ts, mesh) if obj.prepare else (lambda s, p, rows: global_batch(rows, mesh))
+
+    def one_step(i):
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+            t0 = time.perf_counter()
+            batch = prepare(i, state["params"], local[i % 2])
+            state["params"], state["opt"], m = ts.step_fn(state["params"], state["opt"], batch)
+            jax.block_until_ready(m)
+            state["loss"] = float(m["loss"])
+            return time.perf_counter() - t0
+    t0 = time.perf_counter()
+    one_step(0)  # compiles
+    return {"method": name, "compile_and_first_step_s": round(time.perf_counter() - t0, 1),
+            "tokens_per_step": cfg.train.batch_size * cfg.train.seq_len}, one_step, state
+
+
+def dpo_vs_sft(steps: int = 5, overrides=()) -> dict:
+    """Median step times of DPO and SFT on the same rows, and their ratio (target <= 2.2)."""
+    methods = {"sft": ["train.objective=sft", "data.source=synthetic"],
+               "dpo": ["train.objective=dpo", "data.source=jsonl", "data.format=preference"]}
+    prepared = [_method(name, extra + list(overrides)) for name, extra in methods.items()]
+    times = [[] for _ in prepared]
+    for i in range(steps):  # interleaved: the shared machine's load changes by the minute
+        for j, (_, one_step, _) in enumerate(prepared):
+            times[j].append(one_step(i + 1))
+    rows = []
+    for (record, _, state), t in zip(prepared, times):
+        rows.append({**record, "step_times_s": [round(x, 3) for x in t], "step_time_s": statistics.median(t),
+                     "loss": state["loss"], "jax": jax.__version__})
+        print(json.dumps(rows[-1]))
+    summary = {"dpo_step_time_over_sft": rows[1]["step_time_s"] / rows[0]["step_time_s"], "target": "<= 2.2"}
+    print(json.dumps(summary))
+    return summary
 
 
 def digit_share(prompts, completions, **_):
@@ -91,14 +180,16 @@ def toy(out: Path) -> dict:
             "max_kl": max(r["kl"] for r in rs), "grpo_steps": rs[-1]["step"]}
 
 
-BENCHES = {"grpo-50m": lambda a: grpo_50m(a.out, a.steps), "toy": lambda a: toy(a.out)}
+BENCHES = {"dpo_vs_sft": lambda a: dpo_vs_sft(a.steps, a.overrides),
+           "grpo-50m": lambda a: grpo_50m(a.out, a.steps + 1), "toy": lambda a: toy(a.out)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out", type=Path)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-rl"), help="runs of grpo-50m and toy")
     parser.add_argument("--only", default=",".join(BENCHES), help=f"comma-separated: {', '.join(BENCHES)}")
-    parser.add_argument("--steps", type=int, default=6, help="GRPO steps of grpo-50m (the first compiles)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (grpo-50m: after a compiling one)")
+    parser.add_argument("overrides", nargs="*", help="dpo_vs_sft: key=value overrides of bench-50m.yaml")
     args = parser.parse_args()
     for name in args.only.split(","):
         if name not in BENCHES:

@@ -29,6 +29,8 @@ COMMANDS = {
     "synthesize": ("maxmodel.finetune.synthesize", "sample a dataset from a model: data distillation, or the "
                                                    "best-rewarded of N (rejection sampling)"),
     "eval": ("maxmodel.eval.cli", "evaluate a model (lm-eval tasks, perplexity, choice, completion); eval report"),
+    "label-preferences": ("maxmodel.finetune.rlaif", "RLAIF: a judge model labels pairs of completions as "
+                                                     "preference JSONL (both orders asked)"),
 }
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PREEMPTED = 0, 1, 2, 3

@@ -94,7 +94,7 @@ def test_rolling_perplexity_equals_the_training_loss_on_the_same_windows(trainer
     assert len(rows) == 8  # one batch of the train step's eval function
     batch = {k: np.stack([rows[i][k] for i in range(len(rows))]) for k in rows[0]}
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        nll, count = ts.eval_fn(params, global_batch(batch, mesh))
+        nll, count, _ = ts.eval_fn(params, global_batch(batch, mesh))
     scorer = _scorer(trainer, rows=8, row_len=SEQ, max_len=SEQ)
     pieces = [w for d in docs for w in windows(d.tolist(), SEQ)]
     assert len(pieces) == 8 and all(len(t) == SEQ + 1 and s == 1 for t, s in pieces)  # disjoint windows

@@ -106,7 +106,7 @@ def _zero_gradient_checks(cfg, model):
     graphdef, state = nnx.split(model)
 
     def objective(state):
-        return grpo.loss(nnx.merge(graphdef, state), batch, LossSettings(config=cfg))[0]
+        return grpo.loss(nnx.merge(graphdef, state), batch, LossSettings(cfg=cfg))[0]
     grads = jax.grad(objective)(state)
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) == 0.0
     batch["advantages"] = jnp.ones((b, length))  # and with a signal there is one

@@ -20,6 +20,8 @@ def derive_values(cfg: Config) -> Config:
         m.d_ff = round_up(m.d_ff_multiplier * m.d_model, max(1, m.d_ff_multiple_of))
     if m.moe.num_experts and m.moe.d_ff == 0:
         m.moe.d_ff = m.d_ff
+    if cfg.train.objective in ("reward", "ppo"):  # a reward model / PPO's value head: a scalar head
+        m.score_head = True
     if cfg.optimizer.decay_steps == 0:
         cfg.optimizer.decay_steps = cfg.train.steps
     return cfg

@@ -77,6 +77,7 @@ class ModelConfig:
     norm_plus_one: bool = False           # Gemma: RMSNorm multiplies by (1 + scale), scale starting at 0
     post_norms: bool = False              # Gemma 2: also normalise the attention and MLP outputs before the residual add
     init_std: float = 0.02
+    score_head: bool = False              # a [d_model] -> 1 head beside the LM head (reward models; on with train.objective=reward)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
 
@@ -124,7 +125,7 @@ class TrainConfig:
     loss_chunk: int = 0                   # > 0: head + cross-entropy fused over chunks of this many positions
     profile_steps: Any = field(default_factory=list)  # [start, end]: jax.profiler trace into <run dir>/profile
     z_loss: float = 0.0
-    objective: str = "causal_lm"          # a module of maxmodel/finetune/objectives: causal_lm | masked_lm | prefix_lm | seq2seq | sft
+    objective: str = "causal_lm"          # a module of maxmodel/finetune/objectives: causal_lm | masked_lm | prefix_lm | seq2seq | sft | reward | dpo | ipo | orpo | simpo | kto
     on_nonfinite: str = "skip"            # non-finite loss/grads: skip the update (counted) | stop with a checkpoint
     spike_sigma: float = 0.0              # > 0: skip updates whose loss exceeds the running mean by this many std
     spike_warmup: int = 20                # losses averaged before the spike detector may skip anything
@@ -158,7 +159,7 @@ class DataConfig:
     eval_fraction: float = 0.05           # documents held out when eval_path is not set
     eval_path: Any = None                 # held-out data of the same source type (file, glob, list, directory)
     shuffle: bool = True
-    format: str = "text"                  # text | prompt_completion | chat (supervised: loss on completions only)
+    format: str = "text"                  # text | prompt_completion | chat (supervised: loss on completions only) | preference
     # a simple template (text before {content} never counts in the loss), or the model's own Jinja template:
     # `tokenizer` (the tokenizer_config.json beside data.tokenizer), a tokenizer_config.json, or a .jinja file
     chat_template: str = "<|{role}|>\n{content}<|end|>\n"
@@ -240,6 +241,20 @@ class DistillConfig:
 
 
 @dataclass
+class DpoConfig:
+    """Preference objectives (train.objective = reward | dpo | ipo | orpo | simpo | kto) and their data
+    (data.format=preference): see maxmodel/finetune/preference.py."""
+    beta: float = 0.1                     # dpo / kto: 1/beta weighs the KL anchor; ipo: tau; simpo: reward scale
+    label_smoothing: float = 0.0          # dpo / simpo: the assumed chance a label is flipped (conservative DPO)
+    orpo_lambda: float = 0.1              # orpo: weight of the odds-ratio term beside the chosen NLL
+    simpo_gamma: float = 0.5              # simpo: target reward margin
+    kto_desirable_weight: float = 1.0     # kto: lambda_D
+    kto_undesirable_weight: float = 1.0   # kto: lambda_U
+    reference: str = "live"               # dpo / ipo / kto: live (a forward per step) | precomputed (one pass, then freed)
+    max_docs: int = 16                    # documents per packed row: the width of the per-document sums (even)
+
+
+@dataclass
 class RunConfig:
     name: str = "default"
     output_dir: str = "runs"
@@ -271,6 +286,7 @@ class Config:
     peft: PeftConfig = field(default_factory=PeftConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 

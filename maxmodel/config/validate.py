@@ -19,7 +19,7 @@ CHOICES = {
     "optimizer.schedule": ("cosine", "linear", "wsd", "constant"),
     "data.on_bad_record": ("error", "skip"),
     "train.on_nonfinite": ("skip", "stop"),
-    "data.format": ("text", "prompt_completion", "chat", "prompt"),
+    "data.format": ("text", "prompt_completion", "chat", "prompt", "preference"),
     "rl.kl_estimator": ("k1", "k3"),
     "rl.loss_agg": ("grpo", "dr_grpo", "dapo"),
     "data.packing": ("concat", "first_fit", "none"),
@@ -133,6 +133,8 @@ def _validate_objective(cfg: Config) -> None:
                                          f"records, not data.format={cfg.data.format!r}")
     from maxmodel.finetune.peft.config import validate_peft
     validate_peft(cfg)
+    from maxmodel.finetune.preference_config import validate_preference
+    validate_preference(cfg)
 
 
 def _validate_seq2seq(cfg: Config) -> None:

@@ -94,26 +94,32 @@ def document_pieces(lengths: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.n
     return doc, start, np.minimum(slots[doc] - start, seq_len)
 
 
-def first_fit(sizes: np.ndarray, capacity: int, open_rows: int) -> np.ndarray:
+def first_fit(sizes: np.ndarray, capacity: int, open_rows: int, counts: np.ndarray | None = None,
+              max_count: int = 0) -> np.ndarray:
     """Row of each item: the first open row with room, else a new row (closing the oldest open row once
-    `open_rows` are open). Rows are numbered in the order they were opened."""
+    `open_rows` are open). Rows are numbered in the order they were opened. With `counts`, a row also holds
+    at most `max_count` of them (preference groups: documents per row)."""
     rows = np.empty(len(sizes), np.int64)
     open_ids: list[int] = []
     space: list[int] = []
+    room: list[int] = []
     next_row = 0
-    for i, size in enumerate(sizes.tolist()):
-        j = next((j for j, s in enumerate(space) if s >= size), -1)
+    counts = np.zeros(len(sizes), np.int64) if counts is None else np.asarray(counts)
+    for i, (size, count) in enumerate(zip(np.asarray(sizes).tolist(), counts.tolist())):
+        j = next((j for j, s in enumerate(space) if s >= size and room[j] >= count), -1)
         if j < 0:
             if len(open_ids) == open_rows:
-                del open_ids[0], space[0]
+                del open_ids[0], space[0], room[0]
             open_ids.append(next_row)
             space.append(capacity)
+            room.append(max_count if max_count else count)
             next_row += 1
             j = len(space) - 1
         rows[i] = open_ids[j]
         space[j] -= size
-        if space[j] == 0:
-            del open_ids[j], space[j]
+        room[j] -= count
+        if space[j] == 0 or (max_count and room[j] == 0):
+            del open_ids[j], space[j], room[j]
     return rows
 
 

@@ -123,6 +123,12 @@ def _splits(cfg: Config, comps, raw, shards, tokenizer, bad) -> dict:
         if comp.name in shards:
             store = shards[comp.name]
             held = ShardStore([comp.eval_path], bad, f"{comp.key}.eval_path") if comp.eval_path else None
+        elif comp.format == "preference":  # groups of documents (a pair, a ranked list, ...) per record
+            from .preference import encode_groups
+            docs, eval_docs = raw[comp.name]
+            store, held = (None if d is None else encode_groups(
+                d, cfg.train.objective, tokenizer, cfg.data.chat_template, cfg.train.seq_len, cfg.dpo.max_docs, bad)
+                for d in (docs, eval_docs))
         else:
             docs, eval_docs = raw[comp.name]
             store = _encode(docs, comp, tokenizer, cfg.data.chat_template)
@@ -139,6 +145,9 @@ def _rows_or_none(store, cfg: Config, pad_id: int, fmt: str = "text"):
     if prefix and fmt == "text":  # supervised formats already have their prompt as the prefix
         store = PrefixSplit(store, cfg.train.seed)
     try:
+        if fmt == "preference":  # a group never splits; rows are filled first-fit (or one group per row)
+            from .preference import PreferenceRows
+            return PreferenceRows(store, cfg.train.seq_len, pad_id, cfg.data.packing, cfg.dpo.max_docs)
         if cfg.train.objective == "seq2seq":  # (source, target) pairs packed on both sides
             return Seq2SeqRows(store, cfg.train.seq_len, pad_id, cfg.data.packing, fmt)
         return make_rows(store, cfg.train.seq_len, pad_id, cfg.data.packing, prefix)

@@ -84,6 +84,9 @@ def _take(record, fmt: str, text_field: str, where: str, bad: BadRecords):
     if not isinstance(record, dict):
         bad(where, f"expected a JSON object, got {type(record).__name__}", "not an object")
         return None
+    if fmt == "preference":  # pairs, ranked lists, unpaired or scored responses (preference.py)
+        from .preference import take_record
+        return take_record(record, where, bad)
     fields = FORMAT_FIELDS.get(fmt, (text_field,))
     for name in fields:
         if record.get(name) is None:
@@ -175,6 +178,8 @@ def read_text(file: str, fmt: str, text_field: str, bad: BadRecords) -> Iterator
 
 def read_parquet(file: str, fmt: str, text_field: str, bad: BadRecords) -> Iterator[tuple[object, str]]:
     import pyarrow.parquet as pq
+    if fmt == "preference":
+        raise ConfigError("data.source", "preference records are read from jsonl files")
     try:
         pf = pq.ParquetFile(file)
     except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid/OSError for bad files

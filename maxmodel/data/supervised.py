@@ -61,6 +61,9 @@ def document_text(doc, fmt: str, chat_template: str = DEFAULT_CHAT_TEMPLATE, tok
     """The text a document renders to (what a tokenizer trained on this data should see)."""
     if fmt == "text":
         return doc
+    if fmt == "preference":
+        from .preference import record_text
+        return record_text(doc, chat_template, tokenizer_path)
     if fmt == "prompt_completion":
         return doc["prompt"] + doc["completion"]
     if is_jinja_spec(chat_template):

@@ -30,7 +30,7 @@ class Reference:
     policy's current state; it is read only with adapters (the base inside it is the reference)."""
 
     def __init__(self, cfg, ts, mesh):
-        from maxmodel.train.step import batch_sharding
+        from maxmodel.train.step import batch_sharding, fused_loss_chunk
         self.graphdef = ts.graphdef
         self.copy = None
         if cfg.peft.method == "prompt":
@@ -40,10 +40,11 @@ class Reference:
             self.copy = _starting_params(cfg, ts)
         out = batch_sharding(mesh)
         graphdef = ts.graphdef
+        chunk = fused_loss_chunk(cfg, mesh)  # the step's chunked head: no [B, L, V] logits here either
 
         def logps(params, batch):
             state = params if self.copy is not None else _without_adapters(params)
-            return token_logps(nnx.merge(graphdef, state), batch)
+            return token_logps(nnx.merge(graphdef, state), batch, chunk)
         self._logps = jax.jit(logps, in_shardings=(ts.param_shardings, None), out_shardings=out)
         self.replicated = NamedSharding(mesh, PartitionSpec())
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from maxmodel.config import ConfigError
 from maxmodel.data.sources import BadRecords, read_documents
 
-from .rl.rewards import combine, load_rewards, score
+from .rl.rewards import combine, load_rewards, reward_model_scorer, score
 
 
 @dataclass
@@ -66,8 +66,7 @@ def synthesize(generator, spec: SynthesisSpec, progress: bool = True) -> dict:
     functions = load_rewards(spec.rewards)
     scorer = None
     if spec.reward_model:
-        from maxmodel.finetune.reward_model import RewardModelScorer
-        scorer = RewardModelScorer(spec.reward_model)
+        scorer = reward_model_scorer(spec.reward_model, "--reward-model")
     if spec.keep == "best" and not functions and scorer is None:
         raise ConfigError("--keep", "best needs --reward functions or --reward-model to rank completions")
     out = Path(spec.out)

@@ -17,6 +17,9 @@ def model_class(cfg: Config) -> type[nnx.Module]:
 def build_model(cfg: Config, rngs: nnx.Rngs) -> nnx.Module:
     """A new model for `cfg` (call under nnx.eval_shape for shapes only)."""
     model = model_class(cfg)(cfg, rngs)
+    if cfg.model.score_head:  # a scalar head beside the LM head (reward models): score_head.py
+        from .score_head import attach_score_head
+        model = attach_score_head(model, cfg)
     if cfg.peft.method != "none":  # adapters (and a quantized base) on top: maxmodel/finetune/peft
         from maxmodel.finetune.peft import attach
         model = attach(model, cfg, rngs)

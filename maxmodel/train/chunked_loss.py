@@ -84,3 +84,18 @@ def _bwd(z_loss, chunk, residuals, cotangents):
 
 
 fused_cross_entropy.defvjp(_fwd, _bwd)
+
+
+def chunked_token_logps(h, w, targets, mask, chunk: int):
+    """log p(target) [B, L] float32 (0 where mask is 0) of hidden states h [B, L, D] against the head w [D, V],
+    one chunk of positions at a time: preference and RL objectives need per-token log-probs, not a sum. Each
+    chunk's logits are recomputed in the backward pass (jax.checkpoint), so no [B, L, V] array is ever alive."""
+    @jax.checkpoint
+    def one(hc, tc):
+        logits = dense(hc, w, preferred_element_type=jnp.float32)
+        return jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
+
+    def body(_, xs):
+        return None, one(*xs)
+    _, out = jax.lax.scan(body, None, (_chunks(h, chunk), _chunks(targets, chunk)))
+    return jnp.where(mask > 0, _unchunk(out), 0.0)

@@ -33,11 +33,20 @@ def _params_dir(directory) -> Path:
 def load_params(directory: str, target):
     """Exported parameters restored onto `target` (ShapeDtypeStructs with this run's shardings and dtypes;
     orbax casts an exported bf16 tree to the run's param dtype)."""
+    import jax
     import orbax.checkpoint as ocp
+    from flax import nnx
+
+    from maxmodel.models.score_head import split_head, zero_head_like
     if not (Path(directory) / "export.json").is_file():
         raise ConfigError("init.from", f"{directory} is not a `maxmodel export` directory (no export.json)")
+    head, rest = split_head(target)
+    exported = json.loads((Path(directory) / "export.json").read_text()).get("model") or {}
+    new_head = bool(jax.tree.leaves(head)) and not exported.get("score_head", False)
     try:
         with ocp.StandardCheckpointer() as ckptr:
+            if new_head:  # a language model becoming a reward model: its scalar head starts at zero
+                return nnx.merge_state(ckptr.restore(_params_dir(directory), rest), zero_head_like(head))
             return ckptr.restore(_params_dir(directory), target)
     except (ValueError, KeyError) as e:
         raise ConfigError("init.from", f"the parameters in {directory} do not fit this model "

@@ -43,6 +43,7 @@ class TrainResult:
     final_step: int
     losses: dict[int, float] = field(default_factory=dict)
     eval_loss: float | None = None
+    eval_metrics: dict = field(default_factory=dict)
     stats: dict = field(default_factory=dict)
     params: object = None
     graphdef: object = None
@@ -65,13 +66,17 @@ def run_dir_of(cfg: Config) -> Path:
     return Path(cfg.run.output_dir) / cfg.run.name
 
 
-def evaluate(ts, params, data, mesh, num_batches: int, prepare) -> float | None:
-    """The held-out loss per counted token, or None when the held-out split has no whole global batch."""
-    nll, count = 0.0, 0.0
+def evaluate(ts, params, data, mesh, num_batches: int, prepare) -> tuple[float | None, dict]:
+    """(held-out loss per counted unit, {eval_<metric>: value}: the objective's metrics as means per counted
+    unit too); the loss is None when the held-out split has no whole global batch."""
+    nll, count, extra = 0.0, 0.0, {}
     for batch in data.eval_batches(num_batches):
-        n, c = ts.eval_fn(params, prepare(None, params, batch))
+        n, c, m = ts.eval_fn(params, prepare(None, params, batch))
         nll, count = nll + float(n), count + float(c)
-    return nll / count if count else None
+        extra = {k: extra.get(k, 0.0) + float(v) for k, v in m.items()}
+    if not count:
+        return None, {}
+    return nll / count, {f"eval_{k}": v / count for k, v in extra.items()}
 
 
 def _plain_batch(mesh):
@@ -194,9 +199,12 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
                     goodput.lap("productive")
                     t0 = time.perf_counter()
                     if data.eval_source is not None:
-                        result.eval_loss = evaluate(ts, params, data, mesh, cfg.run.eval_batches, prepare)
+                        result.eval_loss, eval_metrics = evaluate(ts, params, data, mesh, cfg.run.eval_batches,
+                                                                  prepare)
                         if result.eval_loss is not None:
                             record["eval_loss"] = result.eval_loss
+                            record.update(eval_metrics)
+                            result.eval_metrics = eval_metrics
                     if evaluator is not None:  # run.eval_tasks, with or without a held-out split
                         record.update(evaluator(params, step))
                     interval_start += time.perf_counter() - t0  # eval time is not step time

@@ -216,10 +216,10 @@ def build_train_step(cfg: Config, graphdef: nnx.GraphDef, abstract_params: nnx.S
         return trainable, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": count,
                                       **{k: v / denom for k, v in extra.items()}, **guards.metrics(opt_state), **({"moe": stats} if stats else {})}
 
-    def evaluate(params, batch):
-        _, (nll, count, _, _) = _loss_sums(objective, graphdef, (params,), batch, LossSettings(0.0, settings.loss_chunk, cfg),
-                                           order, None)
-        return nll, count
+    def evaluate(params, batch):  # -> (summed loss, count, the objective's summed metrics)
+        _, (nll, count, _, extra) = _loss_sums(objective, graphdef, (params,), batch,
+                                               LossSettings(0.0, settings.loss_chunk, cfg), order, None)
+        return nll, count, extra
 
     batch_sh = {k: data_sh for k in batch_keys(cfg)}
     jitted = jax.jit(step, in_shardings=(train_sh, frozen_sh, opt_sh, batch_sh),

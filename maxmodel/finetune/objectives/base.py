@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from maxmodel.train.chunked_loss import fused_cross_entropy
+from maxmodel.train.chunked_loss import chunked_token_logps, fused_cross_entropy
 from maxmodel.train.loss import cross_entropy_sums
 
 # Every batch holds these [batch, seq_len] arrays; an objective names the extra ones it needs.
@@ -18,10 +18,10 @@ BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 @dataclass(frozen=True)
 class LossSettings:
     """What the step decides for every objective: the z-loss weight and the fused head's chunk (0 = off);
-    `config`, the run's Config, where an objective reads its method settings (rl.*, dpo.*)."""
+    `cfg`, the run's Config, where an objective reads its method settings (rl.*, dpo.*, distill.*)."""
     z_loss: float = 0.0
     loss_chunk: int = 0
-    config: Any = field(default=None, compare=False)
+    cfg: Any = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -43,11 +43,15 @@ class Objective:
     prepare: Callable | None = None
 
 
-def token_logps(model, batch: dict, **model_kwargs: Any):
+def token_logps(model, batch: dict, chunk: int = 0, **model_kwargs: Any):
     """log p(target) at every position [B, L] in float32, 0 where `loss_mask` is 0: the per-token log-probs
-    preference and RL objectives sum per sequence, and that a sampler's log-probs are checked against."""
+    preference and RL objectives sum per sequence, and that a sampler's log-probs are checked against. With
+    `chunk` (the step's LossSettings.loss_chunk) the head runs over chunks of positions: no [B, L, V] logits."""
     if "task" in batch:
         model_kwargs = {**model_kwargs, "task": batch["task"]}
+    if chunk:
+        h, _ = model.hidden(batch["inputs"], batch["segment_ids"], batch["positions"], **model_kwargs)
+        return chunked_token_logps(h, model.head_matrix(), batch["targets"], batch["loss_mask"], chunk)
     logits = model(batch["inputs"], batch["segment_ids"], batch["positions"], **model_kwargs).astype(jnp.float32)
     logp = jax.nn.log_softmax(logits, axis=-1)
     picked = jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]

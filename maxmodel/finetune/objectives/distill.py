@@ -19,7 +19,7 @@ def kl_per_token(teacher_logits, student_logits, temperature: float = 1.0):
 
 
 def loss(model, batch, settings):
-    d = settings.config.distill
+    d = settings.cfg.distill
     mask = batch["loss_mask"].astype(jnp.float32)
     logits = model(batch["inputs"], batch["segment_ids"], batch["positions"]).astype(jnp.float32)
     teacher = batch["teacher_logits"]

@@ -26,7 +26,7 @@ def generalized_jsd(teacher_logits, student_logits, beta: float):
 def loss(model, batch, settings):
     mask = batch["loss_mask"].astype(jnp.float32)
     logits = model(batch["inputs"], batch["segment_ids"], batch["positions"])
-    div = jnp.sum(mask * generalized_jsd(batch["teacher_logits"], logits, settings.config.distill.beta))
+    div = jnp.sum(mask * generalized_jsd(batch["teacher_logits"], logits, settings.cfg.distill.beta))
     return div, div, mask.sum(), {}, {}
 
 

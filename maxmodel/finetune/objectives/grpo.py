@@ -48,7 +48,7 @@ def clipped_surrogate(logp, old, adv, eps_low: float, eps_high: float):
 
 
 def loss(model, batch, settings):
-    rl = settings.config.rl
+    rl = settings.cfg.rl
     mask = batch["loss_mask"].astype(jnp.float32)
     logp = token_logps(model, batch)
     per_token, ratio, binds = clipped_surrogate(logp, batch["old_logps"], batch["advantages"], rl.epsilon,

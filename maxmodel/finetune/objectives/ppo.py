@@ -14,7 +14,7 @@ METRICS = ("policy_loss", "value_loss", "clip_fraction", "value_clip_fraction")
 
 
 def loss(model, batch, settings):
-    rl = settings.config.rl
+    rl = settings.cfg.rl
     mask = batch["loss_mask"].astype(jnp.float32)
     h, _ = model.hidden(batch["inputs"], batch["segment_ids"], batch["positions"])
     logp = jax.nn.log_softmax(model.logits(h).astype(jnp.float32), axis=-1)

@@ -10,8 +10,10 @@ from .config import METHODS  # noqa: F401
 
 
 def trainable_filter(p: PeftConfig):
-    """The nnx filter of what trains: everything in full training, the adapters otherwise."""
-    return ... if p.method == "none" else nnx.LoRAParam
+    """The nnx filter of what trains: everything in full training, the adapters otherwise (and a new scalar
+    head, models/score_head.py, which has no pretrained value to keep: PEFT's modules_to_save)."""
+    from maxmodel.models.score_head import HEAD
+    return ... if p.method == "none" else nnx.Any(nnx.LoRAParam, nnx.PathContains(HEAD))
 
 
 def attach(model, cfg, rngs: nnx.Rngs):

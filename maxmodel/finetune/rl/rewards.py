@@ -116,3 +116,17 @@ def group_advantages(rewards: np.ndarray, group_size: int, scale: bool) -> tuple
     adv = np.where(flat[:, None], 0.0, adv)
     return adv.reshape(-1), {"zero_spread_groups": float(np.mean(flat & ~bad)),
                              "skipped_groups": float(np.mean(bad))}
+
+
+def reward_model_scorer(path: str, key: str):
+    """`fn(prompts, completions) -> [n] scores` of a trained reward model directory (finetune/reward_scorer.py),
+    reading each (prompt, completion) as its training read them. String prompts only: a reward model was
+    trained on the text its preference records held."""
+    from maxmodel.finetune.reward_scorer import RewardScorer
+    scorer = RewardScorer(path)
+
+    def score_texts(prompts, completions):
+        if not all(isinstance(p, str) for p in prompts):
+            raise ConfigError(key, "the reward model scores string prompts; these records hold chat messages")
+        return np.asarray(scorer.score_texts(list(prompts), list(completions)), np.float64)
+    return score_texts

@@ -23,7 +23,7 @@ from maxmodel.inference.sampling import SamplingOptions
 from maxmodel.parallel.rules import mesh_rules
 from maxmodel.train.step import global_batch
 
-from .rewards import combine, group_advantages, load_rewards, score
+from .rewards import combine, group_advantages, load_rewards, reward_model_scorer, score
 
 
 def request_seed(seed: int, step: int, index: int) -> int:
@@ -130,8 +130,7 @@ class Rollouts(PolicySampler):
             raise ConfigError("rl.rewards", "give reward functions (dotted paths) or rl.reward_model")
         self.reward_model = None
         if rl.reward_model:
-            from maxmodel.finetune.reward_model import RewardModelScorer
-            self.reward_model = RewardModelScorer(rl.reward_model)
+            self.reward_model = reward_model_scorer(rl.reward_model, "rl.reward_model")
         self.reference = Reference(cfg, ts, mesh) if rl.beta > 0 else None
 
     def rewards_of(self, records: list[dict], completions: list) -> tuple[np.ndarray, dict]:
