@@ -2,7 +2,7 @@
 
 planner.ipynb: the scaling laws, repeated data and IsoFLOP fits, saving three plots. quickstart.ipynb: plans a
 model, trains it on the emulated 8-device mesh, plots the curves, generates text and evaluates it. finetune.ipynb: LoRA SFT
-of a tiny model on chat data, merge, export to PEFT."""
+of a tiny model on chat data, merge, export to PEFT. rl.ipynb: SFT, DPO then GRPO on the arithmetic task."""
 import json
 import os
 from pathlib import Path
@@ -25,7 +25,7 @@ def execute(name: str, tmp_path, monkeypatch) -> str:
     return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
 
 
-@pytest.mark.parametrize("name", ["planner.ipynb", "quickstart.ipynb", "finetune.ipynb"])
+@pytest.mark.parametrize("name", ["planner.ipynb", "quickstart.ipynb", "finetune.ipynb", "rl.ipynb"])
 def test_notebook_is_stripped(name):
     for cell in json.loads((NOTEBOOKS / name).read_text())["cells"]:
         if cell["cell_type"] == "code":
@@ -59,3 +59,13 @@ def test_finetune_notebook_executes(tmp_path, monkeypatch):
     gap = float(text.split("max |diff| = ")[1].split()[0])
     assert gap < 1e-5
     assert "adapter_model.safetensors" in text and "r = 4" in text
+
+
+@pytest.mark.timeout(600)
+def test_rl_notebook_executes(tmp_path, monkeypatch):
+    text = execute("rl.ipynb", tmp_path, monkeypatch)
+    png = tmp_path / "rl_curves.png"
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000
+    assert "DPO loss 0.6931 (ln 2 = 0.6931)" in text  # step 1: the policy is its reference
+    for stage in ("SFT", "DPO", "GRPO"):
+        assert f"after {stage}: greedy exact match" in text
