@@ -135,28 +135,33 @@ def _take(record, fmt: str, text_field: str, where: str, bad: BadRecords):
     return {"messages": messages}
 
 
-def read_jsonl(file: str, fmt: str, text_field: str, bad: BadRecords) -> Iterator[tuple[object, str]]:
+def json_lines(file, bad: BadRecords) -> Iterator[tuple[object, str]]:
+    """(parsed JSON value, "file:line") of every non-blank line of a JSONL file (optionally .gz); a line that
+    is not UTF-8 or not JSON, or a corrupt gzip, goes to `bad` with its place."""
+    file = str(file)
     opener = gzip.open if file.endswith(".gz") else open
+    line_no = 0
     try:
         with opener(file, "rb") as f:
-            line_no = 0
             for line_no, raw in enumerate(f, start=1):
                 where = f"{file}:{line_no}"
                 if not raw.strip():
                     continue
                 try:
-                    record = json.loads(raw.decode("utf-8"))
+                    yield json.loads(raw.decode("utf-8")), where
                 except UnicodeDecodeError as e:
                     bad(where, f"not UTF-8 ({e.reason} at byte {e.start})", "not UTF-8")
-                    continue
                 except json.JSONDecodeError as e:
                     bad(where, f"malformed JSON ({e.msg} at column {e.colno})", "malformed JSON")
-                    continue
-                doc = _take(record, fmt, text_field, where, bad)
-                if doc is not None:
-                    yield doc, where
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
         bad(f"{file}:{line_no + 1}", f"truncated or corrupt gzip ({e})", "corrupt file")
+
+
+def read_jsonl(file: str, fmt: str, text_field: str, bad: BadRecords) -> Iterator[tuple[object, str]]:
+    for record, where in json_lines(file, bad):
+        doc = _take(record, fmt, text_field, where, bad)
+        if doc is not None:
+            yield doc, where
 
 
 def read_text(file: str, fmt: str, text_field: str, bad: BadRecords) -> Iterator[tuple[object, str]]:

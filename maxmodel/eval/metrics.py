@@ -7,7 +7,6 @@ A metric is `fn(predictions: list[str], references: list[list[str]]) -> float | 
 """
 from __future__ import annotations
 
-import importlib
 import re
 import string
 from collections import Counter
@@ -70,14 +69,8 @@ def resolve(name: str, key: str = "metrics") -> Callable:
     if ":" not in name:
         raise ConfigError(key, f"unknown metric '{name}': use one of {', '.join(sorted(BUILTIN))} or "
                                f"package.module:function")
-    module, _, attr = name.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(key, f"cannot import metric '{name}': {e}") from None
-    if not callable(fn):
-        raise ConfigError(key, f"metric '{name}' is not a function")
-    return fn
+    from maxmodel.imports import import_callable
+    return import_callable(name, key, "metric")
 
 
 def compute(names: list[str], predictions: list[str], references: list[list[str]]) -> dict[str, float]:

@@ -15,7 +15,6 @@ A bad line is an error naming file:line, or with on_bad_record: skip a counted s
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 import yaml
 
 from maxmodel.config.errors import ConfigError
-from maxmodel.data.sources import BadRecords, DataError, expand_paths
+from maxmodel.data.sources import BadRecords, DataError, expand_paths, json_lines
 
 from . import metrics as completion_metrics
 from .perplexity import documents, perplexity
@@ -104,15 +103,7 @@ def read_records(path, kind: str, bad: BadRecords, key: str) -> list[dict]:
     """The task file's records, checked; each carries `_where` (file:line) and `answer_text`."""
     out = []
     for file in expand_paths(path, key=key, bad=bad):
-        for line_no, line in enumerate(Path(file).read_text(encoding="utf-8").splitlines(), start=1):
-            where = f"{file}:{line_no}"
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                bad(where, f"malformed JSON ({e.msg} at column {e.colno})", "malformed JSON")
-                continue
+        for record, where in json_lines(file, bad):
             problem = _check(record, kind)
             if problem:
                 bad(where, problem, problem.split(":")[0])

@@ -186,8 +186,8 @@ class Recipe:
         return {"data": str(out), "written": stats["written"]}
 
     def _run_call(self, stage: dict, stop):
-        from .rl.rewards import _import
-        fn = _import(stage["call"], f"{stage['key']}.call")
+        from maxmodel.imports import import_callable
+        fn = import_callable(stage["call"], f"{stage['key']}.call")
         result = fn(**self._resolve(stage.get("args") or {}))
         return {"result": result} if isinstance(result, (dict, list, str, int, float)) else {}
 

@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 
 from maxmodel import jsonio
-from maxmodel.data.sources import BadRecords, DataError
+from maxmodel.data.sources import BadRecords, DataError, json_lines
 
 TEMPLATE = ("Which response answers the prompt better?\nPrompt: {prompt}\nResponse A: {a}\nResponse B: {b}\n"
             "Answer with A or B.\nAnswer:")
@@ -33,22 +33,13 @@ def parse_answer(text: str) -> str | None:
 
 
 def _records(path: Path, bad: BadRecords):
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            where = f"{path}:{line_no}"
-            if not raw.strip():
-                continue
-            try:
-                rec = json.loads(raw)
-            except json.JSONDecodeError as e:
-                bad(where, f"malformed JSON ({e.msg} at column {e.colno})", "malformed JSON")
-                continue
-            responses = rec.get("responses") if isinstance(rec, dict) else None
-            if not (isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and isinstance(responses, list)
-                    and len(responses) == 2 and all(isinstance(r, str) for r in responses)):
-                bad(where, "expected {\"prompt\": str, \"responses\": [str, str]}", "not a pair to judge")
-                continue
-            yield where, rec["prompt"], responses
+    for rec, where in json_lines(path, bad):
+        responses = rec.get("responses") if isinstance(rec, dict) else None
+        if not (isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and isinstance(responses, list)
+                and len(responses) == 2 and all(isinstance(r, str) for r in responses)):
+            bad(where, "expected {\"prompt\": str, \"responses\": [str, str]}", "not a pair to judge")
+            continue
+        yield where, rec["prompt"], responses
 
 
 def label_pairs(judge, input_path, output_path, template: str = TEMPLATE, on_bad_record: str = "error",

@@ -9,7 +9,6 @@ are left out of the update (their group's advantages are zero) and counted.
 """
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -17,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from maxmodel.config.errors import ConfigError
+from maxmodel.imports import import_callable
 
 
 class RewardError(ValueError):
@@ -28,19 +28,6 @@ class RewardFunction:
     name: str          # the dotted path, as configured
     fn: Callable
     weight: float
-
-
-def _import(path: str, key: str) -> Callable:
-    module, sep, attr = path.partition(":") if ":" in path else path.rpartition(".")
-    if not sep or not module or not attr:
-        raise ConfigError(key, f"{path!r} is not a dotted path to a function (package.module.function)")
-    try:
-        fn = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(key, f"cannot import {path!r}: {e}") from None
-    if not callable(fn):
-        raise ConfigError(key, f"{path!r} is not callable")
-    return fn
 
 
 def load_rewards(specs: list) -> list[RewardFunction]:
@@ -55,7 +42,7 @@ def load_rewards(specs: list) -> list[RewardFunction]:
         weight = spec.get("weight", 1.0)
         if not isinstance(weight, (int, float)) or not math.isfinite(weight):
             raise ConfigError(f"{key}.weight", f"must be a finite number, got {weight!r}")
-        out.append(RewardFunction(str(spec["fn"]), _import(str(spec["fn"]), f"{key}.fn"), float(weight)))
+        out.append(RewardFunction(str(spec["fn"]), import_callable(str(spec["fn"]), f"{key}.fn", "reward function"), float(weight)))
     return out
 
 
