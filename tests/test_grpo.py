@@ -69,6 +69,9 @@ def test_sampler_logprobs_equal_the_trainers_on_a_sharded_mesh(task):
         prepare = grpo.OBJECTIVE.prepare(cfg, ts, mesh, data)
         batch = prepare(0, params, next(data.train))
         trainer = jax.jit(lambda p, b: token_logps(nnx.merge(graphdef, p), b))(params, batch)
+        compiled = dict(prepare.generator.engine.traces)
+        prepare(1, jax.tree.map(lambda x: x * 1.0, params), next(data.train))  # new weights pushed in place
+        assert dict(prepare.generator.engine.traces) == compiled  # nothing recompiled
     mask = np.asarray(batch["loss_mask"]) > 0
     assert mask.sum() >= cfg.train.batch_size  # every completion has at least one token
     np.testing.assert_allclose(np.asarray(trainer)[mask], np.asarray(batch["old_logps"])[mask], atol=1e-5)
@@ -211,3 +214,14 @@ def test_sigterm_on_a_grpo_run_checkpoints_and_exits_3(task):
     saved = sorted(int(p.name) for p in (task / "term" / "checkpoints").iterdir() if p.name.isdigit())
     assert saved == [reached]
     assert json.loads((task / "term" / "metrics.jsonl").read_text().splitlines()[0])["reward"] >= 0
+
+
+def test_grpo_with_lora_keeps_the_frozen_base_as_its_reference(task):
+    """With LoRA the reference is the adapter-free base inside the policy: KL 0 at step 1 (B = 0), > 0 once
+    the adapters moved; the engine decodes the adapted model."""
+    over = grpo_overrides(task, "lora", "peft.method=lora", "peft.rank=4", "peft.targets=all", "train.steps=3",
+                          "optimizer.lr=3e-2")
+    result = train(load_config(overrides=over))
+    records = _metrics(task / "lora")
+    assert records[0]["kl"] < 1e-6 < records[-1]["kl"]
+    assert result.stats["state"]["trainable_params"] < result.stats["state"]["total_params"] / 4
