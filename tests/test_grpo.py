@@ -79,7 +79,8 @@ def test_sampler_logprobs_equal_the_trainers_on_a_sharded_mesh(task):
     np.testing.assert_allclose(np.asarray(batch["ref_logps"])[mask], np.asarray(trainer)[mask], atol=1e-5)
     _, completions, rewards, _ = prepare.last_rollout
     assert sum(len(g) for g in completions) == cfg.train.batch_size and rewards.shape == (cfg.train.batch_size,)
-    assert set(prepare.metrics) >= {"reward", "reward/exact_match", "reward/format", "completion_length",
+    assert set(prepare.metrics) >= {"reward", "reward_std", "reward/exact_match", "reward/exact_match_std",
+                                    "reward/format", "completion_length",
                                     "zero_spread_groups", "rollout_seconds", "rollout_tokens_per_sec"}
 
 

@@ -142,8 +142,10 @@ class Rollouts(PolicySampler):
         per_fn, failures = score(self.rewards, prompts, texts, columns, self.cfg.data.on_bad_record == "skip")
         extra = self.reward_model(prompts, texts) if self.reward_model is not None else None
         total = combine(self.rewards, per_fn, extra)
-        stats = {f"reward/{name.replace(':', '.').rsplit('.', 1)[-1]}": float(np.nanmean(v))
-                 for name, v in per_fn.items()}
+        stats = {}
+        for name, v in per_fn.items():
+            short = f"reward/{name.replace(':', '.').rsplit('.', 1)[-1]}"
+            stats[short], stats[f"{short}_std"] = float(np.nanmean(v)), float(np.nanstd(v))
         if extra is not None:
             stats["reward/model"] = float(np.mean(extra))
         stats.update(reward=float(np.nanmean(total)), reward_std=float(np.nanstd(total)),
