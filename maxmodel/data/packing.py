@@ -123,6 +123,13 @@ def first_fit(sizes: np.ndarray, capacity: int, open_rows: int, counts: np.ndarr
     return rows
 
 
+def row_layout(row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(order, row_offsets) of a row assignment: items sorted by row, each row's items in the order they were
+    placed; row r holds order[row_offsets[r]:row_offsets[r + 1]]."""
+    order = np.argsort(row, kind="stable")
+    return order, np.concatenate([[0], np.cumsum(np.bincount(row, minlength=row.max() + 1))])
+
+
 class PackedRows:
     """`first_fit` or `none` packing of a store's documents into padded rows."""
 
@@ -133,9 +140,8 @@ class PackedRows:
         if not len(doc):
             raise ValueError("no document has a token to predict")
         row = first_fit(size, seq_len, open_rows) if packing == "first_fit" else np.arange(len(doc))
-        order = np.argsort(row, kind="stable")  # pieces of a row stay in the order they were placed
+        order, self.row_offsets = row_layout(row)
         self.doc, self.start, self.size = doc[order], start[order], size[order]
-        self.row_offsets = np.concatenate([[0], np.cumsum(np.bincount(row, minlength=row.max() + 1))])
         self.num_rows = len(self.row_offsets) - 1
         self.efficiency = float(size.sum() / (self.num_rows * seq_len))
 

@@ -23,7 +23,7 @@ import numbers
 
 import numpy as np
 
-from .packing import IndexedStore, first_fit
+from .packing import IndexedStore, first_fit, row_layout
 from .sources import DataError
 from .supervised import encode_document
 
@@ -191,9 +191,8 @@ class PreferenceRows:
             raise ValueError("no preference group")
         size, count = self.store.predictions[self.ids], self.store.num_docs[self.ids]
         row = np.arange(len(size)) if packing == "none" else first_fit(size, seq_len, open_rows, count, max_docs)
-        order = np.argsort(row, kind="stable")
+        order, self.row_offsets = row_layout(row)
         self.order = self.ids[order]
-        self.row_offsets = np.concatenate([[0], np.cumsum(np.bincount(row, minlength=row.max() + 1))])
         self.num_rows = len(self.row_offsets) - 1
         self.efficiency = float(size.sum() / (self.num_rows * seq_len))
 
