@@ -44,10 +44,12 @@ class PPORollouts(Rollouts):
         kl = np.where(mask > 0, old - ref_np, 0.0)
         rewards = token_rewards(mask, kl, np.nan_to_num(scores), rl.beta)
         adv, returns = gae(mask, rewards, values_np, rl.gamma, rl.gae_lambda)
-        rows.update(advantages=whiten(adv, mask).astype(np.float32), returns=returns.astype(np.float32),
-                    old_values=np.where(mask > 0, values_np, 0.0).astype(np.float32))
+        # only the arrays computed from the rollout's forward passes travel to the devices again
+        batch.update(self.global_rows({"advantages": whiten(adv, mask).astype(np.float32),
+                                       "returns": returns.astype(np.float32),
+                                       "old_values": np.where(mask > 0, values_np, 0.0).astype(np.float32)}))
         self.metrics.update(stats, score=float(np.nanmean(scores)), reward_kl=float(kl.sum() / max(mask.sum(), 1)),
                             value_mean=float(values_np[mask > 0].mean()),
                             prepare_seconds=time.perf_counter() - t0)
         self.last_rollout = (prompts, completions, scores, adv)
-        return self.global_rows(rows)
+        return {k: batch[k] for k in (*rows, "returns", "old_values")}
