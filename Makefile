@@ -71,7 +71,7 @@ train: $(BASE_STAMP)
 	$(BIN)/maxmodel train
 
 test: setup-test $(HF_STAMP)
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup --timeout=900 tests
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup --timeout=600 tests
 
 lint: setup-dev
 	$(BIN)/ruff check maxmodel tests

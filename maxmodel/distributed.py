@@ -147,6 +147,11 @@ def _emulate_cpu_devices(cpu_devices: int | None) -> None:
         return
     if count < 1:
         raise ValueError(f"the number of emulated CPU devices must be >= 1, got {count}")
+    if count > 1 and not (os.environ.get("PJRT_NPROC") or os.environ.get("NPROC")):
+        # XLA:CPU sizes its thread pools max(cores, devices), and each emulated device blocks a pool thread
+        # in every collective's rendezvous: with only as many threads as devices (a 2-core host) little is
+        # left for the compute another device still needs. A 2-core CI run hung once in an 8-device step.
+        os.environ["PJRT_NPROC"] = str(max(os.cpu_count() or 1, 4 * count))
     try:
         jax.config.update("jax_num_cpu_devices", int(count))
     except RuntimeError as e:   # a backend already exists: its device count is fixed now

@@ -11,8 +11,14 @@ os.environ.setdefault("MAXMODEL_CACHE", os.path.join(os.path.dirname(__file__), 
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ["MAXMODEL_CACHE"], "jax-compile"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# LLVM's optimisation passes are most of an XLA:CPU compile; the suite's models are tiny, so unoptimised code
+# runs about as fast and compiles in about half the time.
+# Subprocesses that start from a clean environment pass COMPILE_FLAGS on.
+COMPILE_FLAGS = "--xla_backend_optimization_level=0"
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + COMPILE_FLAGS).strip()
 
-from maxmodel import distributed
+from maxmodel import distributed  # noqa: E402  (after the environment is set)
 
 distributed.initialize(cpu_devices=8)
 
@@ -41,3 +47,12 @@ def compile_cache(tmp_path_factory):
     jax.config.update("jax_compilation_cache_dir", before[0])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
     compilation_cache.reset_cache()
+
+
+def pytest_itemcollected(item):
+    """Under `--dist loadgroup` a module's tests stay on one worker: its module-scoped fixtures (trained runs,
+    compiled engines) are then built once, not once per worker that happens to draw one of its tests. Tests
+    that name their own xdist_group (several modules sharing one worker) keep it. (Marked here, as each item
+    is collected, so xdist's own collection hook always sees the mark.)"""
+    if item.get_closest_marker("xdist_group") is None:
+        item.add_marker(pytest.mark.xdist_group(item.module.__name__))

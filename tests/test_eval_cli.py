@@ -9,7 +9,7 @@ import json
 import re
 
 import pytest
-from conftest import TINY
+from conftest import COMPILE_FLAGS, TINY
 
 from maxmodel.cli import main as cli_main
 
@@ -204,7 +204,7 @@ def test_two_hosts_score_with_process_0_driving(run_dir, model, tmp_path):
     procs = []
     for i in range(2):
         env = {**os.environ, "MAXMODEL_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "MAXMODEL_NUM_PROCESSES": "2",
-               "MAXMODEL_PROCESS_ID": str(i), "MAXMODEL_CPU_DEVICES": "2", "XLA_FLAGS": ""}
+               "MAXMODEL_PROCESS_ID": str(i), "MAXMODEL_CPU_DEVICES": "2", "XLA_FLAGS": COMPILE_FLAGS}
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "maxmodel.cli", "eval", str(run_dir), "--tasks", tasks, "--max-length", str(SEQ),
              "--batch-rows", "8", "--row-len", str(SEQ), "--output", str(tmp_path / f"out{i}.json")],

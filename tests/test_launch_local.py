@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import COMPILE_FLAGS
 
 from maxmodel.launch import cli
 from maxmodel.launch.local import child_env
@@ -40,7 +41,7 @@ def launcher(*args: str) -> list[str]:
 
 def clean_env() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MAXMODEL_", "SLURM_", "XLA_FLAGS"))}
-    env["PYTHONPATH"] = str(ROOT)
+    env.update(PYTHONPATH=str(ROOT), XLA_FLAGS=COMPILE_FLAGS)
     return env
 
 

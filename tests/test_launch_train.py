@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import COMPILE_FLAGS
 
 pytest.importorskip("maxmodel.train.loop", reason="the trainer is not on this branch yet")
 # Five short trainings: about 1-2 minutes on 2 idle cores. Multi-process tests share one xdist worker
@@ -34,7 +35,7 @@ SMALL = ["model.d_model=64", "model.num_layers=2", "model.num_heads=4", "model.n
 
 def env() -> dict:
     e = {k: v for k, v in os.environ.items() if not k.startswith(("MAXMODEL_", "SLURM_", "XLA_FLAGS"))}
-    e.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    e.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", XLA_FLAGS=COMPILE_FLAGS)
     return e
 
 

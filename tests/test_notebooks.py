@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import COMPILE_FLAGS
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
@@ -18,7 +19,7 @@ def execute(name: str, tmp_path, monkeypatch) -> str:
     nbclient = pytest.importorskip("nbclient")
     monkeypatch.setenv("PYTHONPATH", str(NOTEBOOKS.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    monkeypatch.setenv("XLA_FLAGS", "")  # the kernel sets up its own emulated devices
+    monkeypatch.setenv("XLA_FLAGS", COMPILE_FLAGS)  # the kernel sets up its own emulated devices
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}}).execute()
