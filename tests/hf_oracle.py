@@ -9,8 +9,9 @@
   python hf_oracle.py peft SPEC_JSON          logits of a transformers model with a PEFT adapter loaded
   python hf_oracle.py chat SPECS_JSON_FILE   apply_chat_template per spec: renderings, assistant masks
 
-Each prints one JSON line. The tests call it through `run` below, which imports neither torch nor
-transformers (this module imports them only in its modes).
+Each prints one JSON line. The tests call them through `run` below, which imports neither torch nor
+transformers (this module imports them only in its modes): it sends them to one long-lived `serve` process
+per test process, so torch and transformers load once, not once per call.
 """
 from __future__ import annotations
 
@@ -38,14 +39,41 @@ def require() -> str:
     return python
 
 
+_ORACLE: dict = {}  # the one oracle process of this test process: torch and transformers are imported once
+
+
+def _oracle():
+    proc = _ORACLE.get("proc")
+    if proc is None or proc.poll() is not None:
+        import atexit
+        import tempfile
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing of maxmodel's venv
+        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS="1")
+        stderr = tempfile.TemporaryFile("w+")
+        proc = subprocess.Popen([require(), __file__, "serve"], env=env, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=stderr, text=True)
+        _ORACLE.update(proc=proc, stderr=stderr)
+        atexit.register(proc.kill)
+    return proc
+
+
 def run(mode: str, *args: str, timeout: float = 300) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing of maxmodel's venv
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS="1")
-    proc = subprocess.run([require(), __file__, mode, *args], env=env, capture_output=True, text=True, check=False,
-                          timeout=timeout)
-    if proc.returncode:
-        raise RuntimeError(f"hf_oracle {mode} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """One request to the oracle process (started on first use, kept for the rest of the test session)."""
+    import select
+    proc = _oracle()
+    proc.stdin.write(json.dumps([mode, *args]) + "\n")
+    proc.stdin.flush()
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    line = proc.stdout.readline() if ready else ""
+    reply = json.loads(line) if line else None
+    if reply is None or "error" in reply:
+        if reply is None:
+            proc.kill()  # dead or stuck: the next request starts a fresh one
+        stderr = _ORACLE["stderr"]
+        stderr.seek(0)
+        detail = reply["error"] if reply else stderr.read()[-4000:] or f"no reply within {timeout} s"
+        raise RuntimeError(f"hf_oracle {mode} failed:\n{detail}")
+    return reply["result"]
 
 
 def build(spec: dict) -> dict:
@@ -160,22 +188,43 @@ def peft_logits(spec: dict) -> dict:
             "lora_modules": sum(1 for n, _ in model.named_modules() if n.endswith("lora_A.default"))}
 
 
+def handle(argv: list[str]):
+    if argv[0] == "build":
+        return build(json.loads(argv[1]))
+    if argv[0] == "load":
+        return load(*argv[1:3])
+    if argv[0] == "generate":
+        return generate(*argv[1:4])
+    if argv[0] == "peft":
+        return peft_logits(json.loads(argv[1]))
+    if argv[0] == "chat":
+        return [chat(spec) for spec in json.loads(Path(argv[1]).read_text())]
+    raise ValueError(f"unknown mode {argv[0]!r}: build | load | generate | chat | peft")
+
+
+def serve() -> int:
+    """Requests (a JSON list: mode, then its arguments) on stdin, one JSON reply line each on stdout; whatever
+    the modes print goes to stderr, so the replies stay parseable."""
+    import contextlib
+    import traceback
+    out = sys.stdout
+    for line in sys.stdin:
+        try:
+            with contextlib.redirect_stdout(sys.stderr):
+                reply = {"result": handle(json.loads(line))}
+        except Exception:  # reported to the test that asked; the oracle keeps serving
+            reply = {"error": traceback.format_exc()[-4000:]}
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+    return 0
+
+
 def main(argv: list[str]) -> int:
     import torch
     torch.set_num_threads(1)  # tiny models; the test machines' cores are shared with the JAX side
-    if argv[0] == "build":
-        result = build(json.loads(argv[1]))
-    elif argv[0] == "load":
-        result = load(*argv[1:3])
-    elif argv[0] == "generate":
-        result = generate(*argv[1:4])
-    elif argv[0] == "peft":
-        result = peft_logits(json.loads(argv[1]))
-    elif argv[0] == "chat":
-        result = [chat(spec) for spec in json.loads(Path(argv[1]).read_text())]
-    else:
-        raise SystemExit(f"unknown mode {argv[0]!r}: build | load | generate | chat | peft")
-    print(json.dumps(result))
+    if argv[0] == "serve":
+        return serve()
+    print(json.dumps(handle(argv)))
     return 0
 
 
