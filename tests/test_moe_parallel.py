@@ -79,3 +79,44 @@ def test_moe_tiny_learns_with_balanced_load(tmp_path):
             assert 0.9 < r[f"moe/layer{layer}/aux_loss"] < 1.4, (r["step"], layer)
             assert r[f"moe/layer{layer}/z_loss"] > 0
     assert result.stats["flops_per_token"] > 0
+
+
+EXPERT_LORA = MOE + ["peft.method=lora", "peft.targets=[q,experts]", "peft.rank=4", "optimizer.lr=1e-2",
+                     "optimizer.weight_decay=0"]
+
+
+def test_lora_on_experts_starts_as_the_base_and_merges():
+    """Every expert of every MoE layer gets its own A [E, in, r] and B [E, r, out]; B = 0 is exactly the base
+    model, and with B moved the merged weights give the adapted logits."""
+    from conftest import TINY
+
+    from maxmodel.finetune.peft.lora import merge
+    from maxmodel.models.registry import build_model
+    base_cfg = load_config(overrides=TINY + MOE)
+    cfg = load_config(overrides=TINY + EXPERT_LORA)
+    tokens = np.random.default_rng(0).integers(0, 512, (2, 16)).astype(np.int32)
+    with nnx.use_eager_sharding(False):
+        base, lora = build_model(base_cfg, nnx.Rngs(0)), build_model(cfg, nnx.Rngs(0))
+        assert np.array_equal(np.asarray(base(tokens)), np.asarray(lora(tokens)))
+        moe = lora.layers.mlp
+        assert moe.expert_wi_lora.a[...].shape == (2, 4, 64, 4) and moe.expert_wo_lora.b[...].shape == (2, 4, 4, 64)
+        for name in ("expert_wi_lora", "expert_wg_lora", "expert_wo_lora"):
+            b = getattr(moe, name).b
+            b[...] = 0.05 * jax.random.normal(jax.random.key(len(name)), b[...].shape)
+        adapted = np.asarray(lora(tokens))
+        assert not np.allclose(adapted, np.asarray(base(tokens)), atol=1e-3)
+        np.testing.assert_allclose(np.asarray(merge(lora)(tokens)), adapted, atol=1e-5)
+
+
+def test_lora_on_experts_trains_on_expert_parallel_layouts_like_one_device():
+    one = run_steps(EXPERT_LORA + ["mesh.data=1"], jax.devices()[:1])
+    sharded = run_steps(EXPERT_LORA + LAYOUTS["expert=4 x data=2"], jax.devices())
+    np.testing.assert_allclose(sharded, one, rtol=1e-5)
+    assert one[-1, 0] < one[0, 0]
+
+
+def test_expert_adapters_are_refused_by_the_peft_export():
+    from maxmodel.config import ConfigError
+    from maxmodel.finetune.peft.hf_peft import hf_modules
+    with pytest.raises(ConfigError, match="peft.targets.*expert_gate.*merged weights"):
+        hf_modules(load_config(overrides=EXPERT_LORA))

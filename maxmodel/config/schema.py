@@ -197,7 +197,7 @@ class PeftConfig:
     alpha: float = 16.0                   # LoRA scale alpha / r (alpha / sqrt(r) with rslora)
     rslora: bool = False                  # rank-stabilised scaling (Kalajievo 2023)
     dropout: float = 0.0                  # LoRA dropout on the adapter's input (0 = off)
-    targets: Any = field(default_factory=lambda: ["q", "k", "v", "o"])  # q k v o gate up down (or all)
+    targets: Any = field(default_factory=lambda: ["q", "k", "v", "o"])  # q k v o gate up down (or all); expert_gate/up/down (or experts)
     quant: str = "nf4"                    # qlora: the frozen base as nf4 (4-bit, blockwise scales) | int8 (per channel)
     block_size: int = 64                  # qlora nf4: weights per absmax scale
     num_virtual_tokens: int = 8           # prompt: trainable virtual-token embeddings prepended to every row

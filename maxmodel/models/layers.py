@@ -47,6 +47,16 @@ def project(module: nnx.Module, w: nnx.Variable, x: jax.Array, contract: int = 1
     return y
 
 
+def with_adapter(module, attr: str, dtype):
+    """The weight `attr` of `module` in `dtype`, plus its adapter's update folded in (W + s A B) when it has
+    one: for weights not multiplied by project(), like a MoE layer's experts, whose dispatch paths (capacity
+    einsums, ragged groups, expert-parallel shard_map) then need no change. It costs one weight-sized
+    temporary per layer, which x A B would not."""
+    w = getattr(module, attr)[...]
+    adapter = vars(module).get(attr + ADAPTER_SUFFIX)
+    return (w if adapter is None else w + adapter.delta().astype(w.dtype)).astype(dtype)
+
+
 def adapt(module: nnx.Module, site: str, y: jax.Array) -> jax.Array:
     """y through the bottleneck adapter attached to `module` at `site` (peft.method=adapter), else y."""
     adapter = vars(module).get(site + "_adapter")

@@ -34,7 +34,7 @@ from flax import nnx
 
 from maxmodel.config.schema import ModelConfig
 
-from .layers import _ACTIVATIONS, MLP
+from .layers import _ACTIVATIONS, MLP, with_adapter
 from .sharding import constrain, param
 
 
@@ -126,8 +126,8 @@ class MoE(nnx.Module):
         ids, weights, probs = route(logits, m, None if self.bias is None else self.bias[...])
         aux, load = load_balancing_loss(ids, probs, m.num_experts)
         stats = {"load": load, "aux_loss": aux, "z_loss": router_z_loss(logits)}
-        w = [v[...].astype(x.dtype) if v is not None else None
-             for v in (self.expert_wi, self.expert_wg, self.expert_wo)]
+        w = [None if getattr(self, name) is None else with_adapter(self, name, x.dtype)
+             for name in ("expert_wi", "expert_wg", "expert_wo")]
         if m.capacity_factor > 0:
             cap = capacity(x.shape[1], m.num_experts, m.top_k, m.capacity_factor)
             dispatch, combine, stats["dropped"] = capacity_dispatch(ids, weights, m.num_experts, cap)

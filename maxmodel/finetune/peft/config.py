@@ -9,14 +9,17 @@ QUANT = ("nf4", "int8")
 # Target names (Hugging Face PEFT's module names in parentheses): what each matches in maxmodel's blocks.
 TARGETS = {"q": "attn.wq", "k": "attn.wk", "v": "attn.wv", "o": "attn.wo",
            "gate": "mlp.wg", "up": "mlp.wi", "down": "mlp.wo"}
-ALL = "all"
+# A MoE layer's stacked expert weights [E, ...] (LoRA targets only: QLoRA and QAT treat the projections above).
+EXPERT_TARGETS = {"expert_gate": "mlp.expert_wg", "expert_up": "mlp.expert_wi", "expert_down": "mlp.expert_wo"}
+ALL, EXPERTS = "all", "experts"  # every projection above (PEFT's all-linear); every expert weight
 
 
 def target_names(targets) -> tuple[str, ...]:
     names = [targets] if isinstance(targets, str) else list(targets)
-    if ALL in names:
-        return tuple(TARGETS)
-    return tuple(names)
+    out = []
+    for name in names:
+        out += TARGETS if name == ALL else EXPERT_TARGETS if name == EXPERTS else [name]
+    return tuple(dict.fromkeys(out))
 
 
 def validate_peft(cfg) -> None:
@@ -43,9 +46,10 @@ def validate_peft(cfg) -> None:
     if p.dropout != 0.0:
         raise ConfigError("peft.dropout", "LoRA dropout is not implemented yet: set peft.dropout=0")
     names = target_names(p.targets)
-    unknown = [n for n in names if n not in TARGETS]
+    unknown = [n for n in names if n not in TARGETS and n not in EXPERT_TARGETS]
     if unknown or not names:
-        raise ConfigError("peft.targets", f"{unknown or names} not among {', '.join([*TARGETS, ALL])}")
+        raise ConfigError("peft.targets", f"{unknown or names} not among "
+                                          f"{', '.join([*TARGETS, ALL, *EXPERT_TARGETS, EXPERTS])}")
     if p.quant not in QUANT:
         raise ConfigError("peft.quant", f"{p.quant!r} is not one of {', '.join(QUANT)}")
     if p.block_size <= 0:

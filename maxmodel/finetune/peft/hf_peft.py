@@ -20,7 +20,7 @@ from maxmodel.config.schema import Config
 from maxmodel.interop import hf_config
 from maxmodel.interop.weights import rules_for
 
-from .config import target_names
+from .config import EXPERT_TARGETS, target_names
 from .lora import WEIGHTS
 
 PREFIX = "base_model.model."
@@ -39,6 +39,11 @@ def hf_modules(cfg: Config) -> dict[str, str]:
     by_ours = {r.ours[0]: r.hf[0] for r in layer_rules if len(r.ours) == 1 and len(r.hf) == 1 and r.part is None}
     out = {}
     for name in target_names(cfg.peft.targets):
+        if name in EXPERT_TARGETS:
+            raise ConfigError("peft.targets", f"{name!r}: expert adapters have no PEFT form here (transformers "
+                                              f"holds a MoE layer's experts as fused parameters, not per-expert "
+                                              f"Linear modules); export merged weights instead (maxmodel export "
+                                              f"--run-dir RUN --out DIR)")
         hf = by_ours.get(_ours(name), "")
         if not hf.endswith(".weight"):
             raise ConfigError("peft.targets", f"{name!r} has no separate Hugging Face module in the {family} "

@@ -30,7 +30,10 @@ from .config import target_names
 # target name -> (module class name, weight attribute, input dims of the unstacked weight, its rank)
 WEIGHTS = {"q": ("Attention", "wq", 1, 3), "k": ("Attention", "wk", 1, 3), "v": ("Attention", "wv", 1, 3),
            "o": ("Attention", "wo", 2, 3), "gate": ("MLP", "wg", 1, 2), "up": ("MLP", "wi", 1, 2),
-           "down": ("MLP", "wo", 1, 2)}
+           "down": ("MLP", "wo", 1, 2),
+           # [E, in, out]: the expert axis leads like a stack's, so each expert gets its own A and B
+           "expert_gate": ("MoE", "expert_wg", 1, 2), "expert_up": ("MoE", "expert_wi", 1, 2),
+           "expert_down": ("MoE", "expert_wo", 1, 2)}
 
 
 def scaling(p) -> float:
@@ -78,8 +81,8 @@ def attach_lora(model, cfg, rngs: nnx.Rngs):
     names = target_names(p.targets)
     found = targets_of(model, names)
     if not found:
-        raise ConfigError("peft.targets", f"{list(names)} match no weight of model.arch={cfg.model.arch} "
-                                          f"(MoE experts are not LoRA targets yet)")
+        raise ConfigError("peft.targets", f"{list(names)} match no weight of this model "
+                                          f"(model.arch={cfg.model.arch}, MoE: {cfg.model.moe.num_experts > 0})")
     key = rngs.params()
     for i, (module, attr, contract, lead) in enumerate(found):
         w = getattr(module, attr)
