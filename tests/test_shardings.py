@@ -8,7 +8,7 @@ from maxmodel.cli import main as cli_main
 from maxmodel.config import load_config
 from maxmodel.parallel.mesh import build_mesh
 from maxmodel.parallel.rules import logical_rules
-from maxmodel.parallel.shardings_cli import collect
+from maxmodel.train.shardings_cli import collect
 from maxmodel.train.checkpoint import abstract_like
 from maxmodel.train.step import abstract_state, batch_keys, batch_sharding, build_train_step
 

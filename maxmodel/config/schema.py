@@ -295,6 +295,12 @@ YAML_TO_FIELD = {"async": "async_", "from": "from_"}
 FIELD_TO_YAML = {v: k for k, v in YAML_TO_FIELD.items()}
 
 
+def run_dir_of(cfg: Config):
+    """Where a run writes its config, metrics and checkpoints: run.output_dir / run.name."""
+    from pathlib import Path
+    return Path(cfg.run.output_dir) / cfg.run.name
+
+
 def to_dict(obj) -> dict:
     """A dataclass tree as plain dicts with YAML key names."""
     out = {}

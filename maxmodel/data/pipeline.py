@@ -10,7 +10,6 @@ single-process global batch, and the iterator state is a few integers (JSON).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grain
@@ -29,33 +28,11 @@ from .sources import BadRecords, read_documents
 from .store import MemoryStore, ShardStore
 from .supervised import document_text, encode_document
 from .tokenizer import load_tokenizer, make_tokenizer
+from .train_data import TrainData
 from .windows import SyntheticSource
 
 log = logging.getLogger("maxmodel.data")
 SPM_TRAINING_CHARS = 20_000_000  # enough text for a sentencepiece model; more only costs time
-
-
-@dataclass
-class TrainData:
-    tokenizer: object | None
-    train: grain.DatasetIterator
-    eval_source: object | None
-    local_batch: int
-    process_index: int
-    process_count: int
-    stats: dict = field(default_factory=dict)
-    records: list | None = None   # data.format=prompt: the RL prompt records the iterator indexes
-
-    def eval_batches(self, num_batches: int):
-        """The first `num_batches` global batches of held-out rows, in order (this process's rows)."""
-        if self.eval_source is None:
-            return
-        global_batch = self.local_batch * self.process_count
-        num_batches = min(num_batches, len(self.eval_source) // global_batch)
-        for b in range(num_batches):
-            rows = [self.eval_source[b * global_batch + self.process_index + self.process_count * j]
-                    for j in range(self.local_batch)]
-            yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
 def unigram_cross_entropy(train_tokens: np.ndarray, eval_tokens: np.ndarray, vocab_size: int) -> float:

@@ -19,76 +19,19 @@ or whose kind the objective cannot use, is a bad record (file:line named; counte
 """
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 
 from .packing import IndexedStore, first_fit, row_layout
+from .preference_records import ACCEPTS, PAIRWISE, messages
 from .sources import DataError
 from .supervised import encode_document
-
-KINDS = {"pair": ("chosen", "rejected"), "ranked": ("responses",), "unpaired": ("completion", "label"),
-         "scored": ("response", "score")}
-# the kinds each objective reads (kto takes a pair as a desirable and an undesirable example)
-ACCEPTS = {"reward": ("pair", "ranked", "scored"), "kto": ("unpaired", "pair")}
-PAIRWISE = ("pair",)
-
-
-def _is_messages(x) -> bool:
-    return isinstance(x, list) and bool(x) and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in x)
-
-
-def take_record(record: dict, where: str, bad) -> dict | None:
-    """The normalised record {kind, prompt, responses, value, where}, or None after reporting it."""
-    kind = next((k for k, fields in KINDS.items() if all(f in record for f in fields)), None)
-    if kind is None:
-        bad(where, "not a preference record: expected fields prompt + chosen/rejected, responses, "
-                   "completion/label or response/score", "not a preference record")
-        return None
-    prompt = record.get("prompt")
-    responses = {"pair": lambda: [record["chosen"], record["rejected"]], "ranked": lambda: record["responses"],
-                 "unpaired": lambda: [record["completion"]], "scored": lambda: [record["response"]]}[kind]()
-    if not isinstance(responses, list) or len(responses) < (2 if kind == "ranked" else 1):
-        bad(where, "'responses' must list at least two responses, best first", "bad responses")
-        return None
-    chat = _is_messages(prompt) or any(isinstance(r, list) for r in responses)
-    if prompt is None and not chat:
-        bad(where, "missing field 'prompt'", "missing field 'prompt'")
-        return None
-    ok_prompt = prompt is None or isinstance(prompt, str) or _is_messages(prompt)
-    ok_responses = all((isinstance(r, str) and r.strip()) or _is_messages(r) for r in responses)
-    if not (ok_prompt and ok_responses):
-        bad(where, "prompt and responses must be non-empty strings or lists of {role, content} messages",
-            "not a string")
-        return None
-    value = 0.0
-    if kind == "unpaired":
-        if not isinstance(record["label"], bool):
-            bad(where, f"'label' must be true or false, got {record['label']!r}", "bad label")
-            return None
-        value = float(record["label"])
-    if kind == "scored":
-        score = record["score"]
-        if isinstance(score, bool) or not isinstance(score, numbers.Real) or not np.isfinite(score):
-            bad(where, f"'score' must be a finite number, got {score!r}", "bad score")
-            return None
-        value = float(score)
-    return {"kind": kind, "prompt": prompt, "responses": responses, "chat": chat, "value": value, "where": where}
-
-
-def _messages(x, role="user") -> list[dict]:
-    if x is None:
-        return []
-    return x if isinstance(x, list) else [{"role": role, "content": x}]
-
 
 def encode_response(doc: dict, response, tokenizer, chat_template: str) -> tuple[np.ndarray, np.ndarray]:
     """(tokens, weights) of the record's prompt followed by one response; only the response counts."""
     if not doc["chat"]:
         return encode_document({"prompt": doc["prompt"], "completion": response}, "prompt_completion", tokenizer)
-    prompt = _messages(doc["prompt"])
-    tokens, weights = encode_document({"messages": prompt + _messages(response, "assistant")}, "chat",
+    prompt = messages(doc["prompt"])
+    tokens, weights = encode_document({"messages": prompt + messages(response, "assistant")}, "chat",
                                       tokenizer, chat_template)
     if any(m["role"] == "assistant" for m in prompt):  # earlier assistant turns are context, not the response
         head, _ = encode_document({"messages": prompt}, "chat", tokenizer, chat_template)
@@ -97,15 +40,6 @@ def encode_response(doc: dict, response, tokenizer, chat_template: str) -> tuple
         weights = weights.copy()
         weights[:same[0] if len(same) else n - 1] = 0
     return tokens, weights
-
-
-def record_text(doc: dict, chat_template: str, tokenizer_path: str = "") -> str:
-    """What a tokenizer trained on this data should see: the prompt and every response."""
-    from .supervised import document_text
-    if not doc["chat"]:
-        return "".join([doc["prompt"], *doc["responses"]])
-    return "".join(document_text({"messages": _messages(doc["prompt"]) + _messages(r, "assistant")}, "chat",
-                                 chat_template, tokenizer_path) for r in doc["responses"])
 
 
 class GroupStore:

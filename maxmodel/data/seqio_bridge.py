@@ -16,7 +16,7 @@ import numpy as np
 from maxmodel.config.errors import ConfigError
 from maxmodel.config.schema import Config
 
-from .pipeline import TrainData
+from .train_data import TrainData
 
 
 class SeqioTokenizer:

@@ -85,7 +85,7 @@ def _take(record, fmt: str, text_field: str, where: str, bad: BadRecords):
         bad(where, f"expected a JSON object, got {type(record).__name__}", "not an object")
         return None
     if fmt == "preference":  # pairs, ranked lists, unpaired or scored responses (preference.py)
-        from .preference import take_record
+        from .preference_records import take_record
         return take_record(record, where, bad)
     fields = FORMAT_FIELDS.get(fmt, (text_field,))
     for name in fields:

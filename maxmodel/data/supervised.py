@@ -61,9 +61,12 @@ def document_text(doc, fmt: str, chat_template: str = DEFAULT_CHAT_TEMPLATE, tok
     """The text a document renders to (what a tokenizer trained on this data should see)."""
     if fmt == "text":
         return doc
-    if fmt == "preference":
-        from .preference import record_text
-        return record_text(doc, chat_template, tokenizer_path)
+    if fmt == "preference":  # the prompt and every response (a normalised record, preference_records.py)
+        from .preference_records import messages
+        if not doc["chat"]:
+            return "".join([doc["prompt"], *doc["responses"]])
+        return "".join(document_text({"messages": messages(doc["prompt"]) + messages(r, "assistant")}, "chat",
+                                     chat_template, tokenizer_path) for r in doc["responses"])
     if fmt == "prompt_completion":
         return doc["prompt"] + doc["completion"]
     if is_jinja_spec(chat_template):

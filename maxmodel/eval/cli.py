@@ -59,7 +59,7 @@ def main(argv: list[str]) -> int:
         from .report import main as report_main
         return report_main(argv[1:])
     args = parse_args(argv)
-    from maxmodel.train.cli import setup_logging
+    from maxmodel.logs import setup_logging
     setup_logging()
     from .model import EvalModel
     from .runner import TaskPlan, evaluate, flat_metrics

@@ -42,7 +42,7 @@ class PrecomputedReference:
     position (the losses sum a document's positions, so the sum counts once)."""
 
     def __init__(self, cfg, ts, mesh):
-        from maxmodel.train.loop import run_dir_of
+        from maxmodel.config.schema import run_dir_of
         self.cfg, self.ts, self.mesh = cfg, ts, mesh
         self.path = run_dir_of(cfg) / TABLE
         self.table: dict[int, float] | None = None

@@ -13,25 +13,14 @@ from __future__ import annotations
 
 import jax
 
-from maxmodel.models.quant import symmetric_quantize
+from maxmodel.models.quant import quantize_dequantize
 
 BITS = {"int8": 8, "int4": 4}
 
 
-def quantize_dequantize(w, bits: int, contract: int = 1):
-    """Symmetric per-output-channel round trip of a weight [*in (contract dims), *out]: the absmax over the
-    input dims maps to 2^(bits-1) - 1."""
-    codes, scale = symmetric_quantize(w, tuple(range(contract)), 2 ** (bits - 1) - 1)
-    return (codes * scale).astype(w.dtype)
-
-
-def fake_quantize(w, bits: int, contract: int = 1):
-    return w + jax.lax.stop_gradient(quantize_dequantize(w, bits, contract) - w)
-
-
 def attach_qat(model, cfg):
     from .peft.config import TARGETS
-    from .peft.lora import targets_of
+    from .peft.targets import targets_of
     bits = BITS[cfg.train.qat]
     for module in {id(m): m for m, *_ in targets_of(model, tuple(TARGETS))}.values():
         module.qat_bits = bits
@@ -42,7 +31,7 @@ def quantized_copy(model, bits: int):
     """The model with every projection weight replaced by its quantized round trip, in place (to measure
     what int8/int4 inference of it loses)."""
     from .peft.config import TARGETS
-    from .peft.lora import targets_of
+    from .peft.targets import targets_of
     for module, attr, contract, lead in targets_of(model, tuple(TARGETS)):
         w = getattr(module, attr)
         fn = lambda x, c=contract: quantize_dequantize(x, bits, c)

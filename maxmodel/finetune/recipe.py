@@ -199,7 +199,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value for every train stage, STAGE:key=value for one")
     parser.add_argument("--output-dir", default=None, help="instead of the recipe's output_dir")
     args = parser.parse_intermixed_args(argv)  # overrides may come after --output-dir
-    from maxmodel.train.cli import setup_logging
+    from maxmodel.logs import setup_logging
     from maxmodel.train.loop import Preempted
     setup_logging()
     recipe = Recipe(args.recipe, args.overrides, args.output_dir)

@@ -156,7 +156,7 @@ def _run(args) -> int:
         raise ConfigError("--prompt", "give --prompt TEXT, --prompts FILE.jsonl or --interactive")
     prompts = read_prompts(args.prompts) if args.prompts else args.prompt
     opts = sampling_options(args)
-    from maxmodel.train.cli import setup_logging
+    from maxmodel.logs import setup_logging
     setup_logging()
     gen = open_model(args)
     if args.interactive:

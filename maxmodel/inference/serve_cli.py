@@ -48,7 +48,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    from maxmodel.train.cli import setup_logging
+    from maxmodel.logs import setup_logging
     setup_logging()
 
     from .server import serve

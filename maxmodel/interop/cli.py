@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     import jax
 
-    from maxmodel.train.cli import setup_logging
+    from maxmodel.logs import setup_logging
     setup_logging()
     # Conversion computes nothing on devices: stay on the host, never take (or probe) a TPU or GPU that a
     # training job on this machine may be using.

@@ -10,6 +10,7 @@ from flax import nnx
 
 from maxmodel.config.schema import ModelConfig
 
+from .quant import fake_quantize
 from .sharding import constant_param, constrain, param
 
 
@@ -37,7 +38,6 @@ def project(module: nnx.Module, w: nnx.Variable, x: jax.Array, contract: int = 1
     wv = w[...]
     bits = attrs.get("qat_bits")
     if bits:
-        from maxmodel.finetune.qat import fake_quantize
         wv = fake_quantize(wv, bits, contract)
     y = dense(x, wv.astype(dtype or x.dtype), contract)
     for name, value in attrs.items():

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from maxmodel.config.schema import ModelConfig
+from maxmodel.parallel.experts import capacity_experts, dropless_experts
 
 from .layers import _ACTIVATIONS, MLP, with_adapter
 from .sharding import constrain, param
@@ -90,17 +91,6 @@ def capacity_dispatch(ids, weights, num_experts: int, cap: int):
     return dispatch, combine, dropped
 
 
-def expert_ffn(x, wi, wg, wo, act, group_sizes=None):
-    """Per-expert (gated) MLP. Grouped rows [N, D] with group_sizes [E] (ragged_dot), or [E, ..., D] dense."""
-    if group_sizes is not None:
-        h = jax.lax.ragged_dot(x, wi, group_sizes)
-        h = act(jax.lax.ragged_dot(x, wg, group_sizes)) * h if wg is not None else act(h)
-        return jax.lax.ragged_dot(h, wo, group_sizes)
-    h = jnp.einsum("e...d,edf->e...f", x, wi)
-    h = act(jnp.einsum("e...d,edf->e...f", x, wg)) * h if wg is not None else act(h)
-    return jnp.einsum("e...f,efd->e...d", h, wo)
-
-
 class MoE(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, param_dtype=jnp.float32):
         m = cfg.moe
@@ -120,7 +110,6 @@ class MoE(nnx.Module):
 
     def __call__(self, x):
         """x [B, L, D] -> (y [B, L, D], stats: load [E], dropped, aux_loss, z_loss)."""
-        from maxmodel.parallel.experts import capacity_experts, dropless_experts
         m = self.moe
         logits = x @ self.router[...].astype(x.dtype)
         ids, weights, probs = route(logits, m, None if self.bias is None else self.bias[...])

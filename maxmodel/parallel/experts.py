@@ -29,6 +29,17 @@ AXIS = "expert"
 W_AXES = (("exp", "embed", "exp_mlp"), ("exp", "embed", "exp_mlp"), ("exp", "exp_mlp", "embed"))
 
 
+def expert_ffn(x, wi, wg, wo, act, group_sizes=None):
+    """Per-expert (gated) MLP. Grouped rows [N, D] with group_sizes [E] (ragged_dot), or [E, ..., D] dense."""
+    if group_sizes is not None:
+        h = jax.lax.ragged_dot(x, wi, group_sizes)
+        h = act(jax.lax.ragged_dot(x, wg, group_sizes)) * h if wg is not None else act(h)
+        return jax.lax.ragged_dot(h, wo, group_sizes)
+    h = jnp.einsum("e...d,edf->e...f", x, wi)
+    h = act(jnp.einsum("e...d,edf->e...f", x, wg)) * h if wg is not None else act(h)
+    return jnp.einsum("e...f,efd->e...d", h, wo)
+
+
 def _names(entry) -> tuple[str, ...]:
     return tuple(a for a in (entry if isinstance(entry, tuple) else (entry,)) if a)
 
@@ -93,7 +104,6 @@ def _run(body, x, token_args, weights, act):
 
 
 def _capacity_body(x, dispatch, combine, weights, act, n):
-    from maxmodel.models.moe import expert_ffn
     ein = jnp.einsum("blec,bld->ebcd", dispatch, x)
     if n > 1:  # [E, B, C, D] -> [E/n, n·B, C, D]: my experts, everyone's tokens
         ein = jax.lax.all_to_all(ein, AXIS, split_axis=0, concat_axis=1, tiled=True)
@@ -105,7 +115,6 @@ def _capacity_body(x, dispatch, combine, weights, act, n):
 
 def _exchange_ffn(xs, sorted_ids, counts, weights, act, n):
     """Expert outputs for token copies `xs` sorted by expert, when the experts live on n devices."""
-    from maxmodel.models.moe import expert_ffn
     rows, d = xs.shape
     e_local = counts.shape[0] // n
     per_dest = counts.reshape(n, e_local)
@@ -127,7 +136,6 @@ def _exchange_ffn(xs, sorted_ids, counts, weights, act, n):
 
 
 def _dropless_body(x, ids, weights_k, weights, act, n):
-    from maxmodel.models.moe import expert_ffn
     b, l, d = x.shape
     k = ids.shape[-1]
     flat = ids.reshape(-1)

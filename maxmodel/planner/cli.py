@@ -143,9 +143,9 @@ def run_compile(plan: dict, args) -> dict:
     from .hardware import default_topology, get_chip
 
     try:
-        from maxmodel.parallel.aot import DoesNotFit, compile_for_topology
+        from maxmodel.train.aot import DoesNotFit, compile_for_topology
     except ImportError:
-        raise ConfigError("--compile", "AOT compile is not available yet (maxmodel.parallel.aot."
+        raise ConfigError("--compile", "AOT compile is not available yet (maxmodel.train.aot."
                                        "compile_for_topology is missing from this install)") from None
     import tempfile
 

@@ -2,24 +2,16 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from maxmodel.config import load_config_args
+from maxmodel.logs import setup_logging
 
 
 def parse(argv: list[str]) -> list[str]:
     parser = argparse.ArgumentParser(prog="maxmodel train", description=__doc__)
     parser.add_argument("args", nargs="*", help="an optional CONFIG.yaml, then key.sub=value overrides")
     return parser.parse_args(argv).args
-
-
-def setup_logging() -> None:
-    """maxmodel's own messages at INFO; the libraries' routine chatter (absl/orbax, jax backends) hidden."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    for name in ("absl", "jax._src.xla_bridge", "orbax"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
 
 
 def main(argv: list[str]) -> int:

@@ -77,7 +77,7 @@ def export(cfg, step: int | None, out: str, dtype: str | None, fmt: str = "model
     from maxmodel.parallel.rules import mesh_rules
 
     from .checkpoint import abstract_like, as_path, restore_params
-    from .loop import run_dir_of
+    from maxmodel.config.schema import run_dir_of
     from .step import abstract_state, concrete_shardings
 
     out_dir = Path(out).absolute()
@@ -100,7 +100,7 @@ def export(cfg, step: int | None, out: str, dtype: str | None, fmt: str = "model
                                                                  "format": "peft"}, indent=1))
             return out_dir
         if cfg.peft.method != "none":  # fold the adapters in: a plain model of the base's shape
-            from maxmodel.finetune.peft import merged_params
+            from .peft_params import merged_params
             params = merged_params(cfg, params)
         if dtype:  # cast where the shards are; the tree never gathers on one device
             params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p), out_shardings=shardings)(params)
@@ -127,6 +127,29 @@ def _named_tokenizer(spec: str) -> bool:
     return spec != "spm" and not Path(spec).suffix
 
 
+def from_base(cfg, directory: str, param_shardings):
+    """A new peft run's parameters over an exported base model (init.from): the base restored with a
+    peft.method=none model's shapes and shardings, then the method's adapters attached (and, for qlora, the
+    base quantized) inside jit, each array created where its shards are. Call under the run's mesh + rules."""
+    import dataclasses
+
+    import jax
+    from flax import nnx
+
+    from maxmodel.finetune import peft
+
+    from .checkpoint import abstract_like
+    from .step import abstract_state, concrete_shardings
+    base_cfg = dataclasses.replace(cfg, peft=dataclasses.replace(cfg.peft, method="none"))
+    graphdef, abstract = abstract_state(base_cfg)
+    mesh = jax.tree.leaves(param_shardings)[0].mesh
+    base = load_params(directory, abstract_like(abstract, concrete_shardings(abstract, mesh)))
+
+    def build(base):
+        return nnx.split(peft.attach(nnx.merge(graphdef, base), cfg, nnx.Rngs(cfg.train.seed + 1)))[1]
+    return jax.jit(build, out_shardings=param_shardings)(base)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="maxmodel export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -139,7 +162,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("args", nargs="*", help="or: an optional CONFIG.yaml, then key.sub=value overrides")
     args = parser.parse_args(argv)
     cfg = _config(args)
-    from .cli import setup_logging
+    from maxmodel.logs import setup_logging
     setup_logging()
     out = export(cfg, args.step, args.out, args.dtype, args.format)
     what = "adapters (PEFT format)" if args.format == "peft" else "parameters"

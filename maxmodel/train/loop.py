@@ -13,7 +13,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from maxmodel import distributed, jsonio
-from maxmodel.config.schema import Config, to_dict
+from maxmodel.config.schema import Config, run_dir_of, to_dict
 from maxmodel.data.pipeline import make_train_data
 from maxmodel.finetune import objectives
 from maxmodel.parallel.mesh import build_mesh
@@ -60,10 +60,6 @@ def _closing(writer, ckpt):
         writer.close()
         if ckpt:
             ckpt.close()
-
-
-def run_dir_of(cfg: Config) -> Path:
-    return Path(cfg.run.output_dir) / cfg.run.name
 
 
 def evaluate(ts, params, data, mesh, num_batches: int, prepare) -> tuple[float | None, dict]:
@@ -122,7 +118,7 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
             log.info("resumed from step %d in %s", start, restored.directory)
         else:  # a new run: fresh weights, or exported ones (init.from); always a fresh optimizer
             if cfg.init.from_ and cfg.peft.method != "none":  # adapters (a quantized base) over the export
-                from maxmodel.finetune.peft import from_base
+                from .export import from_base
                 params = from_base(cfg, cfg.init.from_, ts.param_shardings)
             else:
                 params = load_params(cfg.init.from_, param_target) if cfg.init.from_ else create_params(

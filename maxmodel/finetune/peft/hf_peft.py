@@ -21,7 +21,7 @@ from maxmodel.interop import hf_config
 from maxmodel.interop.weights import rules_for
 
 from .config import EXPERT_TARGETS, target_names
-from .lora import WEIGHTS
+from .targets import WEIGHTS
 
 PREFIX = "base_model.model."
 CONFIG, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"

@@ -26,15 +26,7 @@ from maxmodel.models.layers import ADAPTER_SUFFIX as SUFFIX
 from maxmodel.models.layers import dense
 
 from .config import target_names
-
-# target name -> (module class name, weight attribute, input dims of the unstacked weight, its rank)
-WEIGHTS = {"q": ("Attention", "wq", 1, 3), "k": ("Attention", "wk", 1, 3), "v": ("Attention", "wv", 1, 3),
-           "o": ("Attention", "wo", 2, 3), "gate": ("MLP", "wg", 1, 2), "up": ("MLP", "wi", 1, 2),
-           "down": ("MLP", "wo", 1, 2),
-           # [E, in, out]: the expert axis leads like a stack's, so each expert gets its own A and B
-           "expert_gate": ("MoE", "expert_wg", 1, 2), "expert_up": ("MoE", "expert_wi", 1, 2),
-           "expert_down": ("MoE", "expert_wo", 1, 2)}
-
+from .targets import axes_of, targets_of
 
 def scaling(p) -> float:
     return p.alpha / (math.sqrt(p.rank) if p.rslora else p.rank)
@@ -60,22 +52,6 @@ class Adapter(nnx.Module):
         return (flat * self.scale).reshape(*a.shape[:-1], *b.shape[lead + 1:])
 
 
-def _axes(var) -> tuple:
-    axes = var.get_metadata().get("out_sharding")
-    return tuple(axes) if axes else (None,) * var[...].ndim
-
-
-def targets_of(model, names):
-    """(module, weight attribute, contract, stacked dims) for every weight the target names match."""
-    found = []
-    for _, module in nnx.iter_modules(model):
-        for name in names:
-            cls, attr, contract, rank = WEIGHTS[name]
-            if type(module).__name__ == cls and isinstance(getattr(module, attr, None), nnx.Variable):
-                found.append((module, attr, contract, getattr(module, attr)[...].ndim - rank))
-    return found
-
-
 def attach_lora(model, cfg, rngs: nnx.Rngs):
     p = cfg.peft
     names = target_names(p.targets)
@@ -86,7 +62,7 @@ def attach_lora(model, cfg, rngs: nnx.Rngs):
     key = rngs.params()
     for i, (module, attr, contract, lead) in enumerate(found):
         w = getattr(module, attr)
-        shape, axes, dtype = w[...].shape, _axes(w), w[...].dtype
+        shape, axes, dtype = w[...].shape, axes_of(w), w[...].dtype
         ins, outs = shape[lead:lead + contract], shape[lead + contract:]
         fan_in = math.prod(ins)
         # PEFT's default A: kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)); B = 0

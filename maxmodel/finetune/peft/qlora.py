@@ -23,7 +23,7 @@ from flax import nnx
 from maxmodel.config.errors import ConfigError
 from maxmodel.models.quant import symmetric_quantize
 
-from .lora import targets_of
+from .targets import axes_of, targets_of
 
 NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
                 -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
@@ -91,11 +91,10 @@ def _partitioned(value, axes):
 
 def quantize_base(model, cfg):
     from .config import TARGETS
-    from .lora import _axes
     p = cfg.peft
     for module, attr, contract, lead in targets_of(model, tuple(TARGETS)):
         w = getattr(module, attr)
-        value, axes = w[...], list(_axes(w))
+        value, axes = w[...], list(axes_of(w))
         shape = value.shape[lead:]
         if p.quant == "nf4":
             axis = lead + _block_axis(shape, p.block_size, f"{type(module).__name__}.{attr}")

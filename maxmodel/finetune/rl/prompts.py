@@ -42,7 +42,7 @@ def prompt_tokenizer(cfg: Config, records: list[dict], run_dir: Path):
 def prompt_data(cfg: Config, run_dir: Path, process_index: int, process_count: int):
     """TrainData whose iterator yields {"index": [prompts per step]} record indices (the same on every
     process) and which carries the records."""
-    from maxmodel.data.pipeline import TrainData
+    from maxmodel.data.train_data import TrainData
     t, rl = cfg.train, cfg.rl
     bad = BadRecords(cfg.data.on_bad_record)
     records = read_prompts(cfg, bad)

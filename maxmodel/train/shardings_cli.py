@@ -36,10 +36,10 @@ def collect(cfg, compile_step: bool) -> dict:
 
     from maxmodel import distributed
     from maxmodel.planner.memory import activation_bytes
-    from maxmodel.train.step import abstract_state, batch_keys, batch_sharding, build_train_step
+    from .step import abstract_state, batch_keys, batch_sharding, build_train_step
 
-    from .mesh import build_mesh
-    from .rules import mesh_rules, resolve_preset
+    from maxmodel.parallel.mesh import build_mesh
+    from maxmodel.parallel.rules import mesh_rules, resolve_preset
 
     distributed.initialize(cfg.run.cpu_devices)
     mesh = build_mesh(cfg.mesh)
@@ -68,7 +68,7 @@ def collect(cfg, compile_step: bool) -> dict:
             sequence_parallel=cfg.mesh.rules == "tp_sp", remat=cfg.train.remat, flash=False,
             act_bytes=2 if cfg.train.dtype in ("bfloat16", "float16") else 4)
         if compile_step:
-            from maxmodel.train.checkpoint import abstract_like
+            from .checkpoint import abstract_like
             sh = batch_sharding(mesh)
             batch = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.train.seq_len),
                                              jax.numpy.float32 if k == "loss_mask" else jax.numpy.int32, sharding=sh)

@@ -7,8 +7,8 @@ import yaml
 
 from maxmodel import jsonio
 
-from .loader import load_config_args
-from .schema import to_dict
+from maxmodel.config.loader import load_config_args
+from maxmodel.config.schema import to_dict
 
 
 def main(argv: list[str]) -> int:
@@ -25,7 +25,7 @@ def main(argv: list[str]) -> int:
     out = to_dict(cfg)
     out["params"] = count_params(cfg)
     if cfg.peft.method != "none" or cfg.train.qat != "none":  # what trains, and the bytes it holds
-        from maxmodel.train.state_bytes import report_for
+        from .state_bytes import report_for
         out["state"] = report_for(cfg)
     if ns.json:
         print(jsonio.dumps(out, indent=2))

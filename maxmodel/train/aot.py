@@ -81,8 +81,8 @@ def topology_devices(topology: str, slices: int):
 def compile_for_topology(cfg: Config, topology: str, slices: int = 1) -> CompileReport:
     from maxmodel.parallel.mesh import build_mesh
     from maxmodel.parallel.rules import mesh_rules
-    from maxmodel.train.checkpoint import abstract_like
-    from maxmodel.train.step import abstract_state, batch_keys, batch_sharding, build_train_step
+    from .checkpoint import abstract_like
+    from .step import abstract_state, batch_keys, batch_sharding, build_train_step
 
     devices, hbm = topology_devices(topology, slices)
     mesh = build_mesh(cfg.mesh, devices)
