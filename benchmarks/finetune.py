@@ -2,10 +2,12 @@
 the compiled step's memory (XLA memory_analysis: its arguments are the parameters, the optimizer state and the
 batch; gradients live in its temporaries with the activations) and its step time.
 
-  python benchmarks/finetune.py [--steps 3] [--rank 16] [key=value ...]
+  python benchmarks/finetune.py [--steps 3] [--rank 16] [--tunix-python PY] [key=value ...]
 One JSON line per method; steps of the two methods alternate and the median counts. state_bytes = params + grads + optimizer state, with params + optimizer state read
 from XLA's argument bytes (minus the batch) and grads = the trainable parameters' bytes (the step
-differentiates nothing else: train/step.py's SplitStep)."""
+differentiates nothing else: train/step.py's SplitStep). With --tunix-python (a venv with google-tunix), Tunix's
+LoRA SFT of the same shape (benchmarks/peers/tunix_lora.py) runs between the two halves of the timed steps,
+and the last line compares tokens/s."""
 import argparse
 import json
 import os
@@ -32,6 +34,8 @@ from maxmodel.train.step import abstract_state, build_train_step, create_params,
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--steps", type=int, default=5, help="timed steps per method after one warm-up, interleaved")
 parser.add_argument("--rank", type=int, default=16)
+parser.add_argument("--tunix-python", help="the Python of a venv with google-tunix: run its LoRA SFT alongside")
+parser.add_argument("--tunix-steps", type=int, default=8)
 parser.add_argument("overrides", nargs="*")
 args = parser.parse_args()
 CONFIG = ROOT / "configs" / "experiments" / "bench-50m.yaml"
@@ -83,7 +87,16 @@ def prepare(name, extra):
 
 prepared = [prepare(name, extra) for name, extra in METHODS.items()]
 times = [[] for _ in prepared]
+tunix = None
 for i in range(args.steps):  # interleaved (A B A B ...): the shared machine's load changes by the minute
+    if args.tunix_python and i == args.steps // 2:  # the peer in the middle, under the same load
+        import subprocess
+        out = subprocess.run([args.tunix_python, str(ROOT / "benchmarks" / "peers" / "tunix_lora.py"),
+                              "--steps", str(args.tunix_steps), "--rank", str(args.rank)],
+                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
+        lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+        tunix = json.loads(lines[-1]) if out.returncode == 0 and lines else {
+            "peer": "tunix", "failed": out.returncode, "stderr": out.stderr[-2000:]}
     for j, (_, one_step, _) in enumerate(prepared):
         times[j].append(one_step(i + 1))
 rows = []
@@ -97,3 +110,8 @@ full, lora = rows
 print(json.dumps({"lora_state_over_full": lora["state_bytes"] / full["state_bytes"],
                   "lora_step_time_over_full": lora["step_time_s"] / full["step_time_s"],
                   "target": "state <= 0.40, step time <= 1.0"}))
+if tunix is not None:
+    print(json.dumps(tunix))
+    if "tokens_per_s" in tunix:
+        print(json.dumps({"maxmodel_lora_over_tunix_lora_tokens_per_s": lora["tokens_per_s"] / tunix["tokens_per_s"],
+                          "target": ">= 1.1"}))
