@@ -15,7 +15,7 @@ from flax import nnx
 from maxmodel.cli import main
 from maxmodel.config import ConfigError, load_config
 from maxmodel.config.schema import to_dict
-from maxmodel.finetune.peft.lora import merge
+from maxmodel.finetune.peft.lora import DropoutSeed, merge
 from maxmodel.models.registry import build_model
 from maxmodel.parallel.mesh import build_mesh
 from maxmodel.parallel.rules import logical_rules
@@ -39,7 +39,9 @@ def model_of(cfg, params):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("lora")
-    cfg = load_config(overrides=TINY + LORA + ["data.tokenizer=bytes", f"run.output_dir={out}", "train.steps=8",
+    # with LoRA dropout: training draws masks, while merging, exporting and PEFT's logits see none
+    cfg = load_config(overrides=TINY + LORA + ["peft.dropout=0.1", "data.tokenizer=bytes", f"run.output_dir={out}",
+                                               "train.steps=8",
                                                "run.log_every=1",
                                                "run.eval_every=1000", "checkpoint.every_steps=8"])
     result = train(cfg)
@@ -105,7 +107,7 @@ def test_export_merged_and_peft_loaded_by_transformers(trained, tmp_path):
     merged_logits = np.asarray(model_of(base_cfg, jax.device_get(merged))(TOKENS))
     np.testing.assert_allclose(merged_logits, ours, atol=1e-5)
     # the frozen base as a model directory, converted to transformers; peft adds the exported adapter
-    frozen = nnx.split_state(params, nnx.LoRAParam, ...)[1]
+    frozen = nnx.split_state(params, nnx.Any(nnx.LoRAParam, DropoutSeed), ...)[1]  # the base alone
     base_dir = tmp_path / "base"
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save((base_dir / "params").absolute(), frozen)
@@ -143,3 +145,40 @@ def test_targets_matching_nothing_name_the_key():
                                                "train.objective=masked_lm"])
     with pytest.raises(ConfigError, match="peft.targets.*match no weight"), nnx.use_eager_sharding(False):
         build_model(cfg, nnx.Rngs(0))
+
+
+def test_dropout_acts_in_training_only_with_a_key_per_layer_and_step():
+    """peft.dropout: nnx.Dropout on each adapter's input, off unless the train step's model.train() turns it
+    on; its seeds differ per layer of the scanned stack and per target, and the step folds its numbers in."""
+    from maxmodel.finetune.peft.lora import Adapter, DropoutSeed, for_step
+    cfg = load_config(overrides=BASE + LORA + ["peft.dropout=0.5"])
+    with nnx.use_eager_sharding(False):
+        model = build_model(cfg, nnx.Rngs(0))
+        plain = build_model(load_config(overrides=BASE + LORA), nnx.Rngs(0))
+    rng = np.random.default_rng(1)
+    for m in (model, plain):  # the same nonzero B in both, so the adapters matter
+        for adapter in (mod for _, mod in nnx.iter_modules(m) if isinstance(mod, Adapter)):
+            adapter.b[...] = rng.standard_normal(adapter.b.shape).astype(np.float32) * 0.1
+        rng = np.random.default_rng(1)
+    np.testing.assert_array_equal(np.asarray(model(TOKENS)), np.asarray(plain(TOKENS)))  # inference: no dropout
+    graphdef, state = nnx.split(model)
+    seeds = jax.tree.leaves(nnx.split_state(state, DropoutSeed, ...)[0])
+    assert len(seeds) == 7 and seeds[0].shape[0] == cfg.model.num_layers
+    flat = np.concatenate([np.asarray(s).reshape(-1, s.shape[-1]) for s in seeds])
+    assert len({tuple(k) for k in flat}) == len(flat)  # every layer and target draws its own mask
+
+    def train_logits(*numbers):
+        m = nnx.merge(graphdef, for_step(state, *numbers))
+        m.train()
+        return np.asarray(m(TOKENS))
+    a, again, other = train_logits(3), train_logits(3), train_logits(4)
+    np.testing.assert_array_equal(a, again)  # deterministic given the step
+    assert not np.allclose(a, other) and not np.allclose(a, np.asarray(plain(TOKENS)))
+
+
+def test_dropout_out_of_range_or_on_folded_expert_adapters_names_the_key():
+    with pytest.raises(ConfigError, match="peft.dropout"):
+        load_config(overrides=BASE + LORA + ["peft.dropout=1.0"])
+    with pytest.raises(ConfigError, match="peft.dropout.*folded"):
+        load_config(overrides=BASE + LORA + ["peft.dropout=0.1", "peft.targets=[q,experts]",
+                                             "model.moe.num_experts=4"])

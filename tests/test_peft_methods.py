@@ -81,6 +81,64 @@ def test_soft_prompts_of_different_tasks_share_a_batch():
     assert np.abs(swapped[0] - mixed[0]).max() > 1e-3  # the table a row picks matters
 
 
+@pytest.mark.parametrize("packing", ["first_fit", "none", "concat"])
+def test_packed_rows_lead_pieces_with_prompt_slots(packing):
+    """first_fit / none: every document piece (continuations too) starts with its own k slots; concat: every
+    row starts with k slots in its first segment. Slots are never targets; the tokens keep their order."""
+    from maxmodel.data.packing import make_rows
+    from maxmodel.data.store import MemoryStore, default_weights
+    docs = [np.arange(100 * (i + 1), 100 * (i + 1) + n, dtype=np.int32) for i, n in enumerate((5, 7, 20, 6))]
+    rows = make_rows(MemoryStore([(d, default_weights(len(d))) for d in docs]), 16, 0, packing, virtual=3, task=2)
+    pieces, stream = 0, []
+    for r in (rows[i] for i in range(len(rows))):
+        assert len(r["inputs"]) == 16 and (r["task"] == 2).all()
+        for seg in sorted(set(r["segment_ids"].tolist()) - {0}):
+            at = np.flatnonzero(r["segment_ids"] == seg)
+            slots, loss = r["prompt_slots"][at], r["loss_mask"][at]
+            led = packing != "concat" or seg == r["segment_ids"][0]
+            if led:
+                np.testing.assert_array_equal(slots[:3], [1, 2, 3])
+            assert (slots[3 if led else 0:] == 0).all() and (loss[slots > 0] == 0).all()
+            assert (r["positions"][at] == np.arange(len(at))).all()
+            stream.append(r["inputs"][at][slots == 0])
+            pieces += 1
+    if packing != "concat":  # the long document was cut, and its continuation led too
+        assert pieces > len(docs)
+        got = np.concatenate(stream)
+        assert set(got.tolist()) <= set(np.concatenate(docs).tolist()) and len(got) >= sum(map(len, docs)) - pieces
+
+
+def test_placed_prompts_condition_each_packed_document_like_a_prepended_one():
+    """Two documents of different tasks packed in one row, each led by its slots, get the logits each gets
+    alone with its prompt prepended (prompt.py's two ways in)."""
+    cfg = load_config(overrides=BASE + PROMPT + ["peft.num_prompts=3"])
+    with nnx.use_eager_sharding(False):
+        model = build_model(cfg, nnx.Rngs(0))
+    k, a, b = 4, TOKENS[0, :6], TOKENS[1, :5]
+    tokens = np.concatenate([np.zeros(k, np.int32), a, np.zeros(k, np.int32), b])[None]
+    seg = np.repeat([1, 2], [k + len(a), k + len(b)])[None]
+    pos = np.concatenate([np.arange(k + len(a)), np.arange(k + len(b))])[None]
+    slots = np.concatenate([np.arange(1, k + 1), np.zeros(len(a), int), np.arange(1, k + 1),
+                            np.zeros(len(b), int)])[None]
+    task = np.repeat([2, 1], [k + len(a), k + len(b)])[None]
+    packed = np.asarray(model(tokens, seg, pos, task=task, prompt_slots=slots))[0]
+    np.testing.assert_allclose(packed[k:k + len(a)], np.asarray(model(a[None], task=np.array([2])))[0], atol=1e-5)
+    np.testing.assert_allclose(packed[2 * k + len(a):], np.asarray(model(b[None], task=np.array([1])))[0],
+                               atol=1e-5)
+
+
+def test_mixture_components_train_their_own_soft_prompts(tmp_path_factory):
+    mix = "data.mixture={a: {source: builtin, task: 0}, b: {source: builtin, task: 1}}"
+    cfg, result, params = run(tmp_path_factory, "prompt-mix", PROMPT + ["peft.num_prompts=2", "data.source=mixture",
+                                                                       mix, "data.packing=first_fit"])
+    losses = list(result.losses.values())
+    assert losses[-1] < losses[0]
+    table, table0 = np.asarray(params["soft_prompt"]["table"]), np.asarray(initial(cfg)["soft_prompt"]["table"])
+    assert all(not np.allclose(table[t], table0[t]) for t in (0, 1))  # each component's rows trained its own
+    with pytest.raises(ConfigError, match=r"data.mixture.b.task"):
+        train(load_config(overrides=TINY + PROMPT + ["data.source=mixture", mix.replace("task: 1", "task: 2")]))
+
+
 def test_adapters_start_as_the_base_train_only_themselves_and_lower_the_loss(tmp_path_factory):
     with nnx.use_eager_sharding(False):
         base = build_model(load_config(overrides=BASE), nnx.Rngs(0))

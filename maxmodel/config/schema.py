@@ -164,7 +164,7 @@ class DataConfig:
     # `tokenizer` (the tokenizer_config.json beside data.tokenizer), a tokenizer_config.json, or a .jinja file
     chat_template: str = "<|{role}|>\n{content}<|end|>\n"
     packing: str = "concat"               # concat | first_fit | none
-    mixture: dict[str, Any] = field(default_factory=dict)  # name -> {source, path, weight, text_field, format, eval_path}
+    mixture: dict[str, Any] = field(default_factory=dict)  # name -> {source, path, weight, text_field, format, eval_path, task}
     workers: int = 0                      # grain worker processes (0 = background threads in the trainer)
     prefetch: int = 4                     # batches prefetched (per worker when workers > 0)
     seqio_module: str = "maxmodel.data.seqio_tasks"  # imported to register seqio tasks for source=seqio:<task>
@@ -196,12 +196,12 @@ class PeftConfig:
     rank: int = 8                         # LoRA rank r
     alpha: float = 16.0                   # LoRA scale alpha / r (alpha / sqrt(r) with rslora)
     rslora: bool = False                  # rank-stabilised scaling (Kalajievo 2023)
-    dropout: float = 0.0                  # LoRA dropout on the adapter's input (0 = off)
+    dropout: float = 0.0                  # LoRA dropout on the adapter's input, in training only (0 = off)
     targets: Any = field(default_factory=lambda: ["q", "k", "v", "o"])  # q k v o gate up down (or all); expert_gate/up/down (or experts)
     quant: str = "nf4"                    # qlora: the frozen base as nf4 (4-bit, blockwise scales) | int8 (per channel)
     block_size: int = 64                  # qlora nf4: weights per absmax scale
-    num_virtual_tokens: int = 8           # prompt: trainable virtual-token embeddings prepended to every row
-    num_prompts: int = 1                  # prompt: tables (tasks); a row picks one with its `task` batch array
+    num_virtual_tokens: int = 8           # prompt: trainable virtual-token embeddings leading every document piece
+    num_prompts: int = 1                  # prompt: tables (tasks); data.mixture.<name>.task picks a component's
     adapter_dim: int = 16                 # adapter: Houlsby bottleneck width (after attention and after the MLP)
 
 

@@ -19,7 +19,7 @@ from maxmodel.config.schema import Config
 from .supervised import FORMATS
 
 COMPONENT_SOURCES = ("builtin", "jsonl", "text", "parquet", "arrayrecord")
-COMPONENT_KEYS = ("source", "path", "weight", "text_field", "format", "eval_path")
+COMPONENT_KEYS = ("source", "path", "weight", "text_field", "format", "eval_path", "task")
 
 
 @dataclass
@@ -32,6 +32,7 @@ class Component:
     text_field: str
     format: str
     eval_path: Any
+    task: int = 0       # the soft-prompt table its documents use (peft.method=prompt, peft.num_prompts tables)
 
 
 def components(cfg: Config) -> list[Component]:
@@ -62,8 +63,14 @@ def components(cfg: Config) -> list[Component]:
         fmt = spec.get("format", d.format)
         if fmt not in FORMATS:
             raise ConfigError(f"{key}.format", f"{fmt!r} is not one of {', '.join(FORMATS)}")
+        task = spec.get("task", 0)
+        if not isinstance(task, int) or isinstance(task, bool) or not 0 <= task < cfg.peft.num_prompts:
+            raise ConfigError(f"{key}.task", f"a soft-prompt table index in [0, peft.num_prompts="
+                                             f"{cfg.peft.num_prompts}), got {task!r}")
+        if task and cfg.peft.method != "prompt":
+            raise ConfigError(f"{key}.task", f"picks a soft prompt, but peft.method={cfg.peft.method}")
         out.append(Component(str(name), key, source, spec.get("path"), weight,
-                             spec.get("text_field", d.text_field), fmt, spec.get("eval_path")))
+                             spec.get("text_field", d.text_field), fmt, spec.get("eval_path"), task))
     return out
 
 

@@ -5,6 +5,11 @@ A row holds `inputs`, `targets`, `segment_ids` (1, 2, ... per document piece, 0 
 document boundary and on padding). The model masks attention to equal segment ids, so no token sees
 another document. With `prefix=True` (the prefix-LM objective) a row also holds `prefix_mask`: 1 on the
 inputs that belong to their document's prefix, i.e. its leading run of zero-weight tokens (BOS + prompt).
+With `virtual=k` (soft prompts, peft.method=prompt) rows also hold `prompt_slots` (1..k on k placeholder
+inputs that the model fills with its soft-prompt embeddings, 0 elsewhere) and `task` (the table of each
+position). `first_fit` / `none` lead every document piece with its own k slots (pieces are planned k shorter),
+so each document of a packed row is conditioned on its prompt, as if alone; `concat` leads each row with k
+slots in its first segment (windows are k shorter), so a document starting mid-row has none.
 
 - `concat`: documents joined into one stream (each is BOS ... EOS) and cut into consecutive windows;
   no padding, a document may continue in the next row.
@@ -38,6 +43,17 @@ class IndexedStore:
         return self.store.get(int(self.ids[i]))
 
 
+def with_row_slots(row: dict[str, np.ndarray], k: int, task: int, pad_id: int) -> dict[str, np.ndarray]:
+    """A row of L - k predictions led by k soft-prompt slots in its first segment (ConcatRows)."""
+    lead = {"inputs": np.full(k, pad_id, np.int32), "targets": np.full(k, pad_id, np.int32),
+            "segment_ids": np.full(k, row["segment_ids"][0], np.int32), "loss_mask": np.zeros(k, np.float32)}
+    out = {key: np.concatenate([lead[key], row[key]]) for key in lead}
+    out["positions"] = positions_from_segments(out["segment_ids"])
+    out["prompt_slots"] = np.concatenate([np.arange(1, k + 1), np.zeros(len(row["inputs"]), int)]).astype(np.int32)
+    out["task"] = np.full(len(out["inputs"]), task, np.int32)
+    return out
+
+
 def prefix_length(weights: np.ndarray) -> int:
     """Tokens in a document's prefix: those before its first counted target."""
     counted = np.flatnonzero(weights > 0)
@@ -47,7 +63,9 @@ def prefix_length(weights: np.ndarray) -> int:
 class ConcatRows:
     """Window i is stream tokens [i*L, i*L + L + 1): inputs are the first L, targets the last L."""
 
-    def __init__(self, store, seq_len: int, prefix: bool = False):
+    def __init__(self, store, seq_len: int, prefix: bool = False, virtual: int = 0, task: int = 0):
+        self.virtual, self.task = virtual, task
+        seq_len -= virtual
         self.store, self.seq_len, self.prefix = store, seq_len, prefix
         self.offsets = np.concatenate([[0], np.cumsum(store.lengths)])
         total = int(self.offsets[-1])
@@ -79,7 +97,7 @@ class ConcatRows:
                "loss_mask": ((docs[1:] == docs[:-1]) & (weights[1:] > 0)).astype(np.float32)}
         if self.prefix:
             row["prefix_mask"] = np.concatenate(in_prefix)[:-1].astype(np.int32)
-        return row
+        return with_row_slots(row, self.virtual, self.task, 0) if self.virtual else row
 
 
 def document_pieces(lengths: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -134,12 +152,14 @@ class PackedRows:
     """`first_fit` or `none` packing of a store's documents into padded rows."""
 
     def __init__(self, store, seq_len: int, pad_id: int, packing: str = "first_fit", open_rows: int = 64,
-                 prefix: bool = False):
+                 prefix: bool = False, virtual: int = 0, task: int = 0):
+        self.virtual, self.task = virtual, task
         self.store, self.seq_len, self.pad_id, self.prefix = store, seq_len, pad_id, prefix
-        doc, start, size = document_pieces(store.lengths, seq_len)
+        doc, start, size = document_pieces(store.lengths, seq_len - virtual)
+        size_in_row = size + virtual
         if not len(doc):
             raise ValueError("no document has a token to predict")
-        row = first_fit(size, seq_len, open_rows) if packing == "first_fit" else np.arange(len(doc))
+        row = first_fit(size_in_row, seq_len, open_rows) if packing == "first_fit" else np.arange(len(doc))
         order, self.row_offsets = row_layout(row)
         self.doc, self.start, self.size = doc[order], start[order], size[order]
         self.num_rows = len(self.row_offsets) - 1
@@ -155,15 +175,21 @@ class PackedRows:
         segments, positions = np.zeros(L, np.int32), np.zeros(L, np.int32)
         loss = np.zeros(L, np.float32)
         in_prefix = np.zeros(L, np.int32)
+        slots = np.zeros(L, np.int32)
         at = 0
         for j in range(self.row_offsets[i], self.row_offsets[i + 1]):
             t, w = self.store.get(int(self.doc[j]))
             s, k = int(self.start[j]), int(self.size[j])
+            seg = j - self.row_offsets[i] + 1
+            if self.virtual:  # the piece's own soft-prompt slots: positions 0..v-1, no targets
+                v = self.virtual
+                slots[at:at + v], segments[at:at + v], positions[at:at + v] = np.arange(1, v + 1), seg, np.arange(v)
+                at += v
             inputs[at:at + k] = t[s:s + k]
             targets[at:at + k] = t[s + 1:s + k + 1]
             loss[at:at + k] = w[s + 1:s + k + 1] > 0
-            segments[at:at + k] = j - self.row_offsets[i] + 1
-            positions[at:at + k] = np.arange(k)
+            segments[at:at + k] = seg
+            positions[at:at + k] = np.arange(k) + self.virtual
             if self.prefix:
                 in_prefix[at:at + k] = np.arange(s, s + k) < prefix_length(w)
             at += k
@@ -171,11 +197,15 @@ class PackedRows:
                "loss_mask": loss}
         if self.prefix:
             row["prefix_mask"] = in_prefix
+        if self.virtual:
+            row |= {"prompt_slots": slots, "task": np.full(L, self.task, np.int32)}
         return row
 
 
-def make_rows(store, seq_len: int, pad_id: int, packing: str, prefix: bool = False):
-    """Rows of a store's documents; with `prefix`, each row also marks its documents' prefixes."""
+def make_rows(store, seq_len: int, pad_id: int, packing: str, prefix: bool = False, virtual: int = 0,
+              task: int = 0):
+    """Rows of a store's documents; with `prefix`, each row also marks its documents' prefixes; with
+    `virtual`, each document starts with that many soft-prompt slots of table `task`."""
     if packing == "concat":
-        return ConcatRows(store, seq_len, prefix)
-    return PackedRows(store, seq_len, pad_id, packing, prefix=prefix)
+        return ConcatRows(store, seq_len, prefix, virtual, task)
+    return PackedRows(store, seq_len, pad_id, packing, prefix=prefix, virtual=virtual, task=task)

@@ -18,6 +18,7 @@ import numpy as np
 from maxmodel import jsonio
 from maxmodel.config.errors import ConfigError
 from maxmodel.config.schema import Config
+from maxmodel.finetune.peft.config import prompt_slots
 
 from .chat_template import ChatTemplateError, check_renders, is_jinja_spec, template_for
 from .mixture import Component, components, realised_proportions
@@ -117,7 +118,7 @@ def _splits(cfg: Config, comps, raw, shards, tokenizer, bad) -> dict:
     return out
 
 
-def _rows_or_none(store, cfg: Config, pad_id: int, fmt: str = "text"):
+def _rows_or_none(store, cfg: Config, pad_id: int, fmt: str = "text", task: int = 0):
     prefix = cfg.train.objective == "prefix_lm"
     if prefix and fmt == "text":  # supervised formats already have their prompt as the prefix
         store = PrefixSplit(store, cfg.train.seed)
@@ -127,7 +128,7 @@ def _rows_or_none(store, cfg: Config, pad_id: int, fmt: str = "text"):
             return PreferenceRows(store, cfg.train.seq_len, pad_id, cfg.data.packing, cfg.dpo.max_docs)
         if cfg.train.objective == "seq2seq":  # (source, target) pairs packed on both sides
             return Seq2SeqRows(store, cfg.train.seq_len, pad_id, cfg.data.packing, fmt)
-        return make_rows(store, cfg.train.seq_len, pad_id, cfg.data.packing, prefix)
+        return make_rows(store, cfg.train.seq_len, pad_id, cfg.data.packing, prefix, prompt_slots(cfg), task)
     except ValueError:
         return None
 
@@ -200,14 +201,14 @@ def make_train_data(cfg: Config, run_dir: Path, process_index: int = 0, process_
         store, held = splits[comp.name]
         if t.objective == "seq2seq" and comp.format == "chat":
             raise ConfigError(f"{comp.key}.format", "seq2seq pairs come from text or prompt_completion records")
-        rows = _rows_or_none(store, cfg, tokenizer.pad_id, comp.format)
+        rows = _rows_or_none(store, cfg, tokenizer.pad_id, comp.format, comp.task)
         if rows is None:
             raise ConfigError(f"{comp.key}.path", f"too little data for one row of {t.seq_len + 1} tokens")
         part = grain.MapDataset.source(rows)
         if d.shuffle:
             part = part.shuffle(seed=t.seed + k)  # grain reshuffles every epoch of the repeat below
         train_parts.append(part.repeat(None))
-        eval_rows = _rows_or_none(held, cfg, tokenizer.pad_id, comp.format)
+        eval_rows = _rows_or_none(held, cfg, tokenizer.pad_id, comp.format, comp.task)
         if eval_rows is not None:
             eval_parts.append(grain.MapDataset.source(eval_rows))
         stats[f"{comp.name}.documents"] = len(store)

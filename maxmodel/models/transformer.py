@@ -178,15 +178,19 @@ class Transformer(nnx.Module):
         """The first layer's input [B, L, d_model]."""
         return self.embed(tokens, positions, self.dtype)
 
-    def hidden(self, tokens, segment_ids, positions, prefix=None, task=None):
+    def hidden(self, tokens, segment_ids, positions, prefix=None, task=None, prompt_slots=None):
         """Final-norm hidden states [B, L, d_model] and the MoE layers' stats (each [num_moe_layers, ...]).
         prefix: [B, L], nonzero on each document's bidirectional prefix (prefix LM), or None. task: each row's
-        soft-prompt table (peft.method=prompt, finetune/peft/prompt.py), or None for table 0."""
+        (or position's) soft-prompt table (peft.method=prompt, finetune/peft/prompt.py), or None for table 0;
+        prompt_slots: [B, L], where the data pipeline left the soft prompt's places (else it is prepended)."""
         x = self.embed_inputs(tokens, positions)
         soft = vars(self).get("soft_prompt")
-        if soft is not None:  # k virtual tokens in front; dropped again below
+        prepended = soft is not None and prompt_slots is None
+        if prepended:  # k virtual tokens in front; dropped again below
             x, segment_ids, positions, prefix = soft.prepend(x, segment_ids, positions, prefix, task)
             x = constrain(x, ACT)
+        elif soft is not None:
+            x = constrain(soft.fill(x, prompt_slots, task), ACT)
         block_fn = self._block_fn()
         mesh = jax.sharding.get_abstract_mesh()
         stages = 1 if mesh.empty else mesh.shape.get("stage", 1)
@@ -218,7 +222,7 @@ class Transformer(nnx.Module):
                                 prefix)
                 per_layer.append(s)
             stats = _stack_stats(per_layer)
-        if soft is not None:
+        if prepended:
             x = constrain(x[:, soft.length:], ACT)
         return (self.final_norm(x) if self.final_norm is not None else x), stats
 
@@ -330,12 +334,12 @@ class Transformer(nnx.Module):
         return constrain(out, ("activation_batch", "activation_length", "activation_vocab"))
 
     def __call__(self, tokens, segment_ids=None, positions=None, return_stats: bool = False, prefix=None,
-                 task=None):
+                 task=None, prompt_slots=None):
         """Logits [B, L, vocab]; with return_stats, also the MoE stats (load, dropped, aux_loss, z_loss)."""
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        x, stats = self.hidden(tokens, segment_ids, positions, prefix, task)
+        x, stats = self.hidden(tokens, segment_ids, positions, prefix, task, prompt_slots)
         logits = self.logits(x)
         return (logits, stats) if return_stats else logits

@@ -17,10 +17,14 @@ def _size_bytes(tree) -> tuple[int, int]:
 
 def state_report(abstract_params, trainable_filter, abstract_opt) -> dict[str, int]:
     """Counts are stored elements (a quantized base counts its codes and scales as stored). Gradients exist
-    for the trainable part alone (train/step.py differentiates nothing else), in its dtypes."""
-    trainable, frozen = nnx.split_state(abstract_params, trainable_filter, ...)
+    for the trainable part alone (train/step.py differentiates nothing else), in its dtypes. LoRA dropout
+    seeds are state, not parameters: in the bytes, not the counts."""
+    from maxmodel.finetune.peft.lora import DropoutSeed
+    seeds, params = nnx.split_state(abstract_params, DropoutSeed, ...)
+    trainable, frozen = nnx.split_state(params, trainable_filter, ...)
     n_train, b_train = _size_bytes(trainable)
     n_frozen, b_frozen = _size_bytes(frozen)
+    b_frozen += _size_bytes(seeds)[1]
     _, b_opt = _size_bytes(abstract_opt)
     return {"trainable_params": n_train, "total_params": n_train + n_frozen, "param_bytes": b_train + b_frozen,
             "frozen_bytes": b_frozen, "grad_bytes": b_train, "opt_state_bytes": b_opt,

@@ -13,7 +13,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from maxmodel.config.schema import Config
 from maxmodel.finetune import objectives, peft
-from maxmodel.finetune.objectives import BATCH_KEYS, LossSettings
+from maxmodel.finetune.peft import lora
+from maxmodel.finetune.objectives import BATCH_KEYS, PROMPT_KEYS, LossSettings
+from maxmodel.finetune.peft.config import prompt_slots
 from maxmodel.models.moe import update_router_bias
 from maxmodel.models.registry import build_model
 from maxmodel.parallel.mesh import check_layout
@@ -23,8 +25,8 @@ from .optimizer import learning_rate_schedule, make_optimizer
 
 
 def batch_keys(cfg: Config) -> tuple[str, ...]:
-    """The arrays one batch holds for this config's objective."""
-    return BATCH_KEYS + objectives.get(cfg.train.objective).extra_keys
+    """The arrays one batch holds for this config's objective (and its soft prompts' places)."""
+    return BATCH_KEYS + objectives.get(cfg.train.objective).extra_keys + (PROMPT_KEYS if prompt_slots(cfg) else ())
 
 
 def batch_sharding(mesh) -> NamedSharding:
@@ -123,14 +125,16 @@ class _Split:
         return getattr(self.inner, name)
 
 
-def _loss_sums(objective, graphdef, states, batch, settings: LossSettings, order=None, moe=None):
+def _loss_sums(objective, graphdef, states, batch, settings: LossSettings, order=None, moe=None, train=False):
     """(objective, (nll, token count, MoE stats, the objective's metrics)). `states`: the parameter states
-    (trainable, frozen) that make the model. MoE aux losses are per-token means, so they enter the summed
+    (trainable, frozen) that make the model; `train` switches its dropout on (LoRA's, the only one). MoE aux losses are per-token means, so they enter the summed
     objective multiplied by the token count: after the step's division by the total count (also across
     microbatches) they carry their configured weight."""
     if order is not None:  # causal load balancing for ring attention: every token's mask uses its position
         batch = {k: v[:, order] for k, v in batch.items()}
     model = nnx.merge(graphdef, *states)
+    if train:
+        model.train()
     total, nll, count, stats, metrics = objective.loss(model, batch, settings)
     aux = 0.0
     if stats and moe is not None:
@@ -181,30 +185,32 @@ def build_train_step(cfg: Config, graphdef: nnx.GraphDef, abstract_params: nnx.S
     # (the frozen state's Variables are rebuilt here, at the gradient's trace level: nnx.scan over the layers
     # refuses Variables from the enclosing jit's level; the identity map moves no data)
     grad_fn = jax.value_and_grad(
-        lambda t, f, b: _loss_sums(objective, graphdef, (t, jax.tree.map(lambda x: x, f)), b, settings, order, moe),
+        lambda t, f, b: _loss_sums(objective, graphdef, (t, jax.tree.map(lambda x: x, f)), b, settings, order, moe,
+                                   train=True),
         has_aux=True)
 
-    def gradients(trainable, frozen, batch):
+    def gradients(trainable, frozen, batch, step):
         if micro == 1:
-            (_, (nll, count, stats, extra)), grads = grad_fn(trainable, frozen, batch)
+            (_, (nll, count, stats, extra)), grads = grad_fn(trainable, lora.for_step(frozen, step), batch)
             return grads, nll, count, stats, extra
 
         def split(x):  # [B, L] -> [M, B/M, L]: microbatch i takes rows i, i+M, ... (stays evenly sharded)
             return x.reshape(x.shape[0] // micro, micro, *x.shape[1:]).swapaxes(0, 1)
 
-        def body(carry, mb):
+        def body(carry, indexed):
             acc, nll_acc, count_acc, extra_acc = carry
-            (_, (nll, count, stats, extra)), grads = grad_fn(trainable, frozen, mb)
+            i, mb = indexed
+            (_, (nll, count, stats, extra)), grads = grad_fn(trainable, lora.for_step(frozen, step, i), mb)
             return (jax.tree.map(jnp.add, acc, grads), nll_acc + nll, count_acc + count,
                     jax.tree.map(jnp.add, extra_acc, extra)), stats
         zeros = jax.tree.map(jnp.zeros_like, trainable)
         extra0 = {k: jnp.zeros((), jnp.float32) for k in objective.metrics}
         (grads, nll, count, extra), stats = jax.lax.scan(body, (zeros, 0.0, 0.0, extra0),
-                                                         jax.tree.map(split, batch))
+                                                         (jnp.arange(micro), jax.tree.map(split, batch)))
         return grads, nll, count, jax.tree.map(lambda s: jnp.mean(s, axis=0), stats), extra  # MoE stats: mean
 
     def step(trainable, frozen, opt_state, batch):
-        grads, nll, count, stats, extra = gradients(trainable, frozen, batch)
+        grads, nll, count, stats, extra = gradients(trainable, frozen, batch, opt_state.steps)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         loss = nll / denom
@@ -221,7 +227,7 @@ def build_train_step(cfg: Config, graphdef: nnx.GraphDef, abstract_params: nnx.S
                                                LossSettings(0.0, settings.loss_chunk, cfg), order, None)
         return nll, count, extra
 
-    batch_sh = {k: data_sh for k in batch_keys(cfg)}
+    batch_sh = data_sh  # a prefix of the batch dict: every array has rows over the batch axes
     jitted = jax.jit(step, in_shardings=(train_sh, frozen_sh, opt_sh, batch_sh),
                      out_shardings=(train_sh, opt_sh, replicated), donate_argnums=(0, 2))  # only what changes
     step_fn = SplitStep(jitted, trainable_filter)

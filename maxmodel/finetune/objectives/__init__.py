@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .base import BATCH_KEYS, LossSettings, Objective, token_logps
+from .base import BATCH_KEYS, PROMPT_KEYS, LossSettings, Objective, token_logps
 
 
 def names() -> tuple[str, ...]:
@@ -20,4 +20,4 @@ def get(name: str) -> Objective:
     return importlib.import_module(f"{__name__}.{name}").OBJECTIVE
 
 
-__all__ = ["BATCH_KEYS", "LossSettings", "Objective", "get", "names", "token_logps"]
+__all__ = ["BATCH_KEYS", "PROMPT_KEYS", "LossSettings", "Objective", "get", "names", "token_logps"]

@@ -13,6 +13,12 @@ from maxmodel.train.loss import cross_entropy_sums
 
 # Every batch holds these [batch, seq_len] arrays; an objective names the extra ones it needs.
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+# Soft prompts' placement (finetune/peft/prompt.py): passed to the model whenever a batch has them.
+PROMPT_KEYS = ("task", "prompt_slots")
+
+
+def with_prompt(batch: dict, model_kwargs: dict) -> dict:
+    return {**model_kwargs, **{k: batch[k] for k in PROMPT_KEYS if k in batch}}
 
 
 @dataclass(frozen=True)
@@ -47,8 +53,7 @@ def token_logps(model, batch: dict, chunk: int = 0, **model_kwargs: Any):
     """log p(target) at every position [B, L] in float32, 0 where `loss_mask` is 0: the per-token log-probs
     preference and RL objectives sum per sequence, and that a sampler's log-probs are checked against. With
     `chunk` (the step's LossSettings.loss_chunk) the head runs over chunks of positions: no [B, L, V] logits."""
-    if "task" in batch:
-        model_kwargs = {**model_kwargs, "task": batch["task"]}
+    model_kwargs = with_prompt(batch, model_kwargs)
     if chunk:
         h, _ = model.hidden(batch["inputs"], batch["segment_ids"], batch["positions"], **model_kwargs)
         return chunked_token_logps(h, model.head_matrix(), batch["targets"], batch["loss_mask"], chunk)
@@ -61,9 +66,8 @@ def token_logps(model, batch: dict, chunk: int = 0, **model_kwargs: Any):
 def lm_loss(model, batch: dict, s: LossSettings, **model_kwargs: Any):
     """Next-token (or, for masked_lm, masked-token) cross-entropy on `loss_mask`, with the optional z-loss.
     With a loss chunk the head and the loss are fused over chunks of positions (no [B, L, V] logits). A batch
-    with a `task` array selects each row's soft prompt (peft.method=prompt)."""
-    if "task" in batch:
-        model_kwargs = {**model_kwargs, "task": batch["task"]}
+    with `task` (and `prompt_slots`) arrays places each row's soft prompts (peft.method=prompt)."""
+    model_kwargs = with_prompt(batch, model_kwargs)
     if s.loss_chunk:
         mask = batch["loss_mask"].astype(jnp.float32)
         h, stats = model.hidden(batch["inputs"], batch["segment_ids"], batch["positions"], **model_kwargs)

@@ -22,6 +22,17 @@ def target_names(targets) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
+def prompt_slots(cfg) -> int:
+    """Soft-prompt slots the data pipeline leaves at the start of every document (peft.num_virtual_tokens),
+    or 0 where the prompt is prepended to each row instead: methods other than prompt, objectives other than
+    causal_lm / sft (their rows are not packed documents), synthetic and seqio data (no documents here)."""
+    d = cfg.data
+    if (cfg.peft.method != "prompt" or cfg.train.objective not in ("causal_lm", "sft")
+            or d.source == "synthetic" or d.source.startswith("seqio:")):
+        return 0
+    return cfg.peft.num_virtual_tokens
+
+
 def validate_peft(cfg) -> None:
     p = cfg.peft
     if cfg.train.qat not in QAT:
@@ -43,9 +54,14 @@ def validate_peft(cfg) -> None:
         raise ConfigError("peft.rank", f"must be > 0, got {p.rank}")
     if p.alpha <= 0:
         raise ConfigError("peft.alpha", f"must be > 0, got {p.alpha}")
-    if p.dropout != 0.0:
-        raise ConfigError("peft.dropout", "LoRA dropout is not implemented yet: set peft.dropout=0")
+    if not 0.0 <= p.dropout < 1.0:
+        raise ConfigError("peft.dropout", f"must be in [0, 1), got {p.dropout}")
     names = target_names(p.targets)
+    folded = [n for n in names if n in EXPERT_TARGETS]
+    if p.dropout and folded:
+        raise ConfigError("peft.dropout", f"expert adapters ({', '.join(folded)}) are folded into their weights "
+                                          f"before dispatch, so their input cannot be dropped: set peft.dropout=0 "
+                                          f"or target only dense projections")
     unknown = [n for n in names if n not in TARGETS and n not in EXPERT_TARGETS]
     if unknown or not names:
         raise ConfigError("peft.targets", f"{unknown or names} not among "
@@ -60,6 +76,9 @@ def _validate_prompt(cfg) -> None:
     p = cfg.peft
     if p.num_virtual_tokens <= 0:
         raise ConfigError("peft.num_virtual_tokens", f"must be > 0, got {p.num_virtual_tokens}")
+    if p.num_virtual_tokens >= cfg.train.seq_len:
+        raise ConfigError("peft.num_virtual_tokens", f"{p.num_virtual_tokens} leaves no room in train.seq_len="
+                                                     f"{cfg.train.seq_len} for tokens")
     if p.num_prompts <= 0:
         raise ConfigError("peft.num_prompts", f"must be > 0, got {p.num_prompts}")
     if cfg.model.arch != "decoder":

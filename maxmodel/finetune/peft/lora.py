@@ -1,6 +1,7 @@
 """LoRA (Hu et al. 2021): a frozen weight W [*in, *out] gains a trainable low-rank update, y = x W + s (x A) B
 with A [*in, r], B [r, *out], B = 0 at the start (so the model starts as the base) and s = alpha / r, or
-alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023).
+alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023). With `peft.dropout` > 0 the adapter sees x through dropout
+(PEFT's lora_dropout: y = x W + s (drop(x) A) B), in training only.
 
 Adapters are `Adapter` modules attached to the module that owns the weight, as attribute `<weight>_lora`;
 their arrays are nnx.LoRAParam, the variable type the step trains (train/step.py's SplitStep), so the base
@@ -32,14 +33,28 @@ def scaling(p) -> float:
     return p.alpha / (math.sqrt(p.rank) if p.rslora else p.rank)
 
 
-class Adapter(nnx.Module):
-    """The low-rank update of one weight: (x A) B times `scale`; `contract` input dims of x meet A."""
+class DropoutSeed(nnx.Variable):
+    """A LoRA adapter's dropout key data (uint32 [*stacked dims, key size]): one key per layer of a stack, since
+    a scanned or pipelined stack runs one Python adapter for all its layers. Frozen: the train step folds its
+    step number into it (`for_step`), so every step, microbatch and layer draws its own mask and a resumed run
+    draws the masks an uninterrupted one would have."""
 
-    def __init__(self, a, b, scale: float, contract: int):
+
+class Adapter(nnx.Module):
+    """The low-rank update of one weight: (x A) B times `scale`; `contract` input dims of x meet A. With a
+    dropout rate the input first goes through nnx.Dropout, built deterministic (inference, evaluation and
+    references see no dropout) and switched on by the train step's `model.train()`."""
+
+    def __init__(self, a, b, scale: float, contract: int, dropout: float = 0.0, seed=None):
         self.a, self.b = nnx.LoRAParam(a), nnx.LoRAParam(b)
         self.scale, self.contract = scale, contract
+        if dropout:
+            self.drop = nnx.Dropout(dropout, deterministic=True)
+            self.seed = seed
 
     def __call__(self, x):
+        if hasattr(self, "drop"):
+            x = self.drop(x, rngs=jax.random.wrap_key_data(self.seed[...]))
         h = dense(x, self.a[...].astype(x.dtype), self.contract)
         return dense(h, self.b[...].astype(x.dtype)) * jnp.asarray(self.scale, x.dtype)
 
@@ -72,8 +87,30 @@ def attach_lora(model, cfg, rngs: nnx.Rngs):
             jax.random.fold_in(key, i), (*shape[:lead + contract], p.rank), dtype)
         b = nnx.with_partitioning(nnx.initializers.zeros_init(), (*axes[:lead], None, *axes[lead + contract:]))(
             key, (*shape[:lead], p.rank, *outs), dtype)
-        setattr(module, attr + SUFFIX, Adapter(a, b, scaling(p), contract))
+        seed = None
+        if p.dropout:
+            keys = jax.random.split(jax.random.fold_in(key, len(found) + i), max(1, math.prod(shape[:lead])))
+            data = jax.random.key_data(keys).reshape(*shape[:lead], -1)
+            seed = DropoutSeed(data, out_sharding=(*axes[:lead], None))
+        setattr(module, attr + SUFFIX, Adapter(a, b, scaling(p), contract, p.dropout, seed))
     return model
+
+
+def for_step(frozen: nnx.State, *numbers) -> nnx.State:
+    """The frozen state with the step's `numbers` (step, microbatch) folded into every LoRA dropout seed; the
+    state itself when there are none."""
+    seeds, rest = nnx.split_state(frozen, DropoutSeed, ...)
+    if not jax.tree.leaves(seeds):
+        return frozen
+
+    def fold(data):
+        def one(d):
+            k = jax.random.wrap_key_data(d)
+            for n in numbers:
+                k = jax.random.fold_in(k, n)
+            return jax.random.key_data(k)
+        return jax.vmap(one)(data.reshape(-1, data.shape[-1])).reshape(data.shape)
+    return nnx.merge_state(jax.tree.map(fold, seeds), rest)
 
 
 def merge(model):

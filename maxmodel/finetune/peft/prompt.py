@@ -1,12 +1,14 @@
-"""Prompt tuning (Lester et al. 2021): k trainable virtual-token embeddings prepended to every row's input
-embeddings; everything else frozen. `peft.num_prompts` tables live side by side, and each row picks its own
-with the `task` batch array (one id per row; [B] or [B, L] with the id repeated), so rows of different tasks
-share one batch and one compiled step.
+"""Prompt tuning (Lester et al. 2021): k trainable virtual-token embeddings in front of every document's input
+embeddings; everything else frozen. `peft.num_prompts` tables live side by side, and each position picks its
+own with the `task` batch array, so rows of different tasks share one batch and one compiled step.
 
-The virtual tokens take positions 0..k-1 and the real tokens move up by k (RoPE / learned tables see one
-longer sequence); they carry the segment id of the row's first token, so with packing they condition the
-row's first document (the others keep their own masks). The stack runs on L + k positions and the first k
-are dropped before the head, so losses, targets and masks keep their [B, L] shapes.
+Two ways in, one mechanism (`SoftPrompt.fill`, which puts table rows where `prompt_slots` says):
+- From the data pipeline (data/packing.py, `virtual=k`): every document already starts with k placeholder
+  inputs marked 1..k in `prompt_slots`, with `task` per position (a mixture component's `task`). Packed rows
+  then give each document its own prompt, at its own positions 0..k-1, inside the row's length.
+- Without slots (a batch of plain tokens, as in generation or synthetic data): the k virtual tokens are
+  prepended to the row (positions 0..k-1, the real tokens move up by k, the segment id of the row's first
+  token) and the first k outputs are dropped before the head, so losses keep their [B, L] shapes.
 """
 from __future__ import annotations
 
@@ -25,15 +27,24 @@ class SoftPrompt(nnx.Module):
     def length(self) -> int:
         return self.table.shape[1]
 
-    def prepend(self, x, segment_ids, positions, prefix, task):
-        b, k = x.shape[0], self.length
+    def fill(self, x, slots, task):
+        """x [B, L, d] with every slot (slots [B, L]: 1..k, 0 = a real token) replaced by row slot-1 of its
+        position's table (task: [B, L], [B] or None for table 0)."""
         table = self.table[...].astype(x.dtype)
         if task is None:
-            rows = jnp.broadcast_to(table[0], (b, *table.shape[1:]))
-        else:
-            task = task[:, 0] if task.ndim == 2 else task
-            rows = jnp.take(table, task, axis=0)
-        x = jnp.concatenate([rows, x], axis=1)
+            task = jnp.zeros_like(slots)
+        elif task.ndim == 1:
+            task = jnp.broadcast_to(task[:, None], slots.shape)
+        rows = table[task, jnp.maximum(slots - 1, 0)]
+        return jnp.where((slots > 0)[..., None], rows, x)
+
+    def prepend(self, x, segment_ids, positions, prefix, task):
+        b, k = x.shape[0], self.length
+        if task is not None and task.ndim == 2:
+            task = task[:, 0]
+        slots = jnp.broadcast_to(jnp.arange(1, k + 1, dtype=jnp.int32), (b, k))
+        x = jnp.concatenate([jnp.zeros((b, k, x.shape[-1]), x.dtype), x], axis=1)
+        x = self.fill(x, jnp.concatenate([slots, jnp.zeros((b, x.shape[1] - k), jnp.int32)], axis=1), task)
         segment_ids = jnp.concatenate([jnp.repeat(segment_ids[:, :1], k, axis=1), segment_ids], axis=1)
         positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(k, dtype=positions.dtype), (b, k)),
                                      positions + k], axis=1)
