@@ -25,6 +25,11 @@ LAYOUTS = {
     "data=2 sequence=4 allgather": ["mesh.data=2", "mesh.sequence=4", "model.attention.context_parallel=allgather"],
     "data=2 sequence=4 ring": ["mesh.data=2", "mesh.sequence=4", "model.attention.context_parallel=ring"],
     "stage=4 data=2 gpipe": ["mesh.data=2", "mesh.stage=4", "pipeline.microbatches=4"],
+    "stage=4 data=2 1f1b": ["mesh.data=2", "mesh.stage=4", "pipeline.microbatches=4", "pipeline.schedule=1f1b"],
+    "stage=2 data=4 circular repeats=2": ["mesh.data=4", "mesh.stage=2", "pipeline.microbatches=2",
+                                          "pipeline.repeats=2"],
+    "stage=2 data=4 interleaved_1f1b repeats=2": ["mesh.data=4", "mesh.stage=2", "pipeline.microbatches=2",
+                                                  "pipeline.repeats=2", "pipeline.schedule=interleaved_1f1b"],
     "stage=2 fsdp=2 tensor=2": ["mesh.data=1", "mesh.stage=2", "mesh.fsdp=2", "mesh.tensor=2",
                                 "pipeline.microbatches=4"],
 }
@@ -67,11 +72,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--out", default="")
+    parser.add_argument("--only", default="", help="run the layouts whose name contains this")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every layout")
     ns = parser.parse_args()
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     rows = []
     for name, overrides in LAYOUTS.items():
+        if ns.only not in name:
+            continue
         cmd = [sys.executable, "-c", CHILD, str(ns.steps), "data.source=synthetic", *overrides, *ns.overrides]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode:

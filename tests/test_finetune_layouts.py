@@ -51,6 +51,16 @@ def test_lora_dropout_on_a_sharded_layout_equals_single_device():
     assert single[0, 0] == plain[0, 0] and not np.allclose(single[1:, 0], plain[1:, 0])
 
 
+def test_qlora_under_a_1f1b_pipeline_equals_single_device():
+    """1F1B differentiates the stages itself (parallel/pipeline_1f1b.py): the quantized base's integer codes
+    ride along ungradiented, the adapters get the 1-device gradients."""
+    if "qlora-nf4" not in SINGLE:
+        SINGLE["qlora-nf4"] = run_steps(COMMON + METHODS["qlora-nf4"] + ["mesh.data=1"], jax.devices()[:1])
+    piped = run_steps(COMMON + METHODS["qlora-nf4"] + ["mesh.data=4", "mesh.stage=2", "pipeline.microbatches=2",
+                                                        "pipeline.schedule=1f1b"], jax.devices())
+    np.testing.assert_allclose(piped, SINGLE["qlora-nf4"], rtol=1e-5)
+
+
 @pytest.mark.parametrize("method", [*METHODS, "lora-dropout"])
 def test_stop_and_resume_is_exact(method, tiny_overrides):
     steps = ["train.steps=4", "run.log_every=1", "run.eval_batches=0", "run.eval_every=1000",

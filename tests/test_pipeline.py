@@ -232,3 +232,54 @@ def test_an_explicit_table_without_layers_on_stage_contradicts_stages():
         check_layout(_stage_config("mesh.rules=fsdp"), shape)
     check_layout(_stage_config("mesh.rules=pipeline"), shape)  # explicit and consistent
     check_layout(_stage_config("mesh.rules=fsdp", "mesh.rule_overrides.layers=stage"), shape)
+
+
+@pytest.mark.parametrize("stages,microbatches,repeats", [(2, 2, 1), (4, 8, 1), (4, 16, 1), (2, 4, 2), (4, 8, 2),
+                                                         (2, 8, 4)])
+def test_1f1b_schedules_keep_dependencies_and_the_in_flight_cap(stages, microbatches, repeats):
+    """Replaying the table: every forward and backward of every (microbatch, virtual stage) once, each after
+    what it needs (at an earlier tick), one step per device per tick, and never more microbatches in flight
+    on a device than its cap; 1F1B takes 2(M + S - 1) ticks, Megatron's count, and interleaved 2(M·R + S - 1)."""
+    from maxmodel.parallel.schedules import BACKWARD, FORWARD, in_flight_cap, make_schedule
+    S, M, R = stages, microbatches, repeats
+    sched = make_schedule(S, M, R)
+    V = S * R
+    f, b, flying = {}, {}, [0] * S
+    for t in range(sched.ticks):
+        for d in range(S):
+            op, m, r = sched.op[t, d], sched.mb[t, d], sched.rep[t, d]
+            v = r * S + d
+            if op == FORWARD:
+                assert (m, v) not in f and (v == 0 or f[(m, v - 1)] < t)
+                f[(m, v)] = t
+                flying[d] += 1
+                assert flying[d] <= in_flight_cap(S, R, d)
+            elif op == BACKWARD:
+                assert (m, v) not in b and f[(m, v)] < t and (v == V - 1 or b[(m, v + 1)] < t)
+                b[(m, v)] = t
+                flying[d] -= 1
+    assert len(f) == len(b) == M * V
+    assert sched.ticks == 2 * (M * R + S - 1)  # every device busy but for 2(S - 1) ticks
+    if R == 1:
+        assert sched.stash_slots == S
+
+
+def test_1f1b_keeps_as_many_stage_inputs_whatever_the_microbatch_count():
+    from maxmodel.parallel.schedules import make_schedule
+    assert make_schedule(4, 4).stash_slots == make_schedule(4, 32).stash_slots == 4
+    assert make_schedule(4, 8, 2).stash_slots == make_schedule(4, 32, 2).stash_slots
+
+
+@pytest.mark.parametrize("extra,key", [
+    (["pipeline.schedule=1f1b", "pipeline.repeats=2"], "pipeline.repeats"),
+    (["pipeline.schedule=interleaved_1f1b"], "pipeline.repeats"),
+    (["pipeline.schedule=1f1b", "train.objective=prefix_lm"], "pipeline.schedule"),
+    (["pipeline.schedule=zero_bubble"], "pipeline.schedule"),
+])
+def test_bad_schedules_name_their_key(extra, key):
+    from maxmodel.config import ConfigError, load_config
+    from maxmodel.parallel.mesh import check_layout
+    over = ["model.num_layers=4", "mesh.data=2", "mesh.stage=4", "train.batch_size=16"]
+    with pytest.raises(ConfigError, match=key):
+        cfg = load_config(overrides=over + extra)
+        check_layout(cfg, {"data": 2, "stage": 4, "fsdp": 1, "sequence": 1, "tensor": 1, "expert": 1})

@@ -79,7 +79,7 @@ def ppo(task, name, reward_model, *extra):  # noqa: F811
 
 def test_ppo_with_a_reward_model_raises_its_score(task, reward_model, monkeypatch):  # noqa: F811
     monkeypatch.setattr(loop, "build_mesh", lambda m: build_mesh(m, jax.devices()[:1]))
-    train(load_config(overrides=ppo(task, "ppo", reward_model, "train.steps=40", "mesh.data=1")))
+    train(load_config(overrides=ppo(task, "ppo", reward_model, "train.steps=80", "mesh.data=1")))
     records = _metrics(task / "ppo")
     first, last = records[:10], records[-10:]
     assert np.mean([r["score"] for r in last]) > np.mean([r["score"] for r in first]) + 0.1

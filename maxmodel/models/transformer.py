@@ -243,6 +243,40 @@ class Transformer(nnx.Module):
                               aux=aux,
                               length_axis="sequence" if mesh.shape.get("sequence", 1) > 1 else None)
 
+    def one_f_one_b(self) -> bool:
+        """Whether the loss runs inside a 1F1B / interleaved 1F1B pipeline (`pipelined_loss`)."""
+        mesh = jax.sharding.get_abstract_mesh()
+        return (self.cfg.pipeline.schedule in ("1f1b", "interleaved_1f1b") and not mesh.empty
+                and mesh.shape.get("stage", 1) > 1)
+
+    def pipelined_loss(self, tokens, segment_ids, positions, loss_fn, loss_inputs: dict):
+        """(summed objective, summed metrics) of loss_fn(logits_m, loss_inputs_m) -> (objective, metrics) over
+        the pipeline's microbatches, with the stack as a 1F1B or interleaved 1F1B pipeline and the final norm,
+        head and loss_fn on its last stage (parallel/pipeline_1f1b.py): gradients come from its explicit
+        per-stage backward steps, and autodiff carries them on into the embedding."""
+        from maxmodel.parallel.pipeline_1f1b import pipeline_loss
+        x = constrain(self.embed_inputs(tokens, positions), ACT)
+        graphdef, stacked = nnx.split(self.layers)
+        block_fn = self._block_fn()
+
+        def layer_fn(layer_params, h, aux):
+            return block_fn(nnx.merge(graphdef, layer_params), h, aux["segment_ids"], aux["positions"])[0]
+        norm = nnx.split(self.final_norm) if self.final_norm is not None else None
+        softcap = self.cfg.model.final_logit_softcap
+
+        def tail_fn(tail, h, inputs):
+            if norm is not None:
+                h = nnx.merge(norm[0], tail["norm"])(h)
+            logits = dense(h, tail["head"].astype(h.dtype))
+            if softcap:
+                logits = softcap * jnp.tanh(logits / softcap)
+            return loss_fn(logits, inputs)
+        tail = {"head": self.head_matrix(), **({"norm": norm[1]} if norm is not None else {})}
+        pipe, stages = self.cfg.pipeline, jax.sharding.get_abstract_mesh().shape["stage"]
+        return pipeline_loss(layer_fn, tail_fn, stacked, tail, x, {"segment_ids": segment_ids, "positions": positions},
+                             loss_inputs, num_stages=stages, num_microbatches=pipe.microbatches or stages,
+                             repeats=pipe.repeats)
+
     # ---- decoding with a KV cache (maxmodel/inference): new tokens against cached keys and values ----
 
     def cache_groups(self) -> list[tuple[str, list[int]]]:

@@ -58,6 +58,32 @@ def single_device_mesh_config() -> MeshConfig:
     return MeshConfig(data=1, dcn=MeshAxes())
 
 
+ONE_F_ONE_B = ("1f1b", "interleaved_1f1b")
+# the objectives whose loss is a per-token sum over rows, which 1F1B computes microbatch by microbatch
+ONE_F_ONE_B_OBJECTIVES = ("causal_lm", "sft")
+
+
+def check_schedule(cfg) -> None:
+    pipe, m = cfg.pipeline, cfg.model
+    if pipe.schedule in ("circular", "interleaved_1f1b") and pipe.repeats < 2:
+        raise ConfigError("pipeline.repeats", f"pipeline.schedule={pipe.schedule} needs repeats >= 2 chunks per "
+                                              f"device, got {pipe.repeats}")
+    if pipe.schedule == "1f1b" and pipe.repeats > 1:
+        raise ConfigError("pipeline.repeats", "pipeline.schedule=1f1b has one chunk per device: use "
+                                              "interleaved_1f1b for repeats > 1")
+    if pipe.schedule not in ONE_F_ONE_B:
+        return
+    if cfg.train.objective not in ONE_F_ONE_B_OBJECTIVES:
+        raise ConfigError("pipeline.schedule", f"{pipe.schedule} computes the loss inside the pipeline for "
+                                               f"{', '.join(ONE_F_ONE_B_OBJECTIVES)}, not train.objective="
+                                               f"{cfg.train.objective}: use gpipe")
+    if cfg.peft.method == "prompt":
+        raise ConfigError("pipeline.schedule", f"{pipe.schedule} does not place soft prompts: use gpipe")
+    if cfg.mesh.sequence > 1:
+        raise ConfigError("pipeline.schedule", f"{pipe.schedule} runs with whole sequences per stage: use gpipe "
+                                               f"with mesh.sequence > 1")
+
+
 def check_layout(cfg, mesh_shape: dict[str, int]) -> None:
     """Shapes that a layout must divide, checked before compiling so the error names the key and numbers."""
     m, t = cfg.model, cfg.train
@@ -98,6 +124,7 @@ def check_layout(cfg, mesh_shape: dict[str, int]) -> None:
                                             f"set mesh.rules=pipeline, or mesh.rule_overrides.layers=stage")
         if not cfg.train.scan_layers:
             raise ConfigError("train.scan_layers", "pipeline parallelism needs the stacked (scanned) layers")
+        check_schedule(cfg)
     for key, value, size, axis in checks:
         if size > 1 and value % size:
             raise ConfigError(key, f"{key.split('.')[-1]}={value} is not divisible by {axis}={size}")

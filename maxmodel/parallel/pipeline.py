@@ -38,7 +38,8 @@ pipeline. Activations: the backward pass is plain autodiff through the tick loop
 then all backward ticks (GPipe style, not 1F1B), so each device keeps its layers' residuals for every tick:
 (M·R + S - 1) ticks × L/(S·R) layers × one microbatch, about the whole batch through L/S layers. Wrap
 `layer_fn` in `jax.checkpoint` to keep only each layer's input and recompute the rest in the backward pass.
-More microbatches shrink the bubble but not this total; 1F1B would cap it at S microbatches in flight.
+More microbatches shrink the bubble but not this total; the 1F1B schedules (pipeline_1f1b.py) cap it at S
+microbatches in flight with explicit per-stage backward steps.
 The microbatch buffer (inputs, then outputs, [B, ...]) is replicated over `stage`.
 
 Parameter order for the circular schedule

@@ -67,6 +67,8 @@ def collect(cfg, compile_step: bool) -> dict:
             cfg.model, cfg.train.seq_len // shape["sequence"], micro_batch, tensor=shape["tensor"],
             sequence_parallel=cfg.mesh.rules == "tp_sp", remat=cfg.train.remat, flash=False,
             act_bytes=2 if cfg.train.dtype in ("bfloat16", "float16") else 4)
+        if shape["stage"] > 1:
+            out["pipeline"] = pipeline_report(cfg, shape, micro_batch)
         if compile_step:
             from .checkpoint import abstract_like
             sh = batch_sharding(mesh)
@@ -83,6 +85,34 @@ def collect(cfg, compile_step: bool) -> dict:
     return out
 
 
+def pipeline_report(cfg, shape: dict, micro_batch: int) -> dict:
+    """The schedule's ticks and bubble, and its peak activation bytes per device, estimated: GPipe's autodiff
+    keeps every microbatch's residuals through the device's layers; 1F1B keeps at most `in_flight` stage
+    inputs, plus one chunk's residuals while it recomputes (parallel/pipeline_1f1b.py)."""
+    from maxmodel.parallel.pipeline import bubble_fraction
+    from maxmodel.parallel.schedules import make_schedule, in_flight_cap
+    from maxmodel.planner.memory import layer_activation_bytes
+    pipe, m = cfg.pipeline, cfg.model
+    S, R = shape["stage"], pipe.repeats
+    M = pipe.microbatches or S
+    rows = micro_batch // M if micro_batch >= M else 1  # rows of one pipeline microbatch per batch shard
+    act = 2 if cfg.train.dtype in ("bfloat16", "float16") else 4
+    seq = cfg.train.seq_len // shape["sequence"]
+    layer = layer_activation_bytes(m, seq, rows, tensor=shape["tensor"], remat=cfg.train.remat, flash=False,
+                                   act_bytes=act)
+    per_stage = m.num_layers // S
+    if pipe.schedule in ("1f1b", "interleaved_1f1b"):
+        sched = make_schedule(S, M, R)
+        in_flight = max(in_flight_cap(S, R, d) for d in range(S))
+        peak = in_flight * rows * seq * m.d_model * act + (per_stage // R) * layer
+        ticks, bubble = sched.ticks, sched.bubble
+    else:
+        in_flight, peak = M * R, M * per_stage * layer
+        ticks, bubble = M * R + S - 1, bubble_fraction(S, M, R)
+    return {"schedule": pipe.schedule, "stages": S, "microbatches": M, "repeats": R, "ticks": ticks,
+            "bubble": round(bubble, 4), "in_flight_microbatches": in_flight, "peak_activation_estimate": int(peak)}
+
+
 def print_table(out: dict) -> None:
     mesh = " × ".join(f"{k}={v}" for k, v in out["mesh"].items() if v > 1) or "1 device"
     print(f"mesh {mesh}, rules '{out['rules']}'")
@@ -95,6 +125,12 @@ def print_table(out: dict) -> None:
     print()
     for k, v in out["per_device_bytes"].items():
         print(f"{k:<22} {v / MIB:12.3f} MiB per device")
+    if "pipeline" in out:
+        p = out["pipeline"]
+        print(f"pipeline {p['schedule']}: {p['stages']} stages × {p['repeats']} chunks, {p['microbatches']} "
+              f"microbatches, {p['ticks']} ticks, bubble {p['bubble']:.1%}, at most {p['in_flight_microbatches']} "
+              f"microbatches in flight per device, peak activations ≈ {p['peak_activation_estimate'] / MIB:.3f} "
+              f"MiB per device")
     for k, v in out.get("xla_memory_analysis", {}).items():
         print(f"xla {k:<18} {v / MIB:12.3f} MiB per device")
 

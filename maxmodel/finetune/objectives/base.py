@@ -68,6 +68,13 @@ def lm_loss(model, batch: dict, s: LossSettings, **model_kwargs: Any):
     With a loss chunk the head and the loss are fused over chunks of positions (no [B, L, V] logits). A batch
     with `task` (and `prompt_slots`) arrays places each row's soft prompts (peft.method=prompt)."""
     model_kwargs = with_prompt(batch, model_kwargs)
+    if not model_kwargs and getattr(model, "one_f_one_b", lambda: False)():
+        def loss_fn(logits, inputs):
+            nll, z, count = cross_entropy_sums(logits, inputs["targets"], inputs["loss_mask"], s.z_loss, one_hot=True)
+            return nll + z, {"nll": nll, "count": count}
+        total, sums = model.pipelined_loss(batch["inputs"], batch["segment_ids"], batch["positions"], loss_fn,
+                                           {k: batch[k] for k in ("targets", "loss_mask")})
+        return total, sums["nll"], sums["count"], {}, {}
     if s.loss_chunk:
         mask = batch["loss_mask"].astype(jnp.float32)
         h, stats = model.hidden(batch["inputs"], batch["segment_ids"], batch["positions"], **model_kwargs)
