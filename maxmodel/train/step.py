@@ -175,7 +175,7 @@ def build_train_step(cfg: Config, graphdef: nnx.GraphDef, abstract_params: nnx.S
                                        transform_non_params=lambda _: replicated)
     data_sh = batch_sharding(mesh)
     micro = cfg.train.microbatches
-    settings = LossSettings(cfg.train.z_loss, fused_loss_chunk(cfg, mesh), cfg)
+    settings = LossSettings(cfg.train.z_loss, fused_loss_chunk(cfg, mesh), cfg, gradients=True)
     order = None
     if cfg.model.attention.context_parallel == "ring" and mesh.shape["sequence"] > 1:
         from maxmodel.parallel.ring_attention import load_balance_permutation

@@ -24,10 +24,13 @@ def with_prompt(batch: dict, model_kwargs: dict) -> dict:
 @dataclass(frozen=True)
 class LossSettings:
     """What the step decides for every objective: the z-loss weight and the fused head's chunk (0 = off);
-    `cfg`, the run's Config, where an objective reads its method settings (rl.*, dpo.*, distill.*)."""
+    `cfg`, the run's Config, where an objective reads its method settings (rl.*, dpo.*, distill.*);
+    `gradients`: the loss is being differentiated (the train step), so a 1F1B pipeline may compute it
+    together with its gradients (evaluation runs the forward-only GPipe path instead)."""
     z_loss: float = 0.0
     loss_chunk: int = 0
     cfg: Any = field(default=None, compare=False)
+    gradients: bool = False
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,7 @@ def lm_loss(model, batch: dict, s: LossSettings, **model_kwargs: Any):
     With a loss chunk the head and the loss are fused over chunks of positions (no [B, L, V] logits). A batch
     with `task` (and `prompt_slots`) arrays places each row's soft prompts (peft.method=prompt)."""
     model_kwargs = with_prompt(batch, model_kwargs)
-    if not model_kwargs and getattr(model, "one_f_one_b", lambda: False)():
+    if s.gradients and not model_kwargs and getattr(model, "one_f_one_b", lambda: False)():
         def loss_fn(logits, inputs):
             nll, z, count = cross_entropy_sums(logits, inputs["targets"], inputs["loss_mask"], s.z_loss, one_hot=True)
             return nll + z, {"nll": nll, "count": count}
