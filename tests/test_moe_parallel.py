@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 from test_train_step import run_steps
 
-from maxmodel.config import load_config
+from maxmodel.config import ConfigError, load_config
 from maxmodel.models.moe import MoE
 from maxmodel.parallel.mesh import build_mesh
 from maxmodel.parallel.rules import logical_rules
@@ -31,6 +31,35 @@ def test_expert_parallel_training_equals_single_device(layout, single_device):
     result = run_steps(MOE + LAYOUTS[layout], jax.devices())
     np.testing.assert_allclose(result, single_device, rtol=1e-5)  # [3 steps] × (loss, grad norm)
     assert single_device[-1, 0] < single_device[0, 0]
+
+
+STAGED = {  # MoE layers inside pipeline stages, composed with expert parallelism
+    "dropless, stage=2 gpipe x expert=2 x data=2": ([], []),
+    "capacity, shared experts, sigmoid router, bias balancing, every=2, stage=2 circular x expert=2 x data=2": (
+        ["model.moe.capacity_factor=1.0", "model.moe.shared_experts=1", "model.moe.router=sigmoid",
+         "model.moe.bias_balancing=true", "model.moe.every=2", "model.num_layers=8"], ["pipeline.repeats=2"]),
+}
+
+
+@pytest.mark.parametrize("name", list(STAGED))
+def test_moe_in_pipeline_stages_equals_single_device(name):
+    """The pipeline's microbatches are train.microbatches' (rows i, i+M, ...), so one device accumulating the
+    same two microbatches is the oracle: routing, capacity and the aux losses see the same tokens."""
+    model, pipe = STAGED[name]
+    single = run_steps(MOE + model + ["mesh.data=1", "train.microbatches=2"], jax.devices()[:1])
+    staged = run_steps(MOE + model + pipe + ["mesh.data=2", "mesh.stage=2", "mesh.expert=2",
+                                              "pipeline.microbatches=2"], jax.devices())
+    np.testing.assert_allclose(staged, single, rtol=1e-5)
+
+
+def test_moe_pipeline_limits_name_their_keys():
+    from maxmodel.parallel.mesh import check_layout
+    shape = {"data": 2, "stage": 2, "fsdp": 1, "sequence": 1, "tensor": 1, "expert": 2}
+    for extra, key in ((["model.moe.first_dense_layers=1", "model.num_layers=3"], "model.moe.first_dense_layers"),
+                       (["pipeline.schedule=1f1b"], "pipeline.schedule"),
+                       (["model.moe.every=2", "model.num_layers=4", "pipeline.repeats=2"], "model.num_layers")):
+        with pytest.raises(ConfigError, match=key):
+            check_layout(load_config(overrides=MOE + extra), shape)
 
 
 @pytest.mark.parametrize("capacity_factor", [0.0, 1.0])

@@ -200,7 +200,7 @@ class Transformer(nnx.Module):
             raise ConfigError("model.attention.global_every", "alternating local/global attention is not "
                                                               "supported with mesh.stage > 1 or mesh.sequence > 1")
         if stages > 1:
-            x = self._pipeline(x, segment_ids, positions, block_fn, stages, mesh, prefix)
+            x, stats = self._pipeline(x, segment_ids, positions, block_fn, stages, mesh, prefix)
         elif self.cfg.train.scan_layers and windows is not None:  # dense stack, one window per layer
             @nnx.scan(in_axes=(nnx.Carry, 0, None, None, 0, None), out_axes=(nnx.Carry, 0),
                       transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -227,21 +227,25 @@ class Transformer(nnx.Module):
         return (self.final_norm(x) if self.final_norm is not None else x), stats
 
     def _pipeline(self, x, segment_ids, positions, block_fn, stages, mesh, prefix=None):
-        """The stacked layers as a pipeline over `stage` (GPipe, or circular when pipeline.repeats > 1)."""
+        """The stacked layers as a pipeline over `stage` (GPipe, or circular when pipeline.repeats > 1);
+        -> (x, MoE stats per layer, averaged over the pipeline's microbatches)."""
         from maxmodel.parallel.pipeline import pipeline_apply
         graphdef, stacked = nnx.split(self.layers)
+        moe = bool(self.cfg.model.moe.num_experts)
 
         def layer_fn(layer_params, x, aux):
-            return block_fn(nnx.merge(graphdef, layer_params), x, aux["segment_ids"], aux["positions"], None,
-                            aux.get("prefix"))[0]
+            out = block_fn(nnx.merge(graphdef, layer_params), x, aux["segment_ids"], aux["positions"], None,
+                           aux.get("prefix"))
+            return out if moe else out[0]
         pipe = self.cfg.pipeline
         aux = {"segment_ids": segment_ids, "positions": positions}
         if prefix is not None:
             aux["prefix"] = prefix
-        return pipeline_apply(layer_fn, stacked, x, num_stages=stages,
-                              num_microbatches=pipe.microbatches or stages, repeats=pipe.repeats,
-                              aux=aux,
-                              length_axis="sequence" if mesh.shape.get("sequence", 1) > 1 else None)
+        out = pipeline_apply(layer_fn, stacked, x, num_stages=stages,
+                             num_microbatches=pipe.microbatches or stages, repeats=pipe.repeats,
+                             aux=aux, length_axis="sequence" if mesh.shape.get("sequence", 1) > 1 else None,
+                             with_stats=moe)
+        return out if moe else (out, {})
 
     def one_f_one_b(self) -> bool:
         """Whether the loss runs inside a 1F1B / interleaved 1F1B pipeline (`pipelined_loss`)."""

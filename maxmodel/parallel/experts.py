@@ -58,7 +58,10 @@ def _only(spec: P, manual: set) -> P:
 def _layout():
     """(mesh, manual axes, token spec [B, L, D]) or None when no exchange is needed."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
+    if mesh.empty or mesh.manual_axes:
+        # Inside another shard_map (a pipeline stage): a nested one fails to lower once transposed ("axis
+        # stage already bound by a parent manual computation"), so the dispatch runs on the stage's arrays as
+        # they are and the partitioner moves tokens to the expert-sharded weights.
         return None
     tokens = _spec(("activation_batch", "activation_length", "activation_embed"))
     manual = {a for e in tokens for a in _names(e) if mesh.shape[a] > 1}

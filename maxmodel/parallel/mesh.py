@@ -102,9 +102,20 @@ def check_layout(cfg, mesh_shape: dict[str, int]) -> None:
     if m.moe.num_experts:
         checks += [("model.moe.num_experts", m.moe.num_experts, mesh_shape["expert"], "mesh.expert"),
                    ("model.moe.d_ff", m.moe.d_ff, tensor, "mesh.tensor")]
-        if stage > 1:
-            raise ConfigError("mesh.stage", f"pipeline parallelism (mesh.stage={stage}) does not support MoE "
-                                            f"layers yet (model.moe.num_experts={m.moe.num_experts})")
+        if stage > 1 and m.moe.first_dense_layers:
+            raise ConfigError("model.moe.first_dense_layers", f"pipeline stages hold the repeated MoE units only: "
+                                                              f"set it to 0 with mesh.stage={stage}")
+        units = m.num_layers // max(1, m.moe.every)
+        if stage > 1 and units % (stage * cfg.pipeline.repeats):
+            raise ConfigError("model.num_layers", f"{m.num_layers} layers in MoE units of model.moe.every="
+                                                  f"{m.moe.every} make {units} units, not divisible by mesh.stage "
+                                                  f"× pipeline.repeats={stage * cfg.pipeline.repeats}")
+        if stage > 1 and seq > 1:
+            raise ConfigError("mesh.sequence", "MoE layers inside pipeline stages run with whole sequences: use "
+                                               "mesh.sequence=1 with mesh.stage > 1")
+        if stage > 1 and cfg.pipeline.schedule in ONE_F_ONE_B:
+            raise ConfigError("pipeline.schedule", f"{cfg.pipeline.schedule} does not carry MoE aux losses yet: "
+                                                   f"use gpipe or circular with MoE layers")
     if m.arch == "encoder_decoder" and (stage > 1 or seq > 1):  # a -1 axis may have filled to > 1
         key = "mesh.stage" if stage > 1 else "mesh.sequence"
         raise ConfigError(key, f"model.arch=encoder_decoder does not support {key} > 1 (got {stage if stage > 1 else seq})")

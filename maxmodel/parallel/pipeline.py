@@ -122,8 +122,10 @@ def _from_microbatches(a):
     return a.reshape(a.shape[0] * a.shape[1], *a.shape[2:])
 
 
-def _stage_loop(params, xs, aux, *, layer_fn, axis_name, num_stages, num_microbatches, repeats):
-    """Per-device body: params [1, R, L/(S·R), ...] (this device's virtual stages), xs [M, mb, ...]."""
+def _stage_loop(params, xs, aux, *, layer_fn, axis_name, num_stages, num_microbatches, repeats, with_stats):
+    """Per-device body: params [1, R, L/(S·R), ...] (this device's virtual stages), xs [M, mb, ...]. With
+    `with_stats`, layer_fn returns (x, stats) and each layer's stats come back summed over microbatches as
+    [1, R, L/(S·R), ...]."""
     S, M, R = num_stages, num_microbatches, repeats
     s = jax.lax.axis_index(axis_name)
     params = jax.tree.map(lambda p: p[0], params)
@@ -133,21 +135,31 @@ def _stage_loop(params, xs, aux, *, layer_fn, axis_name, num_stages, num_microba
     state = vary_over(jnp.zeros_like(xs[0]), vary)  # what arrived from the previous stage
     ring = [(i, (i + 1) % S) for i in range(S)]
 
+    def layer(p, h, aux_m):
+        out = layer_fn(p, h) if aux is None else layer_fn(p, h, aux_m)
+        return out if with_stats else (out, {})
+
     def apply_layers(stage_params, h, aux_m):
-        def one(h, p):
-            return (layer_fn(p, h) if aux is None else layer_fn(p, h, aux_m)), None
-        return jax.lax.scan(one, h, stage_params)[0]
+        return jax.lax.scan(lambda h, p: layer(p, h, aux_m), h, stage_params)  # (h, stats [L/(S·R), ...])
+
+    aux0 = None if aux is None else jax.tree.map(lambda a: a[0], aux)
+    _, stats_shape = jax.eval_shape(apply_layers, jax.tree.map(lambda p: p[0], params), state, aux0)
+    stats0 = vary_over(jax.tree.map(lambda a: jnp.zeros((R, *a.shape), a.dtype), stats_shape), vary)
 
     def tick(carry, t):
-        buf, state = carry
+        buf, state, stats = carry
         w = t - s  # work item of this device at this tick
         m, r = w % M, jnp.clip(w // M, 0, R - 1)
         h = jnp.where(s == 0, jax.lax.dynamic_index_in_dim(buf, t % M, 0, keepdims=False), state)
         aux_m = None if aux is None else jax.tree.map(
             lambda a: jax.lax.dynamic_index_in_dim(a, m, 0, keepdims=False), aux)
         stage_params = jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, r, 0, keepdims=False), params)
-        out = apply_layers(stage_params, h, aux_m)
-        out = jnp.where((w >= 0) & (w < M * R), out, 0.0)  # idle ticks (bubble) pass zeros
+        out, layer_stats = apply_layers(stage_params, h, aux_m)
+        active = (w >= 0) & (w < M * R)
+        out = jnp.where(active, out, 0.0)  # idle ticks (bubble) pass zeros
+        stats = jax.tree.map(lambda acc, new: jax.lax.dynamic_update_index_in_dim(
+            acc, jax.lax.dynamic_index_in_dim(acc, r, 0, keepdims=False) + jnp.where(active, new, 0), r, 0),
+            stats, layer_stats)
         arrived = jax.lax.ppermute(out, axis_name, ring)
         # On device 0, `arrived` is device S-1's result for item t-(S-1): queue it for its next repeat
         # (or keep it as the output after the last one).
@@ -156,15 +168,16 @@ def _stage_loop(params, xs, aux, *, layer_fn, axis_name, num_stages, num_microba
         slot = w_last % M
         old = jax.lax.dynamic_index_in_dim(buf, slot, 0, keepdims=False)
         buf = jax.lax.dynamic_update_index_in_dim(buf, jnp.where(keep, arrived, old), slot, 0)
-        return (buf, arrived), None
+        return (buf, arrived, stats), None
 
-    (buf, _), _ = jax.lax.scan(tick, (buf, state), jnp.arange(M * R + S - 1))
+    (buf, _, stats), _ = jax.lax.scan(tick, (buf, state, stats0), jnp.arange(M * R + S - 1))
     # Only device 0 holds the outputs; the sum over stages hands them to every stage (adds exact zeros).
-    return jax.lax.psum(jnp.where(s == 0, buf, jnp.zeros_like(buf)), axis_name)
+    out = jax.lax.psum(jnp.where(s == 0, buf, jnp.zeros_like(buf)), axis_name)
+    return out, jax.tree.map(lambda a: a[None], stats)
 
 
 def pipeline_apply(layer_fn, stacked_params, x, *, mesh=None, num_stages, num_microbatches, repeats=1, aux=None,
-                   axis_name="stage", stage_major=False, length_axis=None):
+                   axis_name="stage", stage_major=False, length_axis=None, with_stats=False):
     """Apply L stacked layers to x as a pipeline over mesh axis `axis_name`.
 
     layer_fn(params_of_one_layer, x) -> x, or layer_fn(params, x, aux) when `aux` is given, where `aux` is a
@@ -176,6 +189,8 @@ def pipeline_apply(layer_fn, stacked_params, x, *, mesh=None, num_stages, num_mi
     length_axis: a mesh axis (e.g. "sequence") over which dimension 1 of x and of every aux leaf is
     sharded, made manual together with `axis_name`: layer_fn then sees this device's length block, and
     ring/all-gather attention called inside it works on those blocks directly.
+    with_stats: layer_fn returns (x, stats), a pytree of per-layer arrays (MoE load and aux losses), and the
+    result is (output, stats) with each stats leaf [L, ...] in stack order, averaged over microbatches.
     """
     mesh = resolve_mesh(mesh)
     num_layers = _validate(stacked_params, x, aux, mesh, axis_name, num_stages, num_microbatches, repeats)
@@ -198,11 +213,18 @@ def pipeline_apply(layer_fn, stacked_params, x, *, mesh=None, num_stages, num_mi
     xs = _to_microbatches(x, num_microbatches)
     aux_mb = None if aux is None else jax.tree.map(lambda a: _to_microbatches(a, num_microbatches), aux)
     body = functools.partial(_stage_loop, layer_fn=layer_fn, axis_name=axis_name, num_stages=S,
-                             num_microbatches=num_microbatches, repeats=R)
+                             num_microbatches=num_microbatches, repeats=R, with_stats=with_stats)
     param_specs = jax.tree.map(lambda _: P(axis_name), params)
     act_spec = P() if length_axis is None else P(None, None, length_axis)  # [M, mb, length, ...]
     aux_specs = None if aux is None else jax.tree.map(lambda _: act_spec, aux_mb)
     manual = {axis_name} if length_axis is None else {axis_name, length_axis}
-    out = jax.shard_map(body, mesh=mesh, in_specs=(param_specs, act_spec, aux_specs), out_specs=act_spec,
-                        axis_names=manual)(params, xs, aux_mb)
-    return _from_microbatches(out)
+    out, stats = jax.shard_map(body, mesh=mesh, in_specs=(param_specs, act_spec, aux_specs),
+                               out_specs=(act_spec, P(axis_name)), axis_names=manual)(params, xs, aux_mb)
+    if not with_stats:
+        return _from_microbatches(out)
+
+    def stack_order(a):  # [S, R, L/(S·R), ...] -> [L, ...], the inverse of by_stage; a mean over microbatches
+        a = a.reshape(num_layers, *a.shape[3:]) if stage_major else jnp.swapaxes(a, 0, 1).reshape(
+            num_layers, *a.shape[3:])
+        return a / num_microbatches
+    return _from_microbatches(out), jax.tree.map(stack_order, stats)
