@@ -253,18 +253,30 @@ class Transformer(nnx.Module):
         return (self.cfg.pipeline.schedule in ("1f1b", "interleaved_1f1b") and not mesh.empty
                 and mesh.shape.get("stage", 1) > 1)
 
-    def pipelined_loss(self, tokens, segment_ids, positions, loss_fn, loss_inputs: dict):
-        """(summed objective, summed metrics) of loss_fn(logits_m, loss_inputs_m) -> (objective, metrics) over
-        the pipeline's microbatches, with the stack as a 1F1B or interleaved 1F1B pipeline and the final norm,
-        head and loss_fn on its last stage (parallel/pipeline_1f1b.py): gradients come from its explicit
-        per-stage backward steps, and autodiff carries them on into the embedding."""
+    def pipelined_loss(self, tokens, segment_ids, positions, loss_fn, loss_inputs: dict, aux_scale=None):
+        """(summed objective, summed metrics, MoE stats) of loss_fn(logits_m, loss_inputs_m) -> (objective,
+        metrics) over the pipeline's microbatches, with the stack as a 1F1B or interleaved 1F1B pipeline and the
+        final norm, head and loss_fn on its last stage (parallel/pipeline_1f1b.py): gradients come from its
+        explicit per-stage backward steps, and autodiff carries them on into the embedding. With MoE layers the
+        objective also holds their aux and router z-losses (per-token means) times `aux_scale` (the step's
+        token count), as the step adds them outside a pipeline; the stats are averaged over microbatches."""
         from maxmodel.parallel.pipeline_1f1b import pipeline_loss
         x = constrain(self.embed_inputs(tokens, positions), ACT)
         graphdef, stacked = nnx.split(self.layers)
         block_fn = self._block_fn()
 
+        moe = self.cfg.model.moe
+        weights = None
+        pipe, stages = self.cfg.pipeline, jax.sharding.get_abstract_mesh().shape["stage"]
+        micro = pipe.microbatches or stages
+        if moe.num_experts:  # d objective / d (one microbatch's per-layer stat), the stats being mean over them
+            per = aux_scale / micro
+            weights = {"aux_loss": moe.aux_loss_weight * per, "z_loss": moe.z_loss_weight * per,
+                       "load": jnp.zeros((), jnp.float32), "dropped": jnp.zeros((), jnp.float32)}
+
         def layer_fn(layer_params, h, aux):
-            return block_fn(nnx.merge(graphdef, layer_params), h, aux["segment_ids"], aux["positions"])[0]
+            out = block_fn(nnx.merge(graphdef, layer_params), h, aux["segment_ids"], aux["positions"])
+            return out if weights is not None else out[0]
         norm = nnx.split(self.final_norm) if self.final_norm is not None else None
         softcap = self.cfg.model.final_logit_softcap
 
@@ -276,10 +288,9 @@ class Transformer(nnx.Module):
                 logits = softcap * jnp.tanh(logits / softcap)
             return loss_fn(logits, inputs)
         tail = {"head": self.head_matrix(), **({"norm": norm[1]} if norm is not None else {})}
-        pipe, stages = self.cfg.pipeline, jax.sharding.get_abstract_mesh().shape["stage"]
         return pipeline_loss(layer_fn, tail_fn, stacked, tail, x, {"segment_ids": segment_ids, "positions": positions},
-                             loss_inputs, num_stages=stages, num_microbatches=pipe.microbatches or stages,
-                             repeats=pipe.repeats)
+                             loss_inputs, num_stages=stages, num_microbatches=micro, repeats=pipe.repeats,
+                             stats_weights=weights)
 
     # ---- decoding with a KV cache (maxmodel/inference): new tokens against cached keys and values ----
 

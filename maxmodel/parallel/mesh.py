@@ -113,9 +113,6 @@ def check_layout(cfg, mesh_shape: dict[str, int]) -> None:
         if stage > 1 and seq > 1:
             raise ConfigError("mesh.sequence", "MoE layers inside pipeline stages run with whole sequences: use "
                                                "mesh.sequence=1 with mesh.stage > 1")
-        if stage > 1 and cfg.pipeline.schedule in ONE_F_ONE_B:
-            raise ConfigError("pipeline.schedule", f"{cfg.pipeline.schedule} does not carry MoE aux losses yet: "
-                                                   f"use gpipe or circular with MoE layers")
     if m.arch == "encoder_decoder" and (stage > 1 or seq > 1):  # a -1 axis may have filled to > 1
         key = "mesh.stage" if stage > 1 else "mesh.sequence"
         raise ConfigError(key, f"model.arch=encoder_decoder does not support {key} > 1 (got {stage if stage > 1 else seq})")

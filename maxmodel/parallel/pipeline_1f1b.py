@@ -55,9 +55,12 @@ def _set_at(a, i, value, when):
     return jax.lax.dynamic_update_index_in_dim(a, jnp.where(when, value, old), i, 0)
 
 
-def _run(stage_fn, tail_fn, sched: Schedule, axis_name, params, tail_params, xs, aux, tail_aux):
+def _run(stage_fn, tail_fn, sched: Schedule, axis_name, with_stats, params, tail_params, xs, aux, tail_aux,
+         weights):
     """Per-device body: params ([1, R, L/(S·R), ...] leaves) as (the floating ones, which get gradients, the
-    others: quantized codes); xs [M, mb, ...]; aux / tail_aux leaves [M, mb, ...]."""
+    others: quantized codes); xs [M, mb, ...]; aux / tail_aux leaves [M, mb, ...]. With `with_stats`,
+    stage_fn returns (h, stats) and `weights` (one layer's stats shapes) make Σ <stats, weights> part of the
+    objective."""
     S, R = sched.stages, sched.repeats
     V = S * R
     s = jax.lax.axis_index(axis_name)
@@ -65,50 +68,62 @@ def _run(stage_fn, tail_fn, sched: Schedule, axis_name, params, tail_params, xs,
     # start: a value made varying inside a backward step would transpose to a psum that only the devices
     # taking that branch reach, and a pcast of an array also sharded over automatic axes (fsdp, tensor)
     # trips XLA's SPMD partitioner.
-    params, tail_params, xs, aux, tail_aux = jax.tree.map(lambda p: p[0], (params, tail_params, xs, aux, tail_aux))
+    params, tail_params, xs, aux, tail_aux, weights = jax.tree.map(
+        lambda p: p[0], (params, tail_params, xs, aux, tail_aux, weights))
     vary = {axis_name, *varying_axes(params, xs, aux, tail_params, tail_aux)}
     tables = {k: jnp.asarray(getattr(sched, k)) for k in ("op", "mb", "rep", "src", "stash", "recv_f", "recv_b")}
     act = vary_over(jnp.zeros_like(xs[0]), vary)
 
-    def chunk(p, h, aux_m):
+    def layer(p, h, aux_m):
+        out = stage_fn(p, h, aux_m)
+        h, stats = out if with_stats else (out, {})
+        return h, vary_over(stats, vary)  # (a constant stat would not vary; its cotangent from `weights` does)
+
+    def chunk(p, h, aux_m):  # -> (h, per-layer stats [L/(S·R), ...])
         h = vary_over(h, vary)
-        return jax.lax.scan(lambda h, layer: (stage_fn(layer, h, aux_m), None), h, p)[0]
+        return jax.lax.scan(lambda h, p_layer: layer(p_layer, h, aux_m), h, p)
+
+    def weighted(stats):  # the stats' share of the objective
+        terms = [jnp.sum(a * w) for a, w in zip(jax.tree.leaves(stats), jax.tree.leaves(weights))]
+        return sum(terms, jnp.zeros((), jnp.float32))
 
     def tail_objective(p, tp, h, aux_m, tail_m):
-        total, metrics = tail_fn(tp, chunk(p, h, aux_m), tail_m)
-        return total, metrics
+        h, stats = chunk(p, h, aux_m)
+        total, metrics = tail_fn(tp, h, tail_m)
+        return total + weighted(stats), (metrics, stats)
 
-    _, metrics0 = jax.eval_shape(tail_objective, _index(params, 0), tail_params, act, _index(aux, 0),
-                                 _index(tail_aux, 0))
-    metrics0 = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), metrics0)
+    _, (metrics0, stats0) = jax.eval_shape(tail_objective, _index(params, 0), tail_params, act, _index(aux, 0),
+                                           _index(tail_aux, 0))
+    metrics0, stats0 = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), (metrics0, stats0))
     zero_grads = (_zeros(_index(params[0], 0)), _zeros(tail_params))
 
     def varying(*out):  # branches of one switch / cond must agree on what varies over the manual axes
         return vary_over(out, vary)
 
     def idle(x, ct, p, aux_m, tail_m, last):
-        return varying(act, act, zero_grads, jnp.zeros((), jnp.float32), metrics0)
+        return varying(act, act, zero_grads, jnp.zeros((), jnp.float32), metrics0, stats0)
 
     def forward(x, ct, p, aux_m, tail_m, last):
-        return varying(chunk(p, x, aux_m), act, zero_grads, jnp.zeros((), jnp.float32), metrics0)
+        return varying(chunk(p, x, aux_m)[0], act, zero_grads, jnp.zeros((), jnp.float32), metrics0, stats0)
 
     def backward(x, ct, p, aux_m, tail_m, last):
         def from_loss():
             out, vjp = jax.vjp(lambda pf, tp, h: tail_objective((pf, p[1]), tp, h, aux_m, tail_m), p[0],
                                tail_params, x)
-            total, metrics = out
-            gp, gt, gx = vjp((jnp.ones_like(total), _zeros(metrics)))
-            return varying(gx, (gp, gt), total.astype(jnp.float32), metrics)
+            total, (metrics, stats) = out
+            gp, gt, gx = vjp((jnp.ones_like(total), _zeros((metrics, stats))))
+            return varying(gx, (gp, gt), total.astype(jnp.float32), metrics, stats)
 
-        def from_next():
-            _, vjp = jax.vjp(lambda pf, h: chunk((pf, p[1]), h, aux_m), p[0], x)
-            gp, gx = vjp(ct)
-            return varying(gx, (gp, zero_grads[1]), jnp.zeros((), jnp.float32), metrics0)
-        gx, grads, total, metrics = jax.lax.cond(last, from_loss, from_next)
-        return varying(act, gx, grads, total, metrics)
+        def from_next():  # the stats' cotangent is their weight: their share of the objective is linear
+            (_, stats), vjp = jax.vjp(lambda pf, h: chunk((pf, p[1]), h, aux_m), p[0], x)
+            gp, gx = vjp((ct, jax.tree.map(lambda a, w: jnp.broadcast_to(w, a.shape).astype(a.dtype), stats,
+                                           weights)))
+            return varying(gx, (gp, zero_grads[1]), weighted(stats), metrics0, stats)
+        gx, grads, total, metrics, stats = jax.lax.cond(last, from_loss, from_next)
+        return varying(act, gx, grads, total, metrics, stats)
 
     def tick(carry, t):
-        stash, mail_f, mail_b, grads, tail_grads, total, metrics, dxs = carry
+        stash, mail_f, mail_b, grads, tail_grads, total, metrics, dxs, layer_stats = carry
         row = {k: v[t, s] for k, v in tables.items()}
         op, m, r = row["op"], row["mb"], row["rep"]
         v = r * S + s
@@ -116,7 +131,8 @@ def _run(stage_fn, tail_fn, sched: Schedule, axis_name, params, tail_params, xs,
         x = jnp.where(op == BACKWARD, _index(stash, jnp.maximum(row["stash"], 0)), x_in)
         ct = _index(mail_b, jnp.maximum(row["src"], 0))
         args = (x, ct, _index(params, r), _index(aux, m), _index(tail_aux, m), v == V - 1)
-        y, gx, (gp, gt), d_total, d_metrics = jax.lax.switch(op, (idle, forward, backward), *args)
+        y, gx, (gp, gt), d_total, d_metrics, d_stats = jax.lax.switch(op, (idle, forward, backward), *args)
+        layer_stats = _add_at(layer_stats, r, d_stats)
         stash = _set_at(stash, jnp.maximum(row["stash"], 0), x_in, op == FORWARD)
         grads = _add_at(grads, r, gp)
         tail_grads = jax.tree.map(jnp.add, tail_grads, gt)
@@ -127,27 +143,35 @@ def _run(stage_fn, tail_fn, sched: Schedule, axis_name, params, tail_params, xs,
         sent_b = jax.lax.ppermute(gx, axis_name, [(i, (i - 1) % S) for i in range(S)])
         mail_f = _set_at(mail_f, jnp.maximum(row["recv_f"], 0), sent_f, row["recv_f"] >= 0)
         mail_b = _set_at(mail_b, jnp.maximum(row["recv_b"], 0), sent_b, row["recv_b"] >= 0)
-        return (stash, mail_f, mail_b, grads, tail_grads, total, metrics, dxs), None
+        return (stash, mail_f, mail_b, grads, tail_grads, total, metrics, dxs, layer_stats), None
 
     def slots(n):
         return jnp.zeros((n, *act.shape), act.dtype)
     carry = (slots(sched.stash_slots), slots(sched.mail_f_slots), slots(sched.mail_b_slots), _zeros(params[0]),
-             _zeros(tail_params), jnp.zeros((), jnp.float32), metrics0, jnp.zeros_like(xs))
+             _zeros(tail_params), jnp.zeros((), jnp.float32), metrics0, jnp.zeros_like(xs),
+             jax.tree.map(lambda a: jnp.zeros((R, *a.shape), a.dtype), stats0))
     carry, _ = jax.lax.scan(tick, vary_over(carry, vary), jnp.arange(sched.ticks))
-    _, _, _, grads, tail_grads, total, metrics, dxs = carry
+    _, _, _, grads, tail_grads, total, metrics, dxs, layer_stats = carry
     total, metrics = jax.lax.psum((total, metrics), axis_name)
     # the tail's gradients leave per device and are summed outside: a psum over `stage` of arrays that
     # are also sharded over automatic axes (fsdp, tensor) trips XLA's SPMD partitioner
-    return total, metrics, jax.tree.map(lambda g: g[None], grads), jax.tree.map(lambda g: g[None], tail_grads), dxs[None]
+    return (total, metrics, jax.tree.map(lambda g: g[None], grads), jax.tree.map(lambda g: g[None], tail_grads),
+            dxs[None], jax.tree.map(lambda a: a[None], layer_stats))
 
 
 def pipeline_loss(stage_fn, tail_fn, params, tail_params, x, aux, tail_aux, *, num_stages: int,
-                  num_microbatches: int, repeats: int = 1, mesh=None, axis_name: str = "stage"):
+                  num_microbatches: int, repeats: int = 1, mesh=None, axis_name: str = "stage",
+                  stats_weights=None):
     """(summed objective, summed metrics) of `tail_fn(tail_params, h, tail_aux_m) -> (objective, metrics)`
     over microbatches m, h the stack of `stage_fn(layer_params, h, aux_m)` layers applied to x's rows of m;
     differentiable in params ([L, ...] leaves, natural layer order), tail_params and x. repeats > 1:
-    interleaved 1F1B with R chunks per device (virtual stage r·S + s on device s)."""
+    interleaved 1F1B with R chunks per device (virtual stage r·S + s on device s). Returns (objective, metrics,
+    per-layer stats). With `stats_weights` (constants shaped like one layer's stats, e.g. MoE aux-loss
+    weights), stage_fn returns (h, stats), the objective gains Σ over layers and microbatches of
+    <stats, stats_weights>, and the stats come back [L, ...] in layer order, averaged over microbatches."""
     mesh = resolve_mesh(mesh)
+    with_stats = stats_weights is not None
+    weights = jax.lax.stop_gradient(stats_weights) if with_stats else {}
     leaves, treedef = jax.tree.flatten(params)
     floating = [jnp.issubdtype(a.dtype, jnp.inexact) for a in leaves]
 
@@ -171,31 +195,33 @@ def pipeline_loss(stage_fn, tail_fn, params, tail_params, x, aux, tail_aux, *, n
     def from_stage(g):
         return jnp.swapaxes(g, 0, 1).reshape(num_layers, *g.shape[3:])
 
-    def run(params, tail_params, x, aux, tail_aux):
-        body = functools.partial(_run, lambda parts, h, a: stage_fn(join(parts), h, a), tail_fn, sched, axis_name)
+    def run(params, tail_params, x, aux, tail_aux, weights):
+        body = functools.partial(_run, lambda parts, h, a: stage_fn(join(parts), h, a), tail_fn, sched, axis_name,
+                                 with_stats)
         staged = jax.tree.map(by_stage, split(params))
         mbs = [jax.tree.map(lambda a: _to_microbatches(a, M), t) for t in (x, aux, tail_aux)]
-        copies = jax.tree.map(lambda a: jnp.broadcast_to(a[None], (S, *a.shape)), (tail_params, *mbs))
-        total, metrics, grads, tail_grads, dxs = jax.shard_map(
+        copies = jax.tree.map(lambda a: jnp.broadcast_to(a[None], (S, *a.shape)), (tail_params, *mbs, weights))
+        total, metrics, grads, tail_grads, dxs, stats = jax.shard_map(
             body, mesh=mesh, in_specs=jax.tree.map(lambda _: P(axis_name), (staged, *copies)),
             out_specs=(P(), P(), jax.tree.map(lambda _: P(axis_name), staged[0]),
-                       jax.tree.map(lambda _: P(axis_name), tail_params), P(axis_name)),
+                       jax.tree.map(lambda _: P(axis_name), tail_params), P(axis_name), P(axis_name)),
             axis_names={axis_name})(staged, *copies)
         tail_grads = jax.tree.map(lambda g: g.sum(axis=0), tail_grads)
         others = [np.zeros(a.shape, jax.dtypes.float0) for a, f in zip(leaves, floating) if not f]
-        return (total, metrics), (join((jax.tree.map(from_stage, grads), others)), tail_grads,
-                                  _from_microbatches(dxs[0]))
+        stats = jax.tree.map(lambda a: from_stage(a) / M, stats)
+        return (total, metrics, stats), (join((jax.tree.map(from_stage, grads), others)), tail_grads,
+                                         _from_microbatches(dxs[0]))
 
     @jax.custom_vjp
-    def loss(params, tail_params, x, aux, tail_aux):
-        return run(params, tail_params, x, aux, tail_aux)[0]
+    def loss(params, tail_params, x, aux, tail_aux, weights):
+        return run(params, tail_params, x, aux, tail_aux, weights)[0]
 
-    def fwd(params, tail_params, x, aux, tail_aux):
-        out, grads = run(params, tail_params, x, aux, tail_aux)
-        return out, (grads, aux, tail_aux)
+    def fwd(params, tail_params, x, aux, tail_aux, weights):
+        out, grads = run(params, tail_params, x, aux, tail_aux, weights)
+        return out, (grads, aux, tail_aux, weights)
 
-    def bwd(res, cts):
-        (g_params, g_tail, g_x), aux, tail_aux = res
+    def bwd(res, cts):  # the metrics' and stats' cotangents are not used: the objective's weights were fixed
+        (g_params, g_tail, g_x), aux, tail_aux, weights = res
         scale = cts[0]
 
         def scaled(tree):  # (float0 cotangents of integer leaves stay as they are)
@@ -204,7 +230,8 @@ def pipeline_loss(stage_fn, tail_fn, params, tail_params, x, aux, tail_aux, *, n
         def none_for(tree):  # integer inputs (ids, masks) get no cotangent
             return jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0) if not
                                 jnp.issubdtype(a.dtype, jnp.inexact) else jnp.zeros_like(a), tree)
-        return scaled(g_params), scaled(g_tail), scaled(g_x), none_for(aux), none_for(tail_aux)
+        return (scaled(g_params), scaled(g_tail), scaled(g_x), none_for(aux), none_for(tail_aux),
+                none_for(weights))
 
     loss.defvjp(fwd, bwd)
-    return loss(params, tail_params, x, aux, tail_aux)
+    return loss(params, tail_params, x, aux, tail_aux, weights)

@@ -137,7 +137,8 @@ def _loss_sums(objective, graphdef, states, batch, settings: LossSettings, order
         model.train()
     total, nll, count, stats, metrics = objective.loss(model, batch, settings)
     aux = 0.0
-    if stats and moe is not None:
+    # a 1F1B pipeline (models/transformer.py pipelined_loss) has the aux losses in its objective already
+    if stats and moe is not None and not (settings.gradients and getattr(model, "one_f_one_b", lambda: False)()):
         aux = (moe.aux_loss_weight * jnp.sum(stats["aux_loss"]) + moe.z_loss_weight * jnp.sum(stats["z_loss"]))
     return total + aux * count, (nll, count, stats, metrics)
 

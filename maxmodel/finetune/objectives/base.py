@@ -75,9 +75,10 @@ def lm_loss(model, batch: dict, s: LossSettings, **model_kwargs: Any):
         def loss_fn(logits, inputs):
             nll, z, count = cross_entropy_sums(logits, inputs["targets"], inputs["loss_mask"], s.z_loss, one_hot=True)
             return nll + z, {"nll": nll, "count": count}
-        total, sums = model.pipelined_loss(batch["inputs"], batch["segment_ids"], batch["positions"], loss_fn,
-                                           {k: batch[k] for k in ("targets", "loss_mask")})
-        return total, sums["nll"], sums["count"], {}, {}
+        count = batch["loss_mask"].astype(jnp.float32).sum()
+        total, sums, stats = model.pipelined_loss(batch["inputs"], batch["segment_ids"], batch["positions"],
+                                                  loss_fn, {k: batch[k] for k in ("targets", "loss_mask")}, count)
+        return total, sums["nll"], sums["count"], stats, {}
     if s.loss_chunk:
         mask = batch["loss_mask"].astype(jnp.float32)
         h, stats = model.hidden(batch["inputs"], batch["segment_ids"], batch["positions"], **model_kwargs)
