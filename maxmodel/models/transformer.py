@@ -249,9 +249,9 @@ class Transformer(nnx.Module):
 
     def one_f_one_b(self) -> bool:
         """Whether the loss runs inside a 1F1B / interleaved 1F1B pipeline (`pipelined_loss`)."""
+        from maxmodel.parallel.mesh import ONE_F_ONE_B
         mesh = jax.sharding.get_abstract_mesh()
-        return (self.cfg.pipeline.schedule in ("1f1b", "interleaved_1f1b") and not mesh.empty
-                and mesh.shape.get("stage", 1) > 1)
+        return self.cfg.pipeline.schedule in ONE_F_ONE_B and not mesh.empty and mesh.shape.get("stage", 1) > 1
 
     def pipelined_loss(self, tokens, segment_ids, positions, loss_fn, loss_inputs: dict, aux_scale=None):
         """(summed objective, summed metrics, MoE stats) of loss_fn(logits_m, loss_inputs_m) -> (objective,

@@ -111,6 +111,16 @@ def _validate(stacked_params, x, aux, mesh, axis_name, num_stages, num_microbatc
     return num_layers
 
 
+def _index(tree, i):
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), tree)
+
+
+def _add_at(tree, i, delta):
+    """tree with delta added at index i of every leaf's leading axis."""
+    return jax.tree.map(lambda a, d: jax.lax.dynamic_update_index_in_dim(
+        a, jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False) + d.astype(a.dtype), i, 0), tree, delta)
+
+
 def _to_microbatches(a, m):
     # Microbatch j holds rows j, j+M, j+2M, ...: a batch dimension sharded in contiguous blocks (data/fsdp)
     # stays sharded on the per-microbatch dimension without any data movement.
@@ -157,9 +167,7 @@ def _stage_loop(params, xs, aux, *, layer_fn, axis_name, num_stages, num_microba
         out, layer_stats = apply_layers(stage_params, h, aux_m)
         active = (w >= 0) & (w < M * R)
         out = jnp.where(active, out, 0.0)  # idle ticks (bubble) pass zeros
-        stats = jax.tree.map(lambda acc, new: jax.lax.dynamic_update_index_in_dim(
-            acc, jax.lax.dynamic_index_in_dim(acc, r, 0, keepdims=False) + jnp.where(active, new, 0), r, 0),
-            stats, layer_stats)
+        stats = _add_at(stats, r, jax.tree.map(lambda new: jnp.where(active, new, 0), layer_stats))
         arrived = jax.lax.ppermute(out, axis_name, ring)
         # On device 0, `arrived` is device S-1's result for item t-(S-1): queue it for its next repeat
         # (or keep it as the output after the last one).

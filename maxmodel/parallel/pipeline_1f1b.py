@@ -33,21 +33,12 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from .manual_axes import resolve_mesh, vary_over, varying_axes
-from .pipeline import _from_microbatches, _to_microbatches, _validate
+from .pipeline import _add_at, _from_microbatches, _index, _to_microbatches, _validate
 from .schedules import BACKWARD, FORWARD, Schedule, make_schedule
 
 
 def _zeros(tree):
     return jax.tree.map(jnp.zeros_like, tree)
-
-
-def _index(tree, i):
-    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), tree)
-
-
-def _add_at(tree, i, delta):
-    return jax.tree.map(lambda a, d: jax.lax.dynamic_update_index_in_dim(
-        a, jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False) + d.astype(a.dtype), i, 0), tree, delta)
 
 
 def _set_at(a, i, value, when):
@@ -83,8 +74,8 @@ def _run(stage_fn, tail_fn, sched: Schedule, axis_name, with_stats, params, tail
         h = vary_over(h, vary)
         return jax.lax.scan(lambda h, p_layer: layer(p_layer, h, aux_m), h, p)
 
-    def weighted(stats):  # the stats' share of the objective
-        terms = [jnp.sum(a * w) for a, w in zip(jax.tree.leaves(stats), jax.tree.leaves(weights))]
+    def weighted(stats):  # the stats' share of the objective (tree.map: weights must match the stats' keys)
+        terms = jax.tree.leaves(jax.tree.map(lambda a, w: jnp.sum(a * w), stats, weights))
         return sum(terms, jnp.zeros((), jnp.float32))
 
     def tail_objective(p, tp, h, aux_m, tail_m):
@@ -103,8 +94,9 @@ def _run(stage_fn, tail_fn, sched: Schedule, axis_name, with_stats, params, tail
     def idle(x, ct, p, aux_m, tail_m, last):
         return varying(act, act, zero_grads, jnp.zeros((), jnp.float32), metrics0, stats0)
 
-    def forward(x, ct, p, aux_m, tail_m, last):
-        return varying(chunk(p, x, aux_m)[0], act, zero_grads, jnp.zeros((), jnp.float32), metrics0, stats0)
+    def forward(x, ct, p, aux_m, tail_m, last):  # the last virtual stage sends nothing: its backward recomputes
+        y = jax.lax.cond(last, lambda: act, lambda: varying(chunk(p, x, aux_m)[0])[0])
+        return varying(y, act, zero_grads, jnp.zeros((), jnp.float32), metrics0, stats0)
 
     def backward(x, ct, p, aux_m, tail_m, last):
         def from_loss():

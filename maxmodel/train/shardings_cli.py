@@ -89,6 +89,7 @@ def pipeline_report(cfg, shape: dict, micro_batch: int) -> dict:
     """The schedule's ticks and bubble, and its peak activation bytes per device, estimated: GPipe's autodiff
     keeps every microbatch's residuals through the device's layers; 1F1B keeps at most `in_flight` stage
     inputs, plus one chunk's residuals while it recomputes (parallel/pipeline_1f1b.py)."""
+    from maxmodel.parallel.mesh import ONE_F_ONE_B
     from maxmodel.parallel.pipeline import bubble_fraction
     from maxmodel.parallel.schedules import make_schedule, in_flight_cap
     from maxmodel.planner.memory import layer_activation_bytes
@@ -101,7 +102,7 @@ def pipeline_report(cfg, shape: dict, micro_batch: int) -> dict:
     layer = layer_activation_bytes(m, seq, rows, tensor=shape["tensor"], remat=cfg.train.remat, flash=False,
                                    act_bytes=act)
     per_stage = m.num_layers // S
-    if pipe.schedule in ("1f1b", "interleaved_1f1b"):
+    if pipe.schedule in ONE_F_ONE_B:
         sched = make_schedule(S, M, R)
         in_flight = max(in_flight_cap(S, R, d) for d in range(S))
         peak = in_flight * rows * seq * m.d_model * act + (per_stage // R) * layer

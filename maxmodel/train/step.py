@@ -125,15 +125,16 @@ class _Split:
         return getattr(self.inner, name)
 
 
-def _loss_sums(objective, graphdef, states, batch, settings: LossSettings, order=None, moe=None, train=False):
+def _loss_sums(objective, graphdef, states, batch, settings: LossSettings, order=None, moe=None):
     """(objective, (nll, token count, MoE stats, the objective's metrics)). `states`: the parameter states
-    (trainable, frozen) that make the model; `train` switches its dropout on (LoRA's, the only one). MoE aux losses are per-token means, so they enter the summed
-    objective multiplied by the token count: after the step's division by the total count (also across
-    microbatches) they carry their configured weight."""
+    (trainable, frozen) that make the model; `settings.gradients` (the train step) switches its dropout on
+    (LoRA's, the only one). MoE aux losses are per-token means, so they enter the summed objective multiplied
+    by the token count: after the step's division by the total count (also across microbatches) they carry
+    their configured weight."""
     if order is not None:  # causal load balancing for ring attention: every token's mask uses its position
         batch = {k: v[:, order] for k, v in batch.items()}
     model = nnx.merge(graphdef, *states)
-    if train:
+    if settings.gradients:
         model.train()
     total, nll, count, stats, metrics = objective.loss(model, batch, settings)
     aux = 0.0
@@ -186,8 +187,7 @@ def build_train_step(cfg: Config, graphdef: nnx.GraphDef, abstract_params: nnx.S
     # (the frozen state's Variables are rebuilt here, at the gradient's trace level: nnx.scan over the layers
     # refuses Variables from the enclosing jit's level; the identity map moves no data)
     grad_fn = jax.value_and_grad(
-        lambda t, f, b: _loss_sums(objective, graphdef, (t, jax.tree.map(lambda x: x, f)), b, settings, order, moe,
-                                   train=True),
+        lambda t, f, b: _loss_sums(objective, graphdef, (t, jax.tree.map(lambda x: x, f)), b, settings, order, moe),
         has_aux=True)
 
     def gradients(trainable, frozen, batch, step):

@@ -6,7 +6,7 @@ from flax import nnx
 
 from maxmodel.config.schema import PeftConfig
 
-from .config import METHODS, prompt_slots  # noqa: F401
+from .config import METHODS  # noqa: F401
 
 
 def trainable_filter(p: PeftConfig):
