@@ -27,6 +27,9 @@ class AttentionConfig:
     qkv_bias: bool = False
     global_every: int = 0                 # > 0: only every N-th layer attends globally, the rest use sliding_window (Gemma 2: 2)
     query_pre_attn_scalar: float = 0.0    # queries scaled by this ** -0.5; 0 = head_dim (Gemma 2 sets it apart)
+    impl: str = "auto"                    # auto | xla | splash (TPU) | cudnn | flash (GPU); models/attention_kernels.py
+    block_q: int = 512                    # splash / flash query block (clipped to the sequence length)
+    block_kv: int = 512                   # splash / flash key-value block
 
 
 @dataclass

@@ -11,6 +11,7 @@ CHOICES = {
     "model.arch": ("decoder", "encoder", "encoder_decoder"),
     "model.positional": ("rope", "learned", "sinusoidal", "none"),
     "model.attention.context_parallel": ("allgather", "ring"),
+    "model.attention.impl": ("auto", "xla", "splash", "cudnn", "flash"),
     "model.moe.router": ("softmax", "sigmoid"),
     "train.dtype": ("float32", "bfloat16", "float16"),
     "train.param_dtype": ("float32", "bfloat16"),
@@ -25,7 +26,7 @@ CHOICES = {
     "data.packing": ("concat", "first_fit", "none"),
     "pipeline.schedule": ("gpipe", "circular", "1f1b", "interleaved_1f1b"),
 }
-POSITIVE = ("pipeline.repeats", "model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads", "model.max_seq_len",
+POSITIVE = ("pipeline.repeats", "model.attention.block_q", "model.attention.block_kv", "model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads", "model.max_seq_len",
             "train.steps", "train.batch_size", "train.seq_len", "train.microbatches",
             "run.log_every", "run.eval_every", "run.cpu_devices", "checkpoint.keep", "checkpoint.local_keep",
             "rl.group_size", "rl.max_new_tokens", "distill.temperature")
@@ -107,6 +108,7 @@ def validate(cfg: Config) -> None:
     if m.attention.global_every and m.moe.num_experts:
         raise ConfigError("model.attention.global_every", "alternating local/global attention is not supported "
                                                           "with MoE layers (model.moe.num_experts > 0)")
+    _validate_attention_impl(cfg)
     if m.norm_plus_one and m.norm != "rmsnorm":
         raise ConfigError("model.norm_plus_one", f"applies to rmsnorm only, but model.norm={m.norm!r}")
     _validate_objective(cfg)
@@ -115,6 +117,21 @@ def validate(cfg: Config) -> None:
                                          f"{t.objective} needs builtin or file sources")
     _validate_moe(cfg)
     _validate_seq2seq(cfg)
+
+
+def _validate_attention_impl(cfg: Config) -> None:
+    """An explicitly chosen attention kernel takes this model's masks (auto falls back to XLA instead)."""
+    a = cfg.model.attention
+    if a.impl in ("auto", "xla"):
+        return
+    from maxmodel.models.attention_kernels import KEY, unsupported
+    why = unsupported(a.impl, causal=cfg.model.arch == "decoder", window=bool(a.sliding_window),
+                      softcap=a.logit_softcap, prefix=cfg.train.objective == "prefix_lm", dtype=cfg.train.dtype)
+    if why:
+        raise ConfigError(KEY, f"{a.impl}: {why}")
+    if cfg.mesh.sequence > 1:
+        raise ConfigError(KEY, f"{a.impl} needs the whole sequence per device; mesh.sequence={cfg.mesh.sequence} "
+                               f"uses context-parallel attention (model.attention.context_parallel)")
 
 
 def _validate_objective(cfg: Config) -> None:

@@ -11,6 +11,7 @@ from maxmodel.config.errors import ConfigError
 from maxmodel.config.schema import ModelConfig
 
 from . import kv_cache
+from .attention_kernels import choose, fused_attention
 from .layers import apply_rope, project, rope_frequencies
 from .sharding import constrain, param
 
@@ -59,6 +60,11 @@ def dot_product_attention(q, k, v, mask, softcap: float = 0.0) -> jax.Array:
     return out.transpose(0, 3, 1, 2, 4).reshape(b, l, h, d)
 
 
+def _is_windowed(window) -> bool:
+    """Whether any layer this call stands for attends within a sliding window (a traced window may)."""
+    return isinstance(window, jax.Array) or bool(window)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, param_dtype=jnp.float32, window: int = 0,
                  causal: bool = True):
@@ -99,10 +105,18 @@ class Attention(nnx.Module):
             out = attend(q, k, v, segment_ids, segment_ids, positions, positions, causal=self.causal,
                          sliding_window=window, logit_softcap=softcap)
         else:
-            mask = attention_mask(segment_ids, segment_ids, positions, positions, self.causal, window)
-            if prefix is not None:
-                mask |= prefix_mask(segment_ids, prefix)
-            out = dot_product_attention(q, k, v, mask, softcap)
+            a = self.cfg.attention
+            impl = choose(a.impl, causal=self.causal, window=_is_windowed(window), softcap=softcap,
+                          prefix=prefix is not None, dtype=q.dtype)
+            if impl == "xla":
+                mask = attention_mask(segment_ids, segment_ids, positions, positions, self.causal, window)
+                if prefix is not None:
+                    mask |= prefix_mask(segment_ids, prefix)
+                out = dot_product_attention(q, k, v, mask, softcap)
+            else:  # a fused kernel; it masks by index, which packed rows' positions follow within a document
+                out = fused_attention(impl, q, k, v, segment_ids, causal=self.causal, window=window,
+                                      softcap=softcap, block_q=a.block_q, block_kv=a.block_kv,
+                                      local_width=a.sliding_window)
         out = constrain(out, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
         return self._output(out, x.dtype)
 
