@@ -18,6 +18,25 @@ def test_small_config_compiles_for_v5p_8(capsys):
     assert 0 < report["needed_bytes"] < report["hbm_bytes_per_device"] and report["fits"]
 
 
+@pytest.mark.parametrize("remat,offloaded", [("save_qkv_proj", False), ("qkv_proj_offloaded", True)])
+def test_offloaded_remat_puts_activations_in_host_memory(capsys, remat, offloaded):
+    args = ["compile", "--topology", "v5p-8", "--json", *TINY, "mesh.data=4", f"train.remat={remat}"]
+    assert cli_main(args) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (report["host_temp_bytes"] > 0) == offloaded
+
+
+def test_splash_attention_compiles_for_tpu_and_needs_less_memory(capsys):
+    """The Pallas kernel lowered by Mosaic inside its shard_map (interpret mode only on CPU); at 1024 tokens the
+    XLA path's [L, L] scores already dominate the temporaries."""
+    def temp(impl):
+        args = ["compile", "--topology", "v5p-8", "--json", *TINY, "mesh.data=2", "mesh.fsdp=2", "train.seq_len=1024",
+                "train.dtype=bfloat16", f"model.attention.impl={impl}"]
+        assert cli_main(args) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["temp_bytes"]
+    assert temp("splash") < 0.75 * temp("xla")
+
+
 def test_layout_that_cannot_fit_exits_nonzero_with_the_per_chip_figure(capsys):
     # ~3.5B parameters replicated (data parallel only) with f32 Adam state: far above v5e's 16 GB per chip.
     args = ["compile", "--topology", "v5e-4", *TINY, "model.d_model=8192", "model.num_heads=64",

@@ -126,7 +126,7 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "float32"                # compute dtype
     param_dtype: str = "float32"
-    remat: str = "none"                   # none | full | save_dots
+    remat: str = "none"                   # none | full | save_dots | save_dot_except_mlp | save_qkv_proj | qkv_proj_offloaded | save_dots_offloaded (models/remat.py)
     scan_layers: bool = True
     loss_chunk: int = 0                   # > 0: head + cross-entropy fused over chunks of this many positions
     profile_steps: Any = field(default_factory=list)  # [start, end]: jax.profiler trace into <run dir>/profile

@@ -15,7 +15,8 @@ CHOICES = {
     "model.moe.router": ("softmax", "sigmoid"),
     "train.dtype": ("float32", "bfloat16", "float16"),
     "train.param_dtype": ("float32", "bfloat16"),
-    "train.remat": ("none", "full", "save_dots"),
+    "train.remat": ("none", "full", "save_dots", "save_dot_except_mlp", "save_qkv_proj", "qkv_proj_offloaded",
+                    "save_dots_offloaded"),  # models/remat.py
     "optimizer.name": ("adamw", "adam", "sgd", "lion", "adafactor"),
     "optimizer.schedule": ("cosine", "linear", "wsd", "constant"),
     "data.on_bad_record": ("error", "skip"),
@@ -124,11 +125,8 @@ def _validate_attention_impl(cfg: Config) -> None:
     a = cfg.model.attention
     if a.impl in ("auto", "xla"):
         return
-    from maxmodel.models.attention_kernels import KEY, unsupported
-    why = unsupported(a.impl, causal=cfg.model.arch == "decoder", window=bool(a.sliding_window),
-                      softcap=a.logit_softcap, prefix=cfg.train.objective == "prefix_lm", dtype=cfg.train.dtype)
-    if why:
-        raise ConfigError(KEY, f"{a.impl}: {why}")
+    from maxmodel.models.attention_kernels import KEY, choose_for_config
+    choose_for_config(cfg)  # raises, naming the key, when the kernel cannot take these masks
     if cfg.mesh.sequence > 1:
         raise ConfigError(KEY, f"{a.impl} needs the whole sequence per device; mesh.sequence={cfg.mesh.sequence} "
                                f"uses context-parallel attention (model.attention.context_parallel)")

@@ -10,7 +10,7 @@ from flax import nnx
 from maxmodel.config.errors import ConfigError
 from maxmodel.config.schema import ModelConfig
 
-from . import kv_cache
+from . import kv_cache, remat
 from .attention_kernels import choose, fused_attention
 from .layers import apply_rope, project, rope_frequencies
 from .sharding import constrain, param
@@ -107,7 +107,7 @@ class Attention(nnx.Module):
         else:
             a = self.cfg.attention
             impl = choose(a.impl, causal=self.causal, window=_is_windowed(window), softcap=softcap,
-                          prefix=prefix is not None, dtype=q.dtype)
+                          prefix=prefix is not None, dtype=q.dtype, length=q.shape[1])
             if impl == "xla":
                 mask = attention_mask(segment_ids, segment_ids, positions, positions, self.causal, window)
                 if prefix is not None:
@@ -123,9 +123,9 @@ class Attention(nnx.Module):
     def _qkv(self, x, positions):
         """Projected queries [B, L, H, D] and keys, values [B, L, KVH, D], rotated by RoPE; the queries carry
         any query_pre_attn_scalar (every attention path scales by head_dim ** -0.5)."""
-        q = self._project(x, self.wq, self.q_bias)
-        k = self._project(x, self.wk, self.k_bias)
-        v = self._project(x, self.wv, self.v_bias)
+        q = remat.name(self._project(x, self.wq, self.q_bias), "query_proj")
+        k = remat.name(self._project(x, self.wk, self.k_bias), "key_proj")
+        v = remat.name(self._project(x, self.wv, self.v_bias), "value_proj")
         if self.use_rope:
             inv_freq = rope_frequencies(self.cfg)  # numpy: a compile-time constant, not model state
             q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
@@ -149,4 +149,4 @@ class Attention(nnx.Module):
     def _output(self, out, dtype):
         """The heads [B, L, H, D] projected back to d_model."""
         y = project(self, self.wo, out, contract=2, dtype=dtype)
-        return y + self.o_bias[...].astype(dtype) if self.o_bias is not None else y
+        return remat.name(y + self.o_bias[...].astype(dtype) if self.o_bias is not None else y, remat.OUT)

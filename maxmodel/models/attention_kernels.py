@@ -49,13 +49,16 @@ def platform() -> str:
 
 
 def unsupported(impl: str, *, causal: bool, window: bool, softcap: float, prefix: bool,
-                dtype=None) -> str | None:
+                dtype=None, length: int | None = None) -> str | None:
     """Why kernel `impl` cannot compute this attention exactly (None: it can)."""
     if impl == "xla":
         return None
     if prefix:
         return "the prefix-LM mask (train.objective=prefix_lm) is data-dependent; use model.attention.impl=xla"
     if impl == "splash":
+        if length is not None and length % LANES:
+            return (f"splash works on blocks of multiples of {LANES} tokens; the sequence length {length} is not "
+                    f"one (train.seq_len)")
         return None if causal or not window else "bidirectional sliding windows are not supported by splash"
     if softcap:
         return f"model.attention.logit_softcap is not supported by the {impl} kernel (splash and xla have it)"
@@ -66,11 +69,28 @@ def unsupported(impl: str, *, causal: bool, window: bool, softcap: float, prefix
     return None
 
 
-def choose(impl: str, **features) -> str:
+def config_features(cfg) -> dict:
+    """What a config's self-attention layers need of a kernel (for checks before anything is traced)."""
+    a = cfg.model.attention
+    return dict(causal=cfg.model.arch == "decoder", window=bool(a.sliding_window), softcap=a.logit_softcap,
+                prefix=cfg.train.objective == "prefix_lm", dtype=cfg.train.dtype, length=cfg.train.seq_len)
+
+
+def choose_for_config(cfg, on: str | None = None) -> str:
+    return choose(cfg.model.attention.impl, on=on, **config_features(cfg))
+
+
+def choose(impl: str, on: str | None = None, **features) -> str:
     """The implementation to run: `impl` itself (a ConfigError when it cannot take the mask), or for `auto`
-    the platform's kernel, falling back to XLA."""
+    the kernel of platform `on` (default: the one being compiled for), falling back to XLA."""
     if impl not in IMPLS:
         raise ConfigError(KEY, f"{impl!r} is not one of {', '.join(IMPLS)}")
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.manual_axes:  # a pipeline stage: the kernels' shard_map would nest in its own
+        if impl not in ("auto", "xla"):
+            raise ConfigError(KEY, f"{impl} is not supported inside pipeline stages yet (mesh.stage > 1); use "
+                                   f"auto or xla")
+        return "xla"
     if impl != "auto":
         why = unsupported(impl, **features)
         if why:
@@ -79,7 +99,7 @@ def choose(impl: str, **features) -> str:
     dtype = features.get("dtype")
     wanted = {"tpu": "splash",
               "gpu": "cudnn" if dtype is not None and jnp.dtype(dtype) != jnp.float32 else "flash"}
-    pick = wanted.get(platform(), "xla")
+    pick = wanted.get(on or platform(), "xla")
     return pick if unsupported(pick, **features) is None else "xla"
 
 
@@ -91,9 +111,6 @@ def fused_attention(impl: str, q, k, v, segment_ids, *, causal: bool, window, so
     if impl == "cudnn":
         return _cudnn(q, k, v, segment_ids, causal=causal, window=window)
     length = q.shape[1]
-    if impl == "splash" and length % LANES:
-        raise ConfigError(KEY, f"splash works on blocks of multiples of {LANES} tokens; the sequence length "
-                               f"{length} is not one (train.seq_len)")
     blocks = (_block(block_q, length, "model.attention.block_q"), _block(block_kv, length, "model.attention.block_kv"))
     interpret = platform() != ("tpu" if impl == "splash" else "gpu")
     if impl == "splash":
@@ -162,13 +179,13 @@ def _per_shard(fn, q, k, v, segment_ids, *extra):
         return fn(q, k, v, s, *extra)
 
     extra_specs = tuple(P() for _ in extra)
+    # Every axis manual: Mosaic (TPU) kernels cannot be partitioned by the compiler, even over size-1 axes.
     return jax.shard_map(body, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, P(spec(batch), None), *extra_specs),
-                         out_specs=q_spec, axis_names=set(batch) | set(heads), check_vma=False)(
+                         out_specs=q_spec, axis_names=set(mesh.axis_names) - manual, check_vma=False)(
         q, k, v, segment_ids, *extra)
 
 
 # ------------------------------------------------------------------------------------------- kernels
-@functools.lru_cache(maxsize=64)
 def _splash_kernel(length: int, heads: int, causal: bool, window: int, softcap: float, blocks, interpret: bool):
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
     shape = (length, length)
@@ -179,9 +196,9 @@ def _splash_kernel(length: int, heads: int, causal: bool, window: int, softcap: 
     bq, bkv = blocks
     sizes = sa.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
                           block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
-    with jax.ensure_compile_time_eval():  # the mask tables are constants, built once and cached here
-        return sa.make_splash_mha(sa.MultiHeadMask([mask] * heads), block_sizes=sizes, head_shards=1,
-                                  q_seq_shards=1, attn_logits_soft_cap=softcap or None, interpret=interpret)
+    # Built per trace (its block tables become constants of this program; a cached kernel would leak them).
+    return sa.make_splash_mha(sa.MultiHeadMask([mask] * heads), block_sizes=sizes, head_shards=1,
+                              q_seq_shards=1, attn_logits_soft_cap=softcap or None, interpret=interpret)
 
 
 def _splash(q, k, v, segment_ids, *, causal, window, softcap, blocks, interpret):

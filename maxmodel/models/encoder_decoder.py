@@ -18,7 +18,8 @@ from maxmodel.config.schema import Config, ModelConfig
 from .attention import Attention, attention_mask, dot_product_attention
 from .layers import MLP, Embed, make_norm
 from .sharding import constrain, param
-from .transformer import ACT, DTYPES, REMAT_POLICIES, Block, Transformer, _stack
+from .remat import POLICIES as REMAT_POLICIES
+from .transformer import ACT, DTYPES, Block, Transformer, _stack
 
 HEADS = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
 KV_HEADS = ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")

@@ -10,6 +10,7 @@ from flax import nnx
 
 from maxmodel.config.schema import ModelConfig
 
+from . import remat
 from .quant import fake_quantize
 from .sharding import constant_param, constrain, param
 
@@ -193,8 +194,8 @@ class MLP(nnx.Module):
             h = self.act(g) * h
         else:
             h = self.act(h)
-        h = constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
+        h = remat.name(constrain(h, ("activation_batch", "activation_length", "activation_mlp")), "mlp_in")
         out = project(self, self.wo, h)
         if self.out_bias is not None:
             out = out + self.out_bias[...].astype(x.dtype)
-        return out
+        return remat.name(out, "mlp_out")

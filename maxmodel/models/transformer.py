@@ -13,13 +13,10 @@ from . import kv_cache
 from .attention import Attention
 from .layers import MLP, Embed, adapt, dense, make_norm
 from .moe import MoE
+from .remat import POLICIES as REMAT_POLICIES
 from .sharding import constrain, param
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-REMAT_POLICIES = {
-    "full": None,  # save nothing: recompute the whole block in the backward pass
-    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 ACT = ("activation_batch", "activation_length", "activation_embed")
 
 

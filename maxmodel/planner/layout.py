@@ -59,18 +59,29 @@ def _divisors(n: int) -> list[int]:
     return [x for x in range(1, n + 1) if n % x == 0]
 
 
+def layout_memory(layout: Layout, model, n_params: float, global_batch: int, seq_len: int, param_dtype: str,
+                  compute_dtype: str, optimizer: str, flash: bool = True) -> dict:
+    """Bytes per chip of a layout: state, saved activations, gathered weights; `total` their sum."""
+    d, f, t, p, m = layout.data, layout.fsdp, layout.tensor, layout.stage, layout.microbatches
+    micro = global_batch // (d * f) // m
+    cbytes = DTYPE_BYTES[compute_dtype]
+    state = state_bytes(n_params, f * t * p, param_dtype, optimizer)
+    per_layer_params = n_params / _get(model, "num_layers")
+    gather = 2 * per_layer_params / t * cbytes if f > 1 else 0.0   # current + prefetched layer, gathered
+    acts = activation_bytes(model, seq_len, micro, tensor=t, remat=layout.remat, act_bytes=cbytes, flash=flash)
+    memory = {**state, "activations": acts, "fsdp_gather": gather}
+    memory["total"] = sum(memory.values())
+    return memory
+
+
 def evaluate(layout: Layout, model, n_params: float, chip: Chip, chips: int, global_batch: int, seq_len: int,
              step_flops: float, mfu: float, param_dtype: str, compute_dtype: str, optimizer: str) -> Layout:
     d, f, t, p, m = layout.data, layout.fsdp, layout.tensor, layout.stage, layout.microbatches
     micro = global_batch // (d * f) // m
     pbytes, cbytes = DTYPE_BYTES[param_dtype], DTYPE_BYTES[compute_dtype]
-    state = state_bytes(n_params, f * t * p, param_dtype, optimizer)
     layers = _get(model, "num_layers")
-    per_layer_params = n_params / layers
-    gather = 2 * per_layer_params / t * cbytes if f > 1 else 0.0   # current + prefetched layer, gathered
-    acts = activation_bytes(model, seq_len, micro, tensor=t, remat=layout.remat, act_bytes=cbytes)
-    layout.memory = {**state, "activations": acts, "fsdp_gather": gather}
-    layout.memory["total"] = sum(layout.memory.values())
+    layout.memory = layout_memory(layout, model, n_params, global_batch, seq_len, param_dtype, compute_dtype,
+                                  optimizer)
     layout.fits = layout.memory["total"] <= HBM_USABLE * chip.hbm_bytes
 
     compute = step_flops / (chips * chip.bf16_flops * mfu)

@@ -35,6 +35,7 @@ class CompileReport:
     temp_bytes: int
     code_bytes: int
     hbm_bytes_per_device: float
+    host_temp_bytes: int = 0  # activations offloaded to host memory (train.remat=*_offloaded)
 
     @property
     def needed_bytes(self) -> int:
@@ -106,4 +107,5 @@ def compile_for_topology(cfg: Config, topology: str, slices: int = 1) -> Compile
     mem = compiled.memory_analysis()
     return CompileReport(topology, slices, len(devices), devices[0].device_kind, dict(mesh.shape),
                          mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
-                         mem.temp_size_in_bytes, mem.generated_code_size_in_bytes, hbm)
+                         mem.temp_size_in_bytes, mem.generated_code_size_in_bytes, hbm,
+                         mem.host_temp_size_in_bytes)

@@ -41,6 +41,8 @@ def main(argv: list[str]) -> int:
                             ("donated (aliased)", -report.alias_bytes), ("temporaries", report.temp_bytes),
                             ("code", report.code_bytes)):
             print(f"  {name:<18} {value / GIB:10.3f} GiB")
+        if report.host_temp_bytes:
+            print(f"  {'host (offloaded)':<18} {report.host_temp_bytes / GIB:10.3f} GiB, not counted against HBM")
         print(f"  {'needed per chip':<18} {report.needed_bytes / GIB:10.3f} GiB of "
               f"{report.hbm_bytes_per_device / GIB:.1f} GiB HBM -> {'fits' if report.fits else 'DOES NOT FIT'}")
     if not report.fits:
