@@ -3,7 +3,7 @@
 Times the train step of a config on its mesh: compile time, then W warm-up steps, then N timed steps, each
 waited for. Prints one JSON line and appends it to the results file (default benchmarks/results.jsonl) with
 the git revision: tokens/s, step time median and p90, compile time, MFU (PaLM appendix B, with the attention
-term; peak from the chip table, or on CPU a large matmul measured in this same run), peak memory.
+term; peak from the chip table, or on CPU a large matmul in train.dtype measured in this same run), peak memory.
 
 `maxmodel bench --suite data|checkpoint|generate [args...]` runs benchmarks/data_loader.py, checkpoint.py or generate.py
 (their own options follow).
@@ -64,7 +64,8 @@ def time_steps(cfg, steps: int, warmup: int) -> dict:
     from maxmodel.train.step import abstract_state, build_train_step, create_params, global_batch
 
     distributed.initialize(cfg.run.cpu_devices)
-    peak, peak_source = peak_flops_per_device(remeasure=True)  # same load as the steps timed below
+    # same load as the steps timed below, and the step's compute dtype (bf16 matmuls run faster on some CPUs)
+    peak, peak_source = peak_flops_per_device(remeasure=True, dtype=cfg.train.dtype)
     mesh = build_mesh(cfg.mesh)
     rules = mesh_rules(cfg.mesh, mesh)
     data = make_train_data(cfg, Path(cfg.run.output_dir) / cfg.run.name)
@@ -94,7 +95,7 @@ def time_steps(cfg, steps: int, warmup: int) -> dict:
     memory, memory_source = peak_memory_bytes()
     peak_total = peak * jax.device_count()
     return {"tokens_per_sec": tps, "step_time_median": median, "step_time_p90": float(np.percentile(times, 90)),
-            "compile_seconds": compile_seconds, "flops_per_token": flops_tok, "peak_flops": peak_total,
+            "compile_seconds": compile_seconds, "dtype": cfg.train.dtype, "flops_per_token": flops_tok, "peak_flops": peak_total,
             "peak_source": peak_source, "mfu": tps * flops_tok / peak_total, "peak_memory_bytes": memory,
             "memory_source": memory_source, "final_loss": loss, "steps": steps, "warmup": warmup,
             "devices": jax.device_count(), "platform": jax.devices()[0].platform,

@@ -1,6 +1,8 @@
-"""Peer (b) of vs_peers.sh: Hugging Face LlamaForCausalLM of the bench-50m shape, float32, torch.compile,
-torch.optim.AdamW, 2 CPU threads. Prints one JSON line: per-step times and the median tokens/s after the
-warm-up steps. Runs in its own venv (torch + transformers), not the repository's."""
+"""Peer (b) of vs_peers.sh: Hugging Face LlamaForCausalLM of the bench-50m shape, float32 parameters,
+torch.compile, torch.optim.AdamW, 2 CPU threads; `--dtype bfloat16` runs the forward (and so its backward)
+under torch.autocast("cpu", torch.bfloat16): mixed precision, parameters and optimizer in float32. Prints
+one JSON line: per-step times and the median tokens/s after the warm-up steps. Runs in its own venv
+(torch + transformers), not the repository's."""
 import argparse
 import json
 import statistics
@@ -13,6 +15,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--steps", type=int, default=8)
 parser.add_argument("--warmup", type=int, default=3)
 parser.add_argument("--threads", type=int, default=2)
+parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
 args = parser.parse_args()
 
 torch.set_num_threads(args.threads)
@@ -26,11 +29,13 @@ model.train()
 compiled = torch.compile(model)
 opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
 tokens = torch.randint(0, config.vocab_size, (BATCH, SEQ))
+autocast = torch.autocast("cpu", torch.bfloat16, enabled=args.dtype == "bfloat16")
 
 times, losses = [], []
 for i in range(args.warmup + args.steps):
     t0 = time.perf_counter()
-    loss = compiled(input_ids=tokens, labels=tokens).loss
+    with autocast:
+        loss = compiled(input_ids=tokens, labels=tokens).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
@@ -38,6 +43,6 @@ for i in range(args.warmup + args.steps):
     losses.append(float(loss))
     times.append(time.perf_counter() - t0)
 timed = times[args.warmup:]
-print(json.dumps({"peer": "hf_torch_compile", "torch": torch.__version__, "step_times": timed,
+print(json.dumps({"peer": "hf_torch_compile", "dtype": args.dtype, "torch": torch.__version__, "step_times": timed,
                   "tokens_per_sec": BATCH * SEQ / statistics.median(timed), "first_step_seconds": times[0],
                   "final_loss": losses[-1]}))

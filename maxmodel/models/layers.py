@@ -19,11 +19,66 @@ def dense(x: jax.Array, w: jax.Array, contract: int = 1, preferred_element_type=
     """x [..., *in] times w [*in, *out], contracting the last `contract` dims of x with the first of w, as one
     2-D matmul [rows, in] x [in, out]. Same math as the einsum; written 2-D because XLA:CPU lays out the
     backward pass of a batched 3-D product with transposing copies of the activation gradient ([B, L, d_ff]
-    written column-wise), which cost more than the matmuls themselves (benchmarks/RESULTS.md)."""
+    written column-wise), which cost more than the matmuls themselves (benchmarks/RESULTS.md).
+
+    With bf16 / f16 activations on CPU (mixed precision) the product runs through `lowp_matmul`: w is cast to
+    x's dtype inside it, and its gradient comes out in w's own dtype from a float32-accumulated product."""
     lead, k = x.shape[:x.ndim - contract], math.prod(x.shape[x.ndim - contract:])
     out = w.shape[contract:]
-    y = jnp.dot(x.reshape(-1, k), w.reshape(k, -1), preferred_element_type=preferred_element_type)
+    x2, w2 = x.reshape(-1, k), w.reshape(k, -1)
+    if preferred_element_type is None and cpu_low_precision(x) and jnp.issubdtype(w.dtype, jnp.floating):
+        y = lowp_matmul(x2, w2)
+    else:
+        y = jnp.dot(x2, w2, preferred_element_type=preferred_element_type)
     return y.reshape(*lead, *out)
+
+
+def cpu_low_precision(*xs) -> bool:
+    """Whether these arrays are bf16 / f16 and the computation runs on XLA:CPU (see matmul_tn)."""
+    return jax.default_backend() == "cpu" and all(x.dtype in (jnp.bfloat16, jnp.float16) for x in xs)
+
+
+def _rows_major_transpose(a: jax.Array) -> jax.Array:
+    """a.T of a 2-D array, written out row-major. XLA would otherwise keep a's bytes and read them column-wise
+    (a transpose as a layout change), and XLA:CPU runs a bf16 product with a column-major left operand as a
+    float32 one on converted copies of both operands: half the speed, plus the converts. The split reshape
+    behind an optimisation barrier is not a bitcast of a column-major array, so the transpose is a real copy."""
+    t = a.T
+    m, k = t.shape
+    split = next((s for s in (64, 32, 16, 8, 4, 2) if k % s == 0 and k > s), 0)
+    if not split:
+        return t
+    return jax.lax.optimization_barrier(t.reshape(m, split, k // split)).reshape(m, k)
+
+
+def matmul_tn(a: jax.Array, b: jax.Array, out_dtype=jnp.float32) -> jax.Array:
+    """a.T @ b [m, n] for a [k, m], b [k, n], contracting the rows of both (weight gradients), accumulated and
+    returned in out_dtype. bf16 / f16 operands on CPU: a is transposed row-major first (see
+    _rows_major_transpose), so the product stays a bf16 one with float32 accumulation."""
+    if not cpu_low_precision(a, b):
+        return jnp.dot(a.T, b, preferred_element_type=out_dtype)
+    return jnp.dot(_rows_major_transpose(a), b, preferred_element_type=out_dtype)
+
+
+@jax.custom_vjp
+def lowp_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [r, k] @ w [k, n] in x's (bf16 / f16) dtype, w cast to it; the gradient of w in w's dtype from a
+    float32-accumulated matmul_tn (float32 master weights get unrounded gradients), that of x as autodiff's."""
+    return jnp.dot(x, w.astype(x.dtype))
+
+
+def _lowp_matmul_fwd(x, w):
+    wc = w.astype(x.dtype)
+    return jnp.dot(x, wc), (x, wc, jnp.zeros((), w.dtype))  # the scalar only carries w's dtype
+
+
+def _lowp_matmul_bwd(residuals, g):
+    x, wc, w_dtype = residuals
+    dx = jax.lax.dot_general(g, wc, (((1,), (1,)), ((), ())))  # g @ wc.T: a transposed right operand is fine
+    return dx.astype(x.dtype), matmul_tn(x, g.astype(x.dtype)).astype(w_dtype.dtype)
+
+
+lowp_matmul.defvjp(_lowp_matmul_fwd, _lowp_matmul_bwd)
 
 
 ADAPTER_SUFFIX = "_lora"
@@ -40,7 +95,10 @@ def project(module: nnx.Module, w: nnx.Variable, x: jax.Array, contract: int = 1
     bits = attrs.get("qat_bits")
     if bits:
         wv = fake_quantize(wv, bits, contract)
-    y = dense(x, wv.astype(dtype or x.dtype), contract)
+    if (dtype or x.dtype) == x.dtype and cpu_low_precision(x):
+        y = dense(x, wv, contract)  # cast inside, float32 weight gradients (lowp_matmul)
+    else:
+        y = dense(x, wv.astype(dtype or x.dtype), contract)
     for name, value in attrs.items():
         if value is w:
             adapter = attrs.get(name + ADAPTER_SUFFIX)

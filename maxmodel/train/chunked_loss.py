@@ -17,7 +17,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from maxmodel.models.layers import dense
+from maxmodel.models.layers import dense, matmul_tn
 
 
 def _chunks(x, chunk):
@@ -70,7 +70,7 @@ def _fwd(h, w, targets, mask, z_loss, chunk):
         dlogits = dlogits.astype(hc.dtype)
         dh = dense(dlogits, w.astype(hc.dtype).T, preferred_element_type=jnp.float32)
         rows = hc.shape[0] * hc.shape[1]  # 2-D products: see models.layers.dense
-        dw = dw + jnp.dot(hc.reshape(rows, -1).T, dlogits.reshape(rows, -1), preferred_element_type=jnp.float32)
+        dw = dw + matmul_tn(hc.reshape(rows, -1), dlogits.reshape(rows, -1))  # bf16 on CPU: see matmul_tn
         return (nll_acc + nll, z_acc + z, dw), dh.astype(h.dtype)
     init = (jnp.float32(0), jnp.float32(0), jnp.zeros(w.shape, jnp.float32))
     (nll, z, dw), dh = jax.lax.scan(body, init, (_chunks(h, chunk), _chunks(targets, chunk), _chunks(mask, chunk)))

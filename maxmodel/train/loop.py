@@ -98,7 +98,7 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
     ckpt = Checkpointer(cfg.checkpoint, run_dir / "checkpoints") if cfg.checkpoint.enabled else None
     writer = MetricsWriter(run_dir, enabled=main)
     result = TrainResult(run_dir, 0, 0, stats=dict(data.stats))
-    peak, peak_source = peak_flops_per_device()  # outside the mesh context: a one-device matmul
+    peak, peak_source = peak_flops_per_device(dtype=cfg.train.dtype)  # outside the mesh context: a one-device matmul
     profiler = StepProfiler(cfg.train.profile_steps, run_dir / "profile")
 
     with (jax.set_mesh(mesh), nnx.logical_axis_rules(rules), PreemptionWatch() as preemption,

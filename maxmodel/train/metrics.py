@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from maxmodel import jsonio
@@ -65,11 +66,13 @@ def _cache_file() -> Path:
     return cache_dir() / "cpu_peak.json"
 
 
-def measure_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a large f32 matmul on one device: the CPU's practical peak."""
+def measure_matmul_peak(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
+    """FLOP/s of a large matmul on one device: the CPU's practical peak for `dtype` ("float32", or "bfloat16":
+    bf16 operands with float32 accumulation and output, as the model's mixed-precision products run)."""
     dev = jax.devices()[0]
-    a = jax.device_put(np.random.default_rng(0).standard_normal((n, n), np.float32), dev)
-    f = jax.jit(lambda x, y: x @ y)
+    dt = jnp.dtype(dtype)
+    a = jax.device_put(np.random.default_rng(0).standard_normal((n, n), np.float32).astype(dt), dev)
+    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
     f(a, a).block_until_ready()
     best = math.inf
     for _ in range(repeats):
@@ -79,10 +82,12 @@ def measure_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n ** 3 / best
 
 
-def peak_flops_per_device(remeasure: bool = False) -> tuple[float, str]:
-    """(peak FLOP/s of one device, where it came from). CPUs: a measured matmul, cached per machine and
-    divided by the number of emulated devices (they share the same cores). `remeasure` measures it again
-    (benchmarks want the peak under the same load as the run they compare it with)."""
+def peak_flops_per_device(remeasure: bool = False, dtype: str = "float32") -> tuple[float, str]:
+    """(peak FLOP/s of one device, where it came from). CPUs: a measured matmul in `dtype` (the step's compute
+    dtype: float32, or bf16 whose matmuls run faster on CPUs with AVX-512 BF16 / AMX), cached per machine and
+    dtype and divided by the number of emulated devices (they share the same cores). `remeasure` measures it
+    again (benchmarks want the peak under the same load as the run they compare it with). Accelerators: the
+    chip table's bf16 dense peak, whatever the dtype."""
     dev = jax.devices()[0]
     kind = getattr(dev, "device_kind", "").lower()
     if dev.platform != "cpu":
@@ -91,15 +96,17 @@ def peak_flops_per_device(remeasure: bool = False) -> tuple[float, str]:
                 return peak, f"chip table ({kind})"
         return math.nan, f"unknown chip {kind}"
     cache = _cache_file()
+    key = "matmul_flops" if dtype == "float32" else f"matmul_flops_{dtype}"
     try:
-        if remeasure:
-            raise OSError("measure again")
-        peak = float(json.loads(cache.read_text())["matmul_flops"])
-    except (OSError, ValueError, KeyError):
-        peak = measure_matmul_peak()
+        cached = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    peak = cached.get(key) if isinstance(cached, dict) and not remeasure else None
+    if peak is None:
+        peak = measure_matmul_peak(dtype=dtype)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(jsonio.dumps({"matmul_flops": peak}))
-    return peak / jax.local_device_count(), "measured CPU matmul"
+        cache.write_text(jsonio.dumps({**(cached if isinstance(cached, dict) else {}), key: peak}))
+    return float(peak) / jax.local_device_count(), f"measured CPU {dtype} matmul"
 
 
 class MetricsWriter:
