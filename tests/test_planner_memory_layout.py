@@ -1,28 +1,47 @@
-"""Activation memory (Korthikanti et al. 2022), training state, hardware catalog and layout choice."""
+"""Activation memory (the remat policies, Korthikanti et al. 2022), training state, hardware catalog, layouts."""
 import pytest
 
 from maxmodel.config import ConfigError
 from maxmodel.planner.hardware import CHIPS, GiB, default_topology, get_chip
 from maxmodel.planner.layout import HBM_USABLE, choose_layout
-from maxmodel.planner.memory import korthikanti_layer_bytes, layer_activation_bytes, state_bytes
-
-# GPT-3 175B as in Korthikanti et al. 2022, Table 3: h=12288, a=96, s=2048, micro-batch 1, t=8.
-GPT3 = {"d_model": 12288, "num_heads": 96, "num_kv_heads": 96, "head_dim": 128, "d_ff": 4 * 12288, "activation": "gelu",
-            "num_layers": 96, "vocab_size": 51200}
+from maxmodel.planner.memory import (activation_bytes, attention_working_bytes, korthikanti_layer_bytes,
+                                     layer_activation_bytes, logits_bytes, state_bytes)
 
 
-@pytest.mark.parametrize("t,sp", [(1, False), (8, False), (8, True)])
-def test_itemised_activations_equal_korthikanti_formulas(t, sp):
-    # Section 4: sbh(34 + 5as/h) without parallelism, sbh(10 + 24/t + 5as/(ht)) with tensor parallelism,
-    # sbh(34 + 5as/h)/t with sequence parallelism. Exact for a GPT layer with dropout and stored scores.
-    s, b, h, a = 2048, 1, 12288, 96
-    ours = layer_activation_bytes(GPT3, s, b, tensor=t, sequence_parallel=sp, flash=False, dropout=True)
-    assert ours == korthikanti_layer_bytes(s, b, h, a, t, sp)
-    # Selective recompute drops the 5as/h term; we keep a float32 log-sum-exp per row (4·a·s·b), < 0.2%.
-    sel = layer_activation_bytes(GPT3, s, b, tensor=t, sequence_parallel=sp, remat="save_dots", dropout=True)
-    assert sel == pytest.approx(korthikanti_layer_bytes(s, b, h, a, t, sp, "selective"), rel=2e-3)
-    full = layer_activation_bytes(GPT3, s, b, tensor=t, sequence_parallel=sp, remat="full")
-    assert full == korthikanti_layer_bytes(s, b, h, a, t, sp, "full")
+def test_saved_activations_follow_the_remat_policies():
+    # What each policy keeps (models/remat.py) per token and layer, in compute-dtype widths: d, d+q+2k, ...
+    s, b = 4096, 1
+    llama = {**_model(4096, 32, 32, 8, 14336), "vocab_size": 128256}
+    d, q, k, f = 4096, 4096, 1024, 14336
+    saved = {r: layer_activation_bytes(llama, s, b, remat=r) / (2 * s * b)
+             for r in ("full", "save_qkv_proj", "save_dot_except_mlp", "save_dots", "qkv_proj_offloaded")}
+    assert saved == {"full": d, "save_qkv_proj": d + q + 2 * k, "save_dot_except_mlp": 2 * d + q + 2 * k,
+                     "save_dots": 3 * d + q + 2 * k + 2 * f, "qkv_proj_offloaded": d}
+    none = layer_activation_bytes(llama, s, b, remat="none")
+    assert none > 2 * s * b * saved["save_dots"]
+    # XLA attention keeps the [s, s] probabilities of every head; a flash kernel only a log-sum-exp per row.
+    assert layer_activation_bytes(llama, s, b, flash=False) - none == pytest.approx(6 * 32 * s * s * b, rel=1e-3)
+    # Tensor parallelism splits every term (sequence parallelism the d-wide ones too).
+    assert layer_activation_bytes(llama, s, b, tensor=4) == pytest.approx(none / 4)
+    assert layer_activation_bytes(llama, s, b, tensor=4, sequence_parallel=False) > none / 4
+
+
+def test_working_sets_the_head_and_a_rebuilt_layer():
+    llama = {**_model(4096, 32, 32, 8, 14336), "vocab_size": 128256}
+    s = 8192
+    head = logits_bytes(llama, s, 1)
+    assert head == 6 * s * 128256                      # float32 and bf16 logits
+    assert logits_bytes(llama, s, 1, loss_chunk=512) == 6 * 512 * 128256
+    assert logits_bytes(llama, s, 1, gathered_tables=True) == head + 2 * 2 * 4096 * 128256
+    assert attention_working_bytes(llama, s, 1) == 0   # flash: tiles only
+    assert attention_working_bytes(llama, s, 1, flash=False) == 8 * 32 * s * s
+    # The head's logits may use the room of layer gradients that do not exist yet.
+    # A layer's backward temporaries are as large as what it keeps without remat.
+    stored = 32 * layer_activation_bytes(llama, s, 1, remat="full")
+    layer = layer_activation_bytes(llama, s, 1, remat="none")
+    assert head > layer
+    assert activation_bytes(llama, s, 1, remat="full") == stored + head
+    assert activation_bytes(llama, s, 1, remat="full", layer_grad_bytes=head) == stored + layer
 
 
 def test_korthikanti_gpt3_numbers():

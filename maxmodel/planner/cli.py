@@ -134,8 +134,21 @@ def _plain(plan: dict) -> str:
     if plan.get("config_path"):
         text += f"\nwrote {plan['config_path']}\n"
     if plan.get("compile"):
-        text += f"compile: {plan['compile']}\n"
+        text += _compile_line(plan["compile"])
     return text
+
+
+def _compile_line(compiled: dict) -> str:
+    from .config_memory import TOLERANCE
+    r, GiB = compiled["result"], 1024 ** 3
+    if "needed_bytes" not in r:
+        return f"compiled for {compiled['topology']}: {r.get('error', r)}\n"
+    text = (f"compiled for {compiled['topology']}: needs {r['needed_bytes'] / GiB:.2f} GiB per chip"
+            f"{'' if r['fits'] else ' and does NOT fit'}")
+    if e := r.get("estimate"):
+        text += (f"; the plan's estimate {e['estimate_bytes'] / GiB:.2f} GiB is {e['ratio']:.2f} × that "
+                 f"({'within' if e['within_tolerance'] else 'OUTSIDE'} ±{TOLERANCE:.0%})")
+    return text + "\n"
 
 
 def run_compile(plan: dict, args) -> dict:
@@ -162,10 +175,14 @@ def run_compile(plan: dict, args) -> dict:
 
         path = write_config(tempfile.mkdtemp() + "/plan.yaml", plan["config"])
     cfg = load_config(path)
+    from .config_memory import estimate
     try:
-        result = compile_for_topology(cfg, topology, args.slices).as_dict()
+        report = compile_for_topology(cfg, topology, args.slices)
+        result = {**report.as_dict(), "estimate": estimate(cfg, report.needed_bytes, report.mesh)}
     except DoesNotFit as e:  # the TPU compiler's own verdict: report it rather than fail the plan
         result = {"fits": False, "error": str(e)}
+        if e.used_bytes:
+            result.update(needed_bytes=e.used_bytes, estimate=estimate(cfg, e.used_bytes, e.mesh))
     return {"topology": topology, "slices": args.slices, "result": result}
 
 

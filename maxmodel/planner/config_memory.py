@@ -19,10 +19,17 @@ def config_memory(cfg, mesh_shape: dict, platform: str = "tpu") -> dict:
                     mesh_shape.get("stage", 1), t.remat, max(t.microbatches, 1))
     flash = choose_for_config(cfg, platform) != "xla"
     return layout_memory(layout, cfg.model, count_params(cfg.model)["total"], t.batch_size, t.seq_len,
-                         t.param_dtype, t.dtype, cfg.optimizer.name, flash=flash)
+                         t.param_dtype, t.dtype, cfg.optimizer.name, flash=flash, loss_chunk=t.loss_chunk,
+                         sequence_parallel=cfg.mesh.rules == "tp_sp")
 
 
 def compare(estimate_bytes: float, compiled_bytes: float) -> dict:
     ratio = estimate_bytes / compiled_bytes if compiled_bytes else float("inf")
     return {"estimate_bytes": estimate_bytes, "compiled_bytes": compiled_bytes, "ratio": ratio,
             "within_tolerance": abs(ratio - 1) <= TOLERANCE}
+
+
+def estimate(cfg, compiled_bytes: float, mesh_shape: dict) -> dict:
+    """The planner's per-chip estimate for `cfg` on `mesh_shape`, its parts, and how it compares."""
+    parts = config_memory(cfg, mesh_shape)
+    return {**compare(parts["total"], compiled_bytes), "parts": parts}

@@ -60,16 +60,23 @@ def _divisors(n: int) -> list[int]:
 
 
 def layout_memory(layout: Layout, model, n_params: float, global_batch: int, seq_len: int, param_dtype: str,
-                  compute_dtype: str, optimizer: str, flash: bool = True) -> dict:
-    """Bytes per chip of a layout: state, saved activations, gathered weights; `total` their sum."""
+                  compute_dtype: str, optimizer: str, flash: bool = True, loss_chunk: int = 0,
+                  sequence_parallel: bool = True) -> dict:
+    """Bytes per chip of a layout: state, the compute-dtype copy of the parameters, saved activations and
+    working sets, gathered weights; `total` their sum."""
     d, f, t, p, m = layout.data, layout.fsdp, layout.tensor, layout.stage, layout.microbatches
     micro = global_batch // (d * f) // m
     cbytes = DTYPE_BYTES[compute_dtype]
     state = state_bytes(n_params, f * t * p, param_dtype, optimizer)
-    per_layer_params = n_params / _get(model, "num_layers")
-    gather = 2 * per_layer_params / t * cbytes if f > 1 else 0.0   # current + prefetched layer, gathered
-    acts = activation_bytes(model, seq_len, micro, tensor=t, remat=layout.remat, act_bytes=cbytes, flash=flash)
-    memory = {**state, "activations": acts, "fsdp_gather": gather}
+    # Mixed precision: the step casts the (sharded) parameters to the compute dtype once, before the layers.
+    cast = n_params / (f * t * p) * cbytes if cbytes != DTYPE_BYTES[param_dtype] else 0.0
+    tables = _get(model, "vocab_size") * _get(model, "d_model") * (1 if _get(model, "tie_embeddings") else 2)
+    layer_params = max(n_params - tables, 0)
+    gather = 2 * layer_params / _get(model, "num_layers") / t * cbytes if f > 1 else 0.0  # this + next layer
+    acts = activation_bytes(model, seq_len, micro, tensor=t, remat=layout.remat, act_bytes=cbytes, flash=flash,
+                            loss_chunk=loss_chunk, sequence_parallel=sequence_parallel, gathered_tables=f > 1,
+                            layer_grad_bytes=layer_params / (f * t * p) * DTYPE_BYTES[param_dtype])
+    memory = {**state, "compute_copy": cast, "activations": acts, "fsdp_gather": gather}
     memory["total"] = sum(memory.values())
     return memory
 

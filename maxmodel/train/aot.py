@@ -6,7 +6,9 @@ backend, and `memory_analysis()` gives the real per-chip memory. A layout is val
 """
 from __future__ import annotations
 
+import math
 import os
+import re
 from dataclasses import asdict, dataclass
 
 import jax
@@ -19,7 +21,35 @@ GIB = 1024 ** 3
 
 
 class DoesNotFit(Exception):
-    """The TPU compiler found that the step needs more memory per chip than the chip has."""
+    """The TPU compiler found that the step needs more memory per chip than the chip has.
+
+    `used_bytes` / `hbm_bytes`: the compiler's own figures ("Used 120.1G of 95.7G hbm") when it gave them."""
+
+    def __init__(self, message: str, used_bytes: float | None = None, hbm_bytes: float | None = None,
+                 mesh: dict | None = None):
+        super().__init__(message)
+        self.used_bytes, self.hbm_bytes, self.mesh = used_bytes, hbm_bytes, mesh or {}
+
+
+_UNITS = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+
+
+def _used_of_hbm(message: str, argument_bytes: int) -> tuple[float | None, float | None]:
+    """(needed, capacity) bytes from XLA:TPU's out-of-memory message (its G are GiB); (None, None) if absent.
+
+    The compiler says either "Used X of Y hbm" (everything) or "... for HLO temporaries (X) exceeds available
+    HBM (Y)" (temporaries alone: the step's arguments are added, as `needed_bytes` counts them)."""
+    num = r"([\d.]+)([KMGT])"
+    if m := re.search(rf"Used {num} of {num} hbm", message):
+        return float(m[1]) * _UNITS[m[2]], float(m[3]) * _UNITS[m[4]]
+    if m := re.search(rf"HLO temporaries \({num}\) exceeds available HBM \({num}\)", message):
+        return float(m[1]) * _UNITS[m[2]] + argument_bytes, float(m[3]) * _UNITS[m[4]]
+    return None, None
+
+
+def _per_device_bytes(tree) -> int:
+    """Bytes one device holds of abstract arrays with shardings (the largest shard: uneven splits pad)."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
 @dataclass
@@ -103,7 +133,9 @@ def compile_for_topology(cfg: Config, topology: str, slices: int = 1) -> Compile
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         # XLA's TPU compiler refuses programs whose buffers exceed HBM; report its figures.
-        raise DoesNotFit(f"{topology} × {slices}: {str(e).split(':', 2)[-1].split('HLO module')[0].strip()}") from None
+        message = str(e).split(':', 2)[-1].split('HLO module')[0].strip()
+        raise DoesNotFit(f"{topology} × {slices}: {message}",
+                         *_used_of_hbm(message, _per_device_bytes((params, opt, batch))), dict(mesh.shape)) from None
     mem = compiled.memory_analysis()
     return CompileReport(topology, slices, len(devices), devices[0].device_kind, dict(mesh.shape),
                          mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,

@@ -11,6 +11,7 @@ import sys
 
 from maxmodel import jsonio
 from maxmodel.config import load_config_args
+from maxmodel.planner.config_memory import TOLERANCE, estimate
 
 GIB = 1024 ** 3
 
@@ -30,10 +31,16 @@ def main(argv: list[str]) -> int:
     try:
         report = compile_for_topology(cfg, ns.topology, ns.slices)
     except DoesNotFit as e:
+        if ns.json and e.used_bytes:
+            print(jsonio.dumps({"fits": False, "error": str(e), "needed_bytes": e.used_bytes,
+                                "hbm_bytes_per_device": e.hbm_bytes, "estimate": estimate(cfg, e.used_bytes, e.mesh)}))
         print(f"maxmodel compile: does not fit: {e}", file=sys.stderr)
+        if e.used_bytes and not ns.json:
+            print(_estimate_line(estimate(cfg, e.used_bytes, e.mesh)), file=sys.stderr)
         return 1
+    planned = estimate(cfg, report.needed_bytes, report.mesh)
     if ns.json:
-        print(jsonio.dumps(report.as_dict()))
+        print(jsonio.dumps({**report.as_dict(), "estimate": planned}))
     else:
         mesh = " × ".join(f"{k}={v}" for k, v in report.mesh.items() if v > 1) or "1 device"
         print(f"{report.topology} × {report.slices} slice(s): {report.devices} {report.device_kind} devices, mesh {mesh}")
@@ -45,8 +52,15 @@ def main(argv: list[str]) -> int:
             print(f"  {'host (offloaded)':<18} {report.host_temp_bytes / GIB:10.3f} GiB, not counted against HBM")
         print(f"  {'needed per chip':<18} {report.needed_bytes / GIB:10.3f} GiB of "
               f"{report.hbm_bytes_per_device / GIB:.1f} GiB HBM -> {'fits' if report.fits else 'DOES NOT FIT'}")
+        print(_estimate_line(planned))
     if not report.fits:
         print(f"maxmodel compile: needs {report.needed_bytes / GIB:.2f} GiB per chip, "
               f"{report.hbm_bytes_per_device / GIB:.1f} GiB available", file=sys.stderr)
         return 1
     return 0
+
+
+def _estimate_line(e: dict) -> str:
+    verdict = "within" if e["within_tolerance"] else "OUTSIDE"
+    return (f"  {'planner estimate':<18} {e['estimate_bytes'] / GIB:10.3f} GiB = {e['ratio']:.2f} × compiled "
+            f"({verdict} the planner's ±{TOLERANCE:.0%})")
