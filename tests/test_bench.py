@@ -45,3 +45,20 @@ def test_step_profile_splits_step_time_into_matmuls_and_the_rest(capsys):
     kinds = dict(part.strip().split(" ")[:2] for part in out[1].split(":", 1)[1].split(","))
     assert float(kinds["matmul"]) > 0 and float(kinds["other"]) > 0
     assert len(out) == 2 + 3  # the three largest ops
+
+
+def test_gpu_script_dry_run_on_cpu(tmp_path):
+    """benchmarks/gpu.sh has no GPU to run on here: its dry run takes the same two configs, shrunk, through
+    `maxmodel bench` on the CPU, so a renamed key or a broken path shows up before GPU time is spent."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "DRY_RUN": "1", "PY": sys.executable, "OUT": str(tmp_path)}
+    out = subprocess.run(["bash", str(repo / "benchmarks/gpu.sh")], env=env, capture_output=True, text=True,
+                         timeout=600).stdout
+    assert "failed" not in out, out
+    rows = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["label"] for r in rows] == ["dense-1b", "moe-scaled"]
+    assert all(r["tokens_per_sec"] > 0 for r in rows) and out.count("tokens/s") == 2
