@@ -13,6 +13,7 @@ CHOICES = {
     "model.attention.context_parallel": ("allgather", "ring"),
     "model.attention.impl": ("auto", "xla", "splash", "cudnn", "flash"),
     "model.moe.router": ("softmax", "sigmoid"),
+    "model.moe.impl": ("auto", "ragged_dot", "megablox"),  # parallel/grouped_matmul.py
     "train.dtype": ("float32", "bfloat16", "float16"),
     "train.param_dtype": ("float32", "bfloat16"),
     "train.remat": ("none", "full", "save_dots", "save_dot_except_mlp", "save_qkv_proj", "qkv_proj_offloaded",
@@ -195,6 +196,27 @@ def _validate_moe(cfg: Config) -> None:
                                              f"every={moe.every}")
     if m.parallel_block:
         raise ConfigError("model.parallel_block", "is not supported with MoE layers (model.moe.num_experts > 0)")
+    _validate_moe_impl(cfg)
+
+
+def _validate_moe_impl(cfg: Config) -> None:
+    """megablox (a TPU Pallas kernel) multiplies dropless groups of float32 / bfloat16 rows, in tiles that
+    split dimensions at TPU vector-tile boundaries; mesh.check_layout refuses it inside pipeline stages."""
+    moe = cfg.model.moe
+    for key, multiple in (("tile_rows", 16), ("tile_embed", 128), ("tile_mlp", 128)):
+        tile = getattr(moe, key)
+        if tile <= 0 or tile % multiple:
+            raise ConfigError(f"model.moe.{key}", f"must be a positive multiple of {multiple} (TPU vector "
+                                                  f"tiles), got {tile}")
+    if moe.impl != "megablox":
+        return
+    if moe.capacity_factor > 0:
+        raise ConfigError("model.moe.impl", f"megablox multiplies dropless expert groups, but model.moe."
+                                            f"capacity_factor={moe.capacity_factor} dispatches into fixed "
+                                            f"slots (dense einsums): set capacity_factor=0 or impl=auto")
+    if cfg.train.dtype not in ("float32", "bfloat16"):
+        raise ConfigError("model.moe.impl", f"megablox multiplies float32 or bfloat16, not train.dtype="
+                                            f"{cfg.train.dtype}: use impl=ragged_dot")
 
 
 def _validate_checkpoint(cfg: Config) -> None:

@@ -33,19 +33,11 @@ from flax.core import spmd
 from jax.sharding import PartitionSpec as P
 
 from maxmodel.config.errors import ConfigError
+from maxmodel.parallel.mesh import platform  # a module attribute here too: tests monkeypatch it
 
 IMPLS = ("auto", "xla", "splash", "cudnn", "flash")
 KEY = "model.attention.impl"
 LANES = 128  # TPU vector lanes: splash's key blocks are multiples of this
-
-
-def platform() -> str:
-    """The platform the program is being compiled for: the mesh's devices (TPU in an ahead-of-time compile
-    on a CPU host), else the default backend."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty:
-        return mesh.abstract_device.platform
-    return jax.default_backend()
 
 
 def unsupported(impl: str, *, causal: bool, window: bool, softcap: float, prefix: bool,

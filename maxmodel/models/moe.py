@@ -9,7 +9,8 @@ shards them like any activation); only the expert computation and the token exch
 `maxmodel.parallel.experts` (a `jax.shard_map` with an all-to-all over the `expert` mesh axis).
 
 Dispatch modes (`model.moe.capacity_factor`):
-* 0 = dropless: token copies are sorted by expert and multiplied group by group with `jax.lax.ragged_dot`.
+* 0 = dropless: token copies are sorted by expert and multiplied group by group with a grouped matmul
+  (`model.moe.impl`: `jax.lax.ragged_dot`, or the megablox Pallas kernel on TPU; parallel/grouped_matmul.py).
 * > 0 = capacity (GShard/Switch): each expert takes at most C = ceil(L·k/E · factor) copies per sequence
   (the group is one sequence, so what is dropped does not depend on the device layout); top-1 choices are
   served before top-2 ones, earlier tokens before later ones. An overflowing copy contributes nothing, the
@@ -123,7 +124,8 @@ class MoE(nnx.Module):
             y = capacity_experts(x, dispatch.astype(x.dtype), combine.astype(x.dtype), w, self.act)
         else:
             stats["dropped"] = jnp.zeros((), jnp.float32)
-            y = dropless_experts(x, ids, weights.astype(x.dtype), w, self.act)
+            y = dropless_experts(x, ids, weights.astype(x.dtype), w, self.act, impl=m.impl,
+                                 tiles=(m.tile_rows, m.tile_embed, m.tile_mlp))
         if self.shared is not None:
             y = y + self.shared(x)
         return constrain(y, ("activation_batch", "activation_length", "activation_embed")), stats

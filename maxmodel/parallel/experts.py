@@ -12,29 +12,40 @@ Exchange, with n = mesh.expert devices and E/n experts per device:
 * dropless: token copies sorted by expert are contiguous per destination device; each device sends a
   buffer of N = tokens·k rows per destination (room for the worst case, in which every copy goes to one
   device; this is the all-gather's volume, and `ragged_all_to_all` could trim it), with the per-expert
-  counts; the receiver sorts what it got by local expert and runs `ragged_dot` over the groups; rows past
-  the counts are padding, which ragged_dot leaves as zeros.
+  counts; the receiver sorts what it got by local expert and runs the grouped matmul over the groups; rows
+  past the counts are padding, which the grouped matmul leaves as zeros.
 Without a mesh, or with every relevant axis of size 1, the same per-device code runs on the whole arrays.
+
+The grouped matmul is `model.moe.impl`'s (`grouped_matmul.py`). A Mosaic kernel (megablox) cannot be
+partitioned by the compiler, so for it every mesh axis is manual here, even size-1 ones; the experts' hidden
+dimension then stays split over the axes that do not split the tokens (tensor) and the outputs are summed
+over them (Megatron), where the ragged_dot program leaves that dimension to the compiler.
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax.core import spmd
 from jax.sharding import PartitionSpec as P
 
+from .grouped_matmul import choose, grouped_matmul
 from .manual_axes import resolve_mesh
 
 AXIS = "expert"
 W_AXES = (("exp", "embed", "exp_mlp"), ("exp", "embed", "exp_mlp"), ("exp", "exp_mlp", "embed"))
+F_DIMS = (2, 2, 1)  # the hidden (exp_mlp) dimension of wi, wg, wo
 
 
-def expert_ffn(x, wi, wg, wo, act, group_sizes=None):
-    """Per-expert (gated) MLP. Grouped rows [N, D] with group_sizes [E] (ragged_dot), or [E, ..., D] dense."""
+def expert_ffn(x, wi, wg, wo, act, group_sizes=None, matmul=None):
+    """Per-expert (gated) MLP. Grouped rows [N, D] with group_sizes [E] through `matmul` (a grouped matmul
+    from `grouped_matmul`, default ragged_dot), or [E, ..., D] dense."""
     if group_sizes is not None:
-        h = jax.lax.ragged_dot(x, wi, group_sizes)
-        h = act(jax.lax.ragged_dot(x, wg, group_sizes)) * h if wg is not None else act(h)
-        return jax.lax.ragged_dot(h, wo, group_sizes)
+        matmul = matmul or grouped_matmul("ragged_dot")
+        h = matmul(x, wi, group_sizes)
+        h = act(matmul(x, wg, group_sizes)) * h if wg is not None else act(h)
+        return matmul(h, wo, group_sizes, down=True)
     h = jnp.einsum("e...d,edf->e...f", x, wi)
     h = act(jnp.einsum("e...d,edf->e...f", x, wg)) * h if wg is not None else act(h)
     return jnp.einsum("e...f,efd->e...d", h, wo)
@@ -55,8 +66,9 @@ def _only(spec: P, manual: set) -> P:
     return P(*(keep(e) for e in spec))
 
 
-def _layout():
-    """(mesh, manual axes, token spec [B, L, D]) or None when no exchange is needed."""
+def _layout(kernel: bool = False):
+    """(mesh, manual axes, token spec [B, L, D]) or None when no exchange is needed (and, for a Mosaic
+    `kernel`, no other device either)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.manual_axes:
         # Inside another shard_map (a pipeline stage): a nested one fails to lower once transposed ("axis
@@ -69,24 +81,29 @@ def _layout():
         if AXIS not in _names(tokens[0]):
             raise ValueError("mesh.expert > 1 needs the batch split over `expert` (activation_batch rule)")
         manual.add(AXIS)
+    if kernel and mesh.size > 1:
+        manual = set(mesh.axis_names)
     return (resolve_mesh(None), manual, tokens) if manual else None
 
 
-def _gather_weights(weights, specs, manual):
-    """All-gather the non-expert dims of the local expert weights over manual axes (FSDP)."""
+def _gather_weights(weights, specs, split_f=()):
+    """All-gather the non-expert dims of the local expert weights over manual axes (FSDP), but the hidden
+    dim over `split_f` (each device keeps its hidden units; wi, wg and wo hold the same ones)."""
     out = []
-    for w, spec in zip(weights, specs):
+    for w, spec, f_dim in zip(weights, specs, F_DIMS):
         if w is not None:
             for dim, entry in enumerate(spec):
                 for axis in reversed(_names(entry)) if dim else ():
-                    w = jax.lax.all_gather(w, axis, axis=dim, tiled=True)
+                    if dim != f_dim or axis not in split_f:
+                        w = jax.lax.all_gather(w, axis, axis=dim, tiled=True)
         out.append(w)
     return out
 
 
-def _run(body, x, token_args, weights, act):
-    """Call body(x, *token_args, weights, act, n) per device (shard_map) or on whole arrays."""
-    layout = _layout()
+def _run(body, x, token_args, weights, act, kernel: bool = False):
+    """Call body(x, *token_args, weights, act, n) per device (shard_map) or on whole arrays. `kernel`: the
+    body runs a Mosaic kernel, which needs every mesh axis manual."""
+    layout = _layout(kernel)
     if layout is None:
         return body(x, *token_args, weights, act, 1)
     mesh, manual, tokens = layout
@@ -95,15 +112,19 @@ def _run(body, x, token_args, weights, act):
     x_spec = _only(tokens, manual)
     arg_specs = [P(*x_spec[:2], *([None] * (a.ndim - 2))) for a in token_args]
     present = [w is not None for w in weights]
+    token_axes = {a for entry in x_spec for a in _names(entry)}
+    split_f = tuple(a for a in _names(w_specs[0][F_DIMS[0]]) if a not in token_axes) if kernel else ()
 
     def per_device(x, args, ws):
         it = iter(ws)
-        full = _gather_weights([next(it) if p else None for p in present], w_specs, manual)
-        return body(x, *args, full, act, n)
+        full = _gather_weights([next(it) if p else None for p in present], w_specs, split_f)
+        out = body(x, *args, full, act, n)
+        return jax.lax.psum(out, split_f) if split_f else out  # partial sums over the hidden units
     ws = [w for w in weights if w is not None]
     specs = [s for s, p in zip(w_specs, present) if p]
+    # check_vma=False for a Pallas kernel: its outputs carry no varying-axes type (megablox builds them)
     return jax.shard_map(per_device, mesh=mesh, in_specs=(x_spec, arg_specs, specs), out_specs=x_spec,
-                         axis_names=manual)(x, list(token_args), ws)
+                         axis_names=manual, check_vma=not kernel)(x, list(token_args), ws)
 
 
 def _capacity_body(x, dispatch, combine, weights, act, n):
@@ -116,7 +137,7 @@ def _capacity_body(x, dispatch, combine, weights, act, n):
     return jnp.einsum("blec,ebcd->bld", combine, out)
 
 
-def _exchange_ffn(xs, sorted_ids, counts, weights, act, n):
+def _exchange_ffn(xs, sorted_ids, counts, weights, act, n, matmul):
     """Expert outputs for token copies `xs` sorted by expert, when the experts live on n devices."""
     rows, d = xs.shape
     e_local = counts.shape[0] // n
@@ -131,14 +152,15 @@ def _exchange_ffn(xs, sorted_ids, counts, weights, act, n):
     ends = jnp.cumsum(recv_counts, axis=1)
     local_id = jnp.sum(j[None, :, None] >= ends[:, None, :], axis=-1).reshape(-1)  # E/n marks padding
     order = jnp.argsort(local_id, stable=True)
-    out = expert_ffn(recv.reshape(n * rows, d)[order], *weights, act, group_sizes=jnp.sum(recv_counts, axis=0))
+    out = expert_ffn(recv.reshape(n * rows, d)[order], *weights, act,
+                     group_sizes=jnp.sum(recv_counts, axis=0), matmul=matmul)
     back = jnp.zeros_like(out).at[order].set(out).reshape(n, rows, d)
     back = jax.lax.all_to_all(back, AXIS, 0, 0, tiled=True)                        # [n destinations, rows, D]
     dest = sorted_ids // e_local
     return back[dest, j - starts[dest]]
 
 
-def _dropless_body(x, ids, weights_k, weights, act, n):
+def _dropless_body(x, ids, weights_k, weights, act, n, matmul):
     b, l, d = x.shape
     k = ids.shape[-1]
     flat = ids.reshape(-1)
@@ -147,16 +169,19 @@ def _dropless_body(x, ids, weights_k, weights, act, n):
     xs = x.reshape(b * l, d)[order // k]
     counts = jnp.bincount(flat, length=weights[0].shape[0] * n)
     if n > 1:
-        ys = _exchange_ffn(xs, sorted_ids, counts, weights, act, n)
+        ys = _exchange_ffn(xs, sorted_ids, counts, weights, act, n, matmul)
     else:
-        ys = expert_ffn(xs, *weights, act, group_sizes=counts)
+        ys = expert_ffn(xs, *weights, act, group_sizes=counts, matmul=matmul)
     copies = jnp.zeros_like(ys).at[order].set(ys).reshape(b * l, k, d)
     return jnp.einsum("tkd,tk->td", copies, weights_k.reshape(b * l, k)).reshape(b, l, d)
 
 
-def dropless_experts(x, ids, weights_k, weights, act):
-    """x [B, L, D], ids / weights_k [B, L, k], weights (wi, wg or None, wo) -> [B, L, D]."""
-    return _run(_dropless_body, x, (ids, weights_k), weights, act)
+def dropless_experts(x, ids, weights_k, weights, act, impl: str = "auto", tiles=(512, 1024, 1024)):
+    """x [B, L, D], ids / weights_k [B, L, k], weights (wi, wg or None, wo) -> [B, L, D]; `impl` / `tiles`:
+    model.moe.impl and megablox's (rows, embed, mlp) tiles (grouped_matmul.py)."""
+    impl = choose(impl)  # here, outside the shard_map: manual axes now mean a pipeline stage
+    body = functools.partial(_dropless_body, matmul=grouped_matmul(impl, tiles))
+    return _run(body, x, (ids, weights_k), weights, act, kernel=impl == "megablox")
 
 
 def capacity_experts(x, dispatch, combine, weights, act):

@@ -54,6 +54,15 @@ def build_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
     return jax.sharding.Mesh(grid, MESH_AXES, axis_types=auto)
 
 
+def platform() -> str:
+    """The platform the program is being compiled for: the mesh's devices (TPU in an ahead-of-time compile
+    on a CPU host), else the default backend. Kernel choices (attention, grouped matmul) key on this."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:
+        return mesh.abstract_device.platform
+    return jax.default_backend()
+
+
 def single_device_mesh_config() -> MeshConfig:
     return MeshConfig(data=1, dcn=MeshAxes())
 
@@ -113,6 +122,10 @@ def check_layout(cfg, mesh_shape: dict[str, int]) -> None:
         if stage > 1 and seq > 1:
             raise ConfigError("mesh.sequence", "MoE layers inside pipeline stages run with whole sequences: use "
                                                "mesh.sequence=1 with mesh.stage > 1")
+        if stage > 1 and m.moe.impl == "megablox":  # grouped_matmul.choose refuses it there too
+            raise ConfigError("model.moe.impl", f"megablox is not supported inside pipeline stages (mesh."
+                                                f"stage={stage}): a Mosaic kernel needs every mesh axis "
+                                                f"manual; use auto or ragged_dot")
     if m.arch == "encoder_decoder" and (stage > 1 or seq > 1):  # a -1 axis may have filled to > 1
         key = "mesh.stage" if stage > 1 else "mesh.sequence"
         raise ConfigError(key, f"model.arch=encoder_decoder does not support {key} > 1 (got {stage if stage > 1 else seq})")
