@@ -81,10 +81,8 @@ def compile_case(case: dict) -> dict:
 
 def reestimate(row: dict) -> dict:
     from maxmodel.config import load_config
-    from maxmodel.train.compile_cli import estimate
-    cfg = load_config(None, row["overrides"])
-    mesh = row["mesh"] or {"fsdp": next(int(o.split("=")[1]) for o in row["overrides"] if o.startswith("mesh.fsdp"))}
-    return {**row, "estimate": estimate(cfg, row["needed_bytes"], mesh)}
+    from maxmodel.planner.config_memory import estimate
+    return {**row, "estimate": estimate(load_config(None, row["overrides"]), row["needed_bytes"], row["mesh"])}
 
 
 def planner_fits(row: dict) -> bool:

@@ -32,7 +32,7 @@ def main(argv: list[str]) -> int:
         report = compile_for_topology(cfg, ns.topology, ns.slices)
     except DoesNotFit as e:
         if ns.json and e.used_bytes:
-            print(jsonio.dumps({"fits": False, "error": str(e), "needed_bytes": e.used_bytes,
+            print(jsonio.dumps({"fits": False, "error": str(e), "mesh": e.mesh, "needed_bytes": e.used_bytes,
                                 "hbm_bytes_per_device": e.hbm_bytes, "estimate": estimate(cfg, e.used_bytes, e.mesh)}))
         print(f"maxmodel compile: does not fit: {e}", file=sys.stderr)
         if e.used_bytes and not ns.json:
