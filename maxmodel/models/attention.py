@@ -10,7 +10,7 @@ from flax import nnx
 from maxmodel.config.errors import ConfigError
 from maxmodel.config.schema import ModelConfig
 
-from . import kv_cache, remat
+from . import decode_kernels, remat
 from .attention_kernels import choose, fused_attention
 from .layers import apply_rope, project, rope_frequencies
 from .sharding import constrain, param
@@ -142,8 +142,8 @@ class Attention(nnx.Module):
         in `cache` (kv_cache.py). Returns (output [B, T, d_model], the cache with the new tokens written)."""
         window = self.window if window is None else window  # static here: a sliding-window layer's cache is a ring
         q, k, v = self._qkv(x, positions)
-        out, cache = kv_cache.attend(q, k, v, positions, lengths, cache, window, int(window) > 0,
-                                     self.cfg.attention.logit_softcap)
+        out, cache = decode_kernels.attend(self.cfg.attention.impl, q, k, v, positions, lengths, cache, window,
+                                           int(window) > 0, self.cfg.attention.logit_softcap)
         return self._output(out, x.dtype), cache
 
     def _output(self, out, dtype):
