@@ -5,6 +5,7 @@
   python benchmarks/generate_models.py OUT --trained           target + draft trained on the built-in corpus
       [--config configs/experiments/bench-50m.yaml] [--steps 60] [--draft-steps 60] [--batch 8] [--seq-len 128]
       [--tokenizer-vocab 8192] [--max-seq-len 4096] [--set key=value ...] [--draft-set key=value ...] [--no-draft]
+      [--distill-draft]                                         the draft distilled from the target (its logits)
 
 Run in maxmodel's venv (no torch). Every stage goes through maxmodel's own CLI in a subprocess
 (`train` -> `export` -> `convert to-hf`), the route a user takes, and each is skipped when its output is
@@ -118,6 +119,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--draft-set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra draft override (after the default 2-layer d_model 256 ones)")
     parser.add_argument("--no-draft", action="store_true")
+    parser.add_argument("--distill-draft", action="store_true",
+                        help="--trained: train the draft by distillation from the trained target (train.objective="
+                             "distill, forward KL at T=1, alpha 1) instead of on the corpus' labels alone")
     args = parser.parse_args(argv)
     out = Path(args.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
@@ -136,7 +140,10 @@ def main(argv: list[str]) -> int:
         run = train(out, "target", args.config, args.steps, [*data, *args.set])
         made["target"] = export_both(out, "target", run, tok)
         if not args.no_draft:
-            run = train(out, "draft", args.config, args.draft_steps, [*data, *DRAFT_OVERRIDES, *args.draft_set])
+            distill = (["train.objective=distill", f"distill.teacher={out / 'target'}", "distill.alpha=1.0",
+                        "distill.temperature=1.0"] if args.distill_draft else [])
+            run = train(out, "draft", args.config, args.draft_steps,
+                        [*data, *DRAFT_OVERRIDES, *distill, *args.draft_set])
             made["draft"] = export_both(out, "draft", run, tok)
     (out / "models.json").write_text(json.dumps(made, indent=1))
     print(json.dumps({k: made[k]["hf"] if isinstance(made.get(k), dict) and "hf" in made[k] else made[k]
