@@ -29,6 +29,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=32, help="timed decode steps")
     parser.add_argument("--top", type=int, default=15, help="largest ops listed")
+    parser.add_argument("--by-instruction", action="store_true", help="list HLO instructions, not JAX op names")
     args = parser.parse_args(argv)
 
     import jax
@@ -80,7 +81,8 @@ def main(argv: list[str]) -> int:
     for name, us in totals.items():
         kind = "matmul" if name.startswith(("dot", "ynn_fusion", "xnn_fusion")) else "other"
         by_kind[kind] += us / 1e6
-        by_op[(kind, names.get(name, name).removeprefix("jit(_step_fn)/"))] += us / 1e6
+        op = names.get(name, name).removeprefix("jit(_step_fn)/")
+        by_op[(kind, f"{name}: {op}" if args.by_instruction else op)] += us / 1e6
     print(f"decode step {step * 1e3:.2f} ms at batch {args.batch} (median of {args.steps}), "
           f"{args.batch / step:,.1f} tokens/s")
     print("traced step, summed op time: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in by_kind.most_common()))

@@ -10,7 +10,7 @@
 # Prints tokens/s and MFU per model; the full JSON lines go to $OUT (default ./gpu-results) /results.jsonl.
 # Attention is model.attention.impl=auto: cuDNN on a GPU in bf16.
 # Environment: PY (python with jax[cuda]; default python3), STEPS (default 20), WARMUP (default 3),
-# DRY_RUN=1: on a host without a GPU, run the same configs shrunk (1-2 layers, seq 256, one step) on the CPU,
+# DRY_RUN=1: on a host without a GPU, run the same configs shrunk (1 layer, seq 128, one step) on the CPU,
 # to catch a bad key or a broken code path before the GPU time is spent.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -22,7 +22,7 @@ DRY_RUN=${DRY_RUN:-0}
 SHRINK=()
 if [ "$DRY_RUN" = 1 ]; then
   STEPS=1; WARMUP=1; export JAX_PLATFORMS=cpu
-  SHRINK=(model.num_layers=2 train.seq_len=256 train.batch_size=2 train.loss_chunk=128)
+  SHRINK=(model.num_layers=1 train.seq_len=128 train.batch_size=1 train.loss_chunk=128)
 fi
 OUT=${OUT:-$PWD/gpu-results}
 mkdir -p "$OUT"

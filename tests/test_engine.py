@@ -162,6 +162,21 @@ def test_stop_tokens_stop_strings_and_lengths(engine):
         Batcher(engine, tok).submit([5] * 64, GREEDY)
 
 
+def test_cpu_decode_layout_keeps_the_models_logits_and_gives_its_weights_back(engine):
+    """On XLA:CPU the engine stores the untied head [vocab, d_model] (engine.decode_layout); its logits equal
+    the model's own forward pass with the weights as given, and `params` hands those weights back unchanged."""
+    given = engine.params
+    assert engine.run_params["head"].value.shape == given["head"].value.shape[::-1]
+    assert nnx.merge(engine.graphdef, engine.run_params).head_vocab_major
+    tokens = np.asarray([PROMPTS[1][:8], PROMPTS[2][:8]], np.int32)
+    with engine.context():
+        plain = nnx.merge(engine._graphdef_given, given)(jnp.asarray(tokens))
+    np.testing.assert_allclose(np.asarray(engine.logits_of(tokens)), np.asarray(plain), rtol=1e-6, atol=1e-6)
+    engine.set_params(given)
+    for a, b in zip(jax.tree.leaves(engine.params), jax.tree.leaves(given)):
+        assert a.shape == b.shape and np.array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_weights_swap_in_place_without_recompiling(engine, batcher):
     other = make_engine(seed=1)
     before = dict(engine.traces)

@@ -27,7 +27,7 @@ class EvalModel:
         from maxmodel.inference.load import load_engine
         generator = load_engine(path, list(overrides), max_slots=max_batch)
         e = generator.engine  # the scorer shares the engine's weights, mesh and rules (no second copy)
-        scorer = PackedScorer(e.cfg, e.graphdef, e.params, e.mesh, e.rules, max_len=max_length, rows=batch_rows,
+        scorer = PackedScorer(e.cfg, e.graphdef, e.run_params, e.mesh, e.rules, max_len=max_length, rows=batch_rows,
                               row_len=row_len)
         return cls(scorer, generator.tokenizer, generator, generator.model_name)
 

@@ -132,7 +132,7 @@ def _search(engine, prefill, slots, prompt, num_beams, max_new, alpha, eos, earl
             active[slots[j]] = True
         with engine.context():
             engine.state, top_lp, top_ids = _step_fn(engine, k)(
-                engine.params, engine.state, jnp.asarray(perm), jnp.asarray(tokens, jnp.int32), jnp.asarray(active))
+                engine.run_params, engine.state, jnp.asarray(perm), jnp.asarray(tokens, jnp.int32), jnp.asarray(active))
         top_lp, top_ids = np.asarray(top_lp), np.asarray(top_ids)
         beams = [(tok, total, slots[j]) for j, (tok, total, _) in enumerate(running)]
         cand_lp, cand_ids = top_lp[slots[:len(beams)]], top_ids[slots[:len(beams)]]

@@ -70,7 +70,7 @@ class PrefixCache:
         self._groups = list(row)
         # Per leaf (group, sub-layer, name), flattened in this order everywhere: its slot axis and whether it is
         # a ring (fewer slots than max_len: a sliding-window layer), with the window it serves.
-        windows = dict(engine._model(engine.params).cache_groups())
+        windows = dict(engine._model(engine.run_params).cache_groups())
         self._leaves = []
         for g in self._groups:
             for j, c in enumerate(row[g]):

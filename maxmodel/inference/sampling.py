@@ -109,7 +109,7 @@ def processed_logprobs(logits, params: SamplingParams, output_counts, prompt_mas
     top-p, min-p; -inf outside the kept set). Greedy rows (temperature < GREEDY_BELOW) get the point mass
     on their argmax: 0 there, -inf elsewhere."""
     penalised, x = _filter(logits, params, output_counts, prompt_mask)
-    greedy = jax.nn.one_hot(jnp.argmax(penalised, axis=-1), x.shape[-1], dtype=jnp.bool_)
+    greedy = jax.nn.one_hot(argmax(penalised), x.shape[-1], dtype=jnp.bool_)
     greedy_lp = jnp.where(greedy, 0.0, -jnp.inf)
     return jnp.where(_sampled(params)[:, None], jax.nn.log_softmax(x, axis=-1), greedy_lp)
 
@@ -153,15 +153,36 @@ def sample(logits, params: SamplingParams, step, output_counts, prompt_mask, num
     def drawn():
         penalised, x = _filter(logits, params, output_counts, prompt_mask)
         return jnp.where(_sampled(params), _inverse_cdf(_row_keys(params.seed, step), x),
-                         jnp.argmax(penalised, axis=-1)).astype(jnp.int32)
+                         argmax(penalised)).astype(jnp.int32)
 
     def greedy():
-        return jnp.argmax(apply_penalties(logits, params, output_counts, prompt_mask), axis=-1).astype(jnp.int32)
+        return argmax(apply_penalties(logits, params, output_counts, prompt_mask))
     # An all-greedy batch (evaluation, greedy serving) skips the filters and the draw altogether.
     tokens = jax.lax.cond(jnp.any(_sampled(params)), drawn, greedy)
-    raw = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    top_ids, top_lp = _top(raw, num_top)
-    return SampleOut(tokens, jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0], top_ids, top_lp)
+    return SampleOut(tokens, *_raw_logprobs(logits, tokens, num_top))
+
+
+def argmax(x):
+    """jnp.argmax over the last axis (the first index of the maximum) as two plain reductions, which XLA:CPU
+    runs ~2.5x faster over a [16, 32768] row block than argmax's paired (value, index) reduction."""
+    top = jnp.max(x, axis=-1, keepdims=True)
+    first = jnp.min(jnp.where(x == top, jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape[-1]), axis=-1)
+    return jnp.minimum(first, x.shape[-1] - 1)  # a NaN row matches nowhere: its last index
+
+
+def _raw_logprobs(logits, tokens, num_top: int):
+    """(raw logprob of `tokens` [B], top ids, top logprobs) with the arithmetic of jax.nn.log_softmax, but
+    only at the entries returned: no [B, V] log-softmax is written."""
+    x = logits.astype(jnp.float32)
+    top = jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
+    norm = jnp.log(jnp.sum(jnp.exp(x - top), axis=-1, keepdims=True))
+    picked = (jnp.take_along_axis(x, tokens[:, None], axis=-1) - top) - norm
+    if num_top == 0:
+        top_ids, top_lp = _top(x, 0)
+    else:
+        values, top_ids = jax.lax.top_k(x, num_top)
+        top_ids, top_lp = top_ids.astype(jnp.int32), (values - top) - norm
+    return picked[:, 0], top_ids, top_lp
 
 
 @functools.partial(jax.jit, static_argnames="num_top")

@@ -220,7 +220,7 @@ class Speculator:
         with eng.context():
             if self.draft is not None:
                 eng.state, self.draft.state, out, count, accepted = self._draft_round(
-                    eng.params, self.draft.params, eng.state, self.draft.state, jnp.asarray(self.extra),
+                    eng.run_params, self.draft.run_params, eng.state, self.draft.state, jnp.asarray(self.extra),
                     jnp.asarray(self.has_extra), jnp.asarray(active), num_top=num_top)
                 proposed = self.k * int(active.sum())
             else:
@@ -230,7 +230,7 @@ class Speculator:
                     prop = ngram_propose(hist, self.config.ngram, self.k)
                     drafts[slot, :len(prop)], m[slot] = prop, len(prop)
                 eng.state, out, count, accepted = self._ngram_round(
-                    eng.params, eng.state, jnp.asarray(drafts), jnp.asarray(m), jnp.asarray(active), num_top=num_top)
+                    eng.run_params, eng.state, jnp.asarray(drafts), jnp.asarray(m), jnp.asarray(active), num_top=num_top)
                 proposed = int(m[active].sum())
         out, count, accepted = jax.tree.map(np.asarray, out), np.asarray(count), np.asarray(accepted)
         self.has_extra = active & (count == self.k + 1)   # the draft fed d_1..d_{k-1} only

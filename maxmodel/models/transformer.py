@@ -135,6 +135,7 @@ def _stack_stats(per_layer: list[dict]) -> dict:
 
 class Transformer(nnx.Module):
     causal = True  # the encoder (encoder.py) subclasses this stack with bidirectional attention
+    head_vocab_major = False  # an untied head stored [vocab, d_model]: the engine's XLA:CPU decode layout
 
     def __init__(self, cfg: Config, rngs: nnx.Rngs):
         m = cfg.model
@@ -374,7 +375,14 @@ class Transformer(nnx.Module):
 
     def logits(self, x):
         m = self.cfg.model
-        out = self.embed.attend(x) if m.tie_embeddings else dense(x, self.head[...].astype(x.dtype))
+        if m.tie_embeddings:
+            out = self.embed.attend(x)
+        elif self.head_vocab_major:  # [V, d]: contract both operands' last dims
+            w = self.head[...].astype(x.dtype)
+            out = jax.lax.dot_general(x.reshape(-1, w.shape[1]), w, (((1,), (1,)), ((), ())))
+            out = out.reshape(*x.shape[:-1], w.shape[0])
+        else:
+            out = dense(x, self.head[...].astype(x.dtype))
         if m.final_logit_softcap:
             out = m.final_logit_softcap * jnp.tanh(out / m.final_logit_softcap)
         return constrain(out, ("activation_batch", "activation_length", "activation_vocab"))
