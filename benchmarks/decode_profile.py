@@ -69,7 +69,7 @@ def main(argv: list[str]) -> int:
         eng.step(active)
         times.append(time.perf_counter() - t0)
     with eng.context():
-        names = op_names(eng._step.lower(eng.params, eng.state, jax.numpy.asarray(active), num_top=0)
+        names = op_names(eng._step.lower(eng.run_params, eng.state, jax.numpy.asarray(active), num_top=0)
                          .compile().as_text())
     with tempfile.TemporaryDirectory() as tmp:
         jax.profiler.start_trace(f"{tmp}/trace")

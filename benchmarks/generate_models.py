@@ -6,6 +6,7 @@
       [--config configs/experiments/bench-50m.yaml] [--steps 60] [--draft-steps 60] [--batch 8] [--seq-len 128]
       [--tokenizer-vocab 8192] [--max-seq-len 4096] [--set key=value ...] [--draft-set key=value ...] [--no-draft]
       [--distill-draft]                                         the draft distilled from the target (its logits)
+      [--draft-target-samples N [--draft-sample-steps 200]]     then on the target's own completions (DistillSpec)
 
 Run in maxmodel's venv (no torch). Every stage goes through maxmodel's own CLI in a subprocess
 (`train` -> `export` -> `convert to-hf`), the route a user takes, and each is skipped when its output is
@@ -103,6 +104,33 @@ def export_both(out: Path, name: str, run_dir: Path, tokenizer: Path | None) -> 
             "model": json.loads((export_dir / "export.json").read_text())["model"]}
 
 
+def draft_on_target_samples(out: Path, args, tok: Path, overrides: list[str]) -> dict:
+    """DistillSpec's recipe (Zhou et al. 2023): what decides a draft's acceptance is how well it follows the
+    target on the target's own outputs, so the draft is distilled further on the target's greedy completions of
+    corpus prompts (`maxmodel synthesize`; never the benchmark's prompt), loss on the completions only."""
+    import random
+    from maxmodel.data.builtin import builtin_documents, split_documents
+    samples = out / "target-samples.jsonl"
+    if not samples.is_file():
+        train_docs, _ = split_documents(builtin_documents(), 0.05)
+        rng = random.Random(0)
+        prompts = out / "target-prompts.jsonl"
+        with prompts.open("w") as f:
+            for _ in range(args.draft_target_samples):
+                doc = rng.choice(train_docs)
+                start = rng.randrange(max(len(doc) - 400, 1))
+                f.write(json.dumps({"prompt": doc[start:start + rng.randrange(100, 400)]}) + "\n")
+        part = samples.with_suffix(".part")
+        part.unlink(missing_ok=True)
+        maxmodel("synthesize", str(out / "target"), "--prompts", str(prompts), "--out", str(part),
+                 "--max-new-tokens", "96", "--temperature", "0", "--max-batch", "32", "--max-len", "512")
+        part.rename(samples)
+    data = [f"data.tokenizer={tok}", "data.source=jsonl", f"data.path={samples}", "data.format=prompt_completion",
+            f"train.batch_size={args.batch}", "train.seq_len=256", f"init.from={out / 'draft-base'}"]
+    run = train(out, "draft", args.config, args.draft_sample_steps, [*data, *overrides])
+    return export_both(out, "draft", run, tok)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", help="output directory")
@@ -119,6 +147,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--draft-set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra draft override (after the default 2-layer d_model 256 ones)")
     parser.add_argument("--no-draft", action="store_true")
+    parser.add_argument("--draft-target-samples", type=int, default=0, metavar="N",
+                        help="--trained: then distill the draft on the target's greedy completions of N corpus "
+                             "prompts (DistillSpec); the first draft is kept as draft-base/")
+    parser.add_argument("--draft-sample-steps", type=int, default=200)
     parser.add_argument("--distill-draft", action="store_true",
                         help="--trained: train the draft by distillation from the trained target (train.objective="
                              "distill, forward KL at T=1, alpha 1) instead of on the corpus' labels alone")
@@ -142,9 +174,13 @@ def main(argv: list[str]) -> int:
         if not args.no_draft:
             distill = (["train.objective=distill", f"distill.teacher={out / 'target'}", "distill.alpha=1.0",
                         "distill.temperature=1.0"] if args.distill_draft else [])
-            run = train(out, "draft", args.config, args.draft_steps,
+            first = "draft-base" if args.draft_target_samples else "draft"
+            run = train(out, first, args.config, args.draft_steps,
                         [*data, *DRAFT_OVERRIDES, *distill, *args.draft_set])
-            made["draft"] = export_both(out, "draft", run, tok)
+            made[first] = export_both(out, first, run, tok)
+            if args.draft_target_samples:
+                made["draft"] = draft_on_target_samples(out, args, tok, [*common, *DRAFT_OVERRIDES, *distill,
+                                                                         *args.draft_set])
     (out / "models.json").write_text(json.dumps(made, indent=1))
     print(json.dumps({k: made[k]["hf"] if isinstance(made.get(k), dict) and "hf" in made[k] else made[k]
                       for k in made}))

@@ -163,11 +163,14 @@ def test_stop_tokens_stop_strings_and_lengths(engine):
 
 
 def test_cpu_decode_layout_keeps_the_models_logits_and_gives_its_weights_back(engine):
-    """On XLA:CPU the engine stores the untied head [vocab, d_model] (engine.decode_layout); its logits equal
-    the model's own forward pass with the weights as given, and `params` hands those weights back unchanged."""
+    """On XLA:CPU the engine stores the untied head [vocab, d_model] and joins each layer's q/k/v and up/gate
+    weights (engine.decode_layout); its logits equal the model's own forward pass with the weights as given,
+    and `params` hands those weights back unchanged."""
     given = engine.params
     assert engine.run_params["head"].value.shape == given["head"].value.shape[::-1]
     assert nnx.merge(engine.graphdef, engine.run_params).head_vocab_major
+    joined = {str(path[-2]) for path, _ in nnx.to_flat_state(engine.run_params) if path[-1] == "fused_w"}
+    assert joined == {"attn", "mlp"}  # q/k/v and up/gate stored as one weight each (layers.fuse_projections)
     tokens = np.asarray([PROMPTS[1][:8], PROMPTS[2][:8]], np.int32)
     with engine.context():
         plain = nnx.merge(engine._graphdef_given, given)(jnp.asarray(tokens))

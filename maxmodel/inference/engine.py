@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from maxmodel.models import kv_cache
+from maxmodel.models.layers import fuse_projections, unfuse_projections
 from maxmodel.models.sharding import constrain
 
 from .sampling import (
@@ -85,19 +86,37 @@ def _head_to_vocab_major(head):
 
 
 def decode_layout(graphdef, params):
-    """(graphdef, params) as the engine computes with them. On XLA:CPU an untied float head is stored
-    [vocab, d_model] (`Transformer.head_vocab_major`): the [B, d] x [d, V] product of a decode step runs
-    ~1.4x faster with the weight's rows along the vocabulary (benchmarks/decode_profile.py: 2-3 ms of a
-    29 ms bench-50m step at batch 16). Other backends choose their layouts themselves: unchanged there."""
-    model = nnx.merge(graphdef, params)
-    head = getattr(model, "head", None)
-    if (jax.default_backend() != "cpu" or not isinstance(head, nnx.Param) or model.head_vocab_major
-            or not isinstance(head.get_value(), jax.Array) or head.get_value().ndim != 2
-            or not jnp.issubdtype(head.get_value().dtype, jnp.floating)):
+    """(graphdef, params) as the engine computes with them. On XLA:CPU (other backends choose their layouts
+    themselves: unchanged there), measured with benchmarks/decode_profile.py on bench-50m:
+      * an untied float head is stored [vocab, d_model] (`Transformer.head_vocab_major`): the [B, d] x [d, V]
+        product of a decode step runs ~1.4x faster with the weight's rows along the vocabulary (2-3 ms of a
+        29 ms step at batch 16);
+      * each layer's q/k/v and gated-MLP up/gate weights are stored joined (layers.fuse_projections): one
+        product instead of two or three, ~10% of the layers' time at batch 1."""
+    if jax.default_backend() != "cpu":
         return graphdef, params
-    model.head = _head_to_vocab_major(head)
-    model.head_vocab_major = True
-    return nnx.split(model)
+    model = nnx.merge(graphdef, params)
+    changed = False
+    for _, module in nnx.iter_modules(model):
+        changed |= fuse_projections(module)
+    head = getattr(model, "head", None)
+    if (isinstance(head, nnx.Param) and not model.head_vocab_major and isinstance(head.get_value(), jax.Array)
+            and head.get_value().ndim == 2 and jnp.issubdtype(head.get_value().dtype, jnp.floating)):
+        model.head = _head_to_vocab_major(head)
+        model.head_vocab_major = changed = True
+    return nnx.split(model) if changed else (graphdef, params)
+
+
+def given_layout(graphdef, params):
+    """decode_layout undone: the weights as the model stores them."""
+    model = nnx.merge(graphdef, params)
+    for _, module in nnx.iter_modules(model):
+        if getattr(module, "fused", None) is not None:
+            unfuse_projections(module)
+    if model.head_vocab_major:
+        model.head = _head_to_vocab_major(model.head)  # a swap undoes itself
+        model.head_vocab_major = False
+    return nnx.split(model)[1]
 
 
 class Engine:
@@ -151,11 +170,7 @@ class Engine:
         """The weights in the layout the engine was given (and set_params takes): run_params with any
         decode_layout change undone."""
         if self._params is None:
-            model = nnx.merge(self.graphdef, self.run_params)
-            if model.head_vocab_major and self._graphdef_given != self.graphdef:
-                model.head = _head_to_vocab_major(model.head)  # a swap undoes itself
-                model.head_vocab_major = False
-            self._params = nnx.split(model)[1]
+            self._params = given_layout(self.graphdef, self.run_params)
         return self._params
 
     def set_params(self, params) -> None:

@@ -12,7 +12,7 @@ from maxmodel.config.schema import ModelConfig
 
 from . import decode_kernels, remat
 from .attention_kernels import choose, fused_attention
-from .layers import apply_rope, project, rope_frequencies
+from .layers import apply_rope, fused_project, project, rope_frequencies
 from .sharding import constrain, param
 
 NEG_INF = -1e30  # finite, so fully-masked (padding) rows give a uniform softmax instead of NaN
@@ -66,6 +66,8 @@ def _is_windowed(window) -> bool:
 
 
 class Attention(nnx.Module):
+    fused = None  # (names, shapes) of wq, wk, wv when stored as one `fused_w` (layers.fuse_projections)
+
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, param_dtype=jnp.float32, window: int = 0,
                  causal: bool = True):
         self.cfg = cfg
@@ -123,9 +125,14 @@ class Attention(nnx.Module):
     def _qkv(self, x, positions):
         """Projected queries [B, L, H, D] and keys, values [B, L, KVH, D], rotated by RoPE; the queries carry
         any query_pre_attn_scalar (every attention path scales by head_dim ** -0.5)."""
-        q = remat.name(self._project(x, self.wq, self.q_bias), "query_proj")
-        k = remat.name(self._project(x, self.wk, self.k_bias), "key_proj")
-        v = remat.name(self._project(x, self.wv, self.v_bias), "value_proj")
+        if self.fused is not None:  # the engine's CPU decode layout: one product for the three
+            q, k, v = fused_project(self, x)
+            q, k, v = (y + b[...].astype(x.dtype) if b is not None else y
+                       for y, b in zip((q, k, v), (self.q_bias, self.k_bias, self.v_bias)))
+        else:
+            q = remat.name(self._project(x, self.wq, self.q_bias), "query_proj")
+            k = remat.name(self._project(x, self.wk, self.k_bias), "key_proj")
+            v = remat.name(self._project(x, self.wv, self.v_bias), "value_proj")
         if self.use_rope:
             inv_freq = rope_frequencies(self.cfg)  # numpy: a compile-time constant, not model state
             q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
