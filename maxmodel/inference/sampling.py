@@ -159,7 +159,7 @@ def sample(logits, params: SamplingParams, step, output_counts, prompt_mask, num
         return argmax(apply_penalties(logits, params, output_counts, prompt_mask))
     # An all-greedy batch (evaluation, greedy serving) skips the filters and the draw altogether.
     tokens = jax.lax.cond(jnp.any(_sampled(params)), drawn, greedy)
-    return SampleOut(tokens, *_raw_logprobs(logits, tokens, num_top))
+    return SampleOut(tokens, *raw_logprobs(logits, tokens, num_top))
 
 
 def argmax(x):
@@ -170,7 +170,7 @@ def argmax(x):
     return jnp.minimum(first, x.shape[-1] - 1)  # a NaN row matches nowhere: its last index
 
 
-def _raw_logprobs(logits, tokens, num_top: int):
+def raw_logprobs(logits, tokens, num_top: int):
     """(raw logprob of `tokens` [B], top ids, top logprobs) with the arithmetic of jax.nn.log_softmax, but
     only at the entries returned: no [B, V] log-softmax is written."""
     x = logits.astype(jnp.float32)

@@ -40,7 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .engine import DecodeState, Engine, constrain_cache
-from .sampling import GREEDY_BELOW, SampleOut, SamplingParams, _top, processed_logprobs
+from .sampling import (GREEDY_BELOW, SampleOut, SamplingParams, raw_logprobs, _sampled, apply_penalties, argmax,
+                       processed_logprobs)
 
 DRAFT, ACCEPT, FINAL = 1, 2, 3  # purpose constants folded into a row's per-token key
 
@@ -92,33 +93,46 @@ def verify(model, state: DecodeState, drafts, q_lp, m, active, max_len: int, num
     h, cache = model.decode(chunk, _masked_positions(state.lengths, k + 1, active, max_len), state.lengths,
                             state.cache)
     logits = model.logits(h).astype(jnp.float32)                                         # [B, k+1, V]
-    p_lp = _processed(logits, state.params, _position_counts(state.counts, drafts), state.prompt_mask)
-    p = jnp.exp(p_lp)
-    vocab = p.shape[-1]
-    q = jnp.exp(q_lp) if q_lp is not None else jax.nn.one_hot(drafts, vocab, dtype=p.dtype)
-    idx = state.steps[:, None] + jnp.arange(k + 1)[None]                                 # generated indices
-    p_d = jnp.take_along_axis(p[:, :k], drafts[..., None], axis=-1)[..., 0]
-    q_d = jnp.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
-    seeds = jnp.broadcast_to(state.params.seed.astype(jnp.uint32)[:, None], (b, k))
-    u = jax.vmap(jax.vmap(lambda s, i: jax.random.uniform(_key(s, i, ACCEPT))))(seeds, idx[:, :k])
-    ok = (u * q_d < p_d) & (jnp.arange(k)[None] < m[:, None])   # u < p/q without dividing by q
-    n = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)                       # accepted [B]
-    # The last token: from the residual after a rejection, from p itself after the accepted run (bonus).
-    p_n = jnp.take_along_axis(p, n[:, None, None], axis=1)[:, 0]
-    q_n = jnp.take_along_axis(jnp.concatenate([q, jnp.zeros_like(q[:, :1])], axis=1), n[:, None, None], axis=1)[:, 0]
-    resid = jnp.maximum(p_n - q_n, 0.0)
-    resid = jnp.where(jnp.sum(resid, -1, keepdims=True) > 0, resid, p_n)  # (only float noise can empty it)
-    final_dist = jnp.where((n < m)[:, None], resid, p_n)
-    final_idx = state.steps + n
-    final = jax.vmap(jax.random.categorical)(_keys(state.params.seed, final_idx, FINAL),
-                                             jnp.log(final_dist)).astype(jnp.int32)
+    position_counts = _position_counts(state.counts, drafts)
+    vocab = logits.shape[-1]
+
+    def rejection():  # the rule of the module docstring, for batches with sampled rows
+        p = jnp.exp(_processed(logits, state.params, position_counts, state.prompt_mask))
+        q = jnp.exp(q_lp) if q_lp is not None else jax.nn.one_hot(drafts, vocab, dtype=p.dtype)
+        idx = state.steps[:, None] + jnp.arange(k + 1)[None]                             # generated indices
+        p_d = jnp.take_along_axis(p[:, :k], drafts[..., None], axis=-1)[..., 0]
+        q_d = jnp.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
+        seeds = jnp.broadcast_to(state.params.seed.astype(jnp.uint32)[:, None], (b, k))
+        u = jax.vmap(jax.vmap(lambda s, i: jax.random.uniform(_key(s, i, ACCEPT))))(seeds, idx[:, :k])
+        ok = (u * q_d < p_d) & (jnp.arange(k)[None] < m[:, None])   # u < p/q without dividing by q
+        n = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)                   # accepted [B]
+        # The last token: from the residual after a rejection, from p itself after the accepted run (bonus).
+        p_n = jnp.take_along_axis(p, n[:, None, None], axis=1)[:, 0]
+        q_n = jnp.take_along_axis(jnp.concatenate([q, jnp.zeros_like(q[:, :1])], axis=1), n[:, None, None],
+                                  axis=1)[:, 0]
+        resid = jnp.maximum(p_n - q_n, 0.0)
+        resid = jnp.where(jnp.sum(resid, -1, keepdims=True) > 0, resid, p_n)  # (only float noise can empty it)
+        final_dist = jnp.where((n < m)[:, None], resid, p_n)
+        final = jax.vmap(jax.random.categorical)(_keys(state.params.seed, state.steps + n, FINAL),
+                                                 jnp.log(final_dist)).astype(jnp.int32)
+        return n, final
+
+    def greedy():  # every row greedy: the rule reduces to "accept while the draft is the target's argmax"
+        best = argmax(apply_penalties(logits.reshape(b * (k + 1), vocab),
+                                      SamplingParams(*(jnp.repeat(x, k + 1, axis=0) for x in state.params)),
+                                      position_counts.reshape(b * (k + 1), vocab),
+                                      jnp.repeat(state.prompt_mask, k + 1, axis=0))).reshape(b, k + 1)
+        ok = (drafts == best[:, :k]) & (jnp.arange(k)[None] < m[:, None])
+        n = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
+        return n, jnp.take_along_axis(best, n[:, None], axis=1)[:, 0]
+    n, final = jax.lax.cond(jnp.any(_sampled(state.params)), rejection, greedy)
     pos = jnp.arange(k + 1)[None]
     tokens = jnp.where(pos < n[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), final[:, None])
     count = jnp.where(active, n + 1, 0)
     emitted = pos < count[:, None]
-    raw = jax.nn.log_softmax(logits, axis=-1)
-    top_ids, top_lp = _top(raw, num_top)
-    out = SampleOut(tokens, jnp.take_along_axis(raw, tokens[..., None], axis=-1)[..., 0], top_ids, top_lp)
+    picked, top_ids, top_lp = raw_logprobs(logits.reshape(b * (k + 1), vocab), tokens.reshape(-1), num_top)
+    top = (b, k + 1, top_ids.shape[-1])
+    out = SampleOut(tokens, picked.reshape(b, k + 1), top_ids.reshape(top), top_lp.reshape(top))
     counts = state.counts + jnp.sum(jax.nn.one_hot(tokens, vocab, dtype=state.counts.dtype)
                                     * emitted[..., None], axis=1)
     state = DecodeState(constrain_cache(cache), state.lengths + count,   # pending + n accepted now cached
@@ -168,11 +182,18 @@ class Speculator:
         counts = state.counts
 
         def propose(h_last, counts, j):  # q_j and d_j from the draft's hidden state after token j-1
-            q = _processed(dmodel.logits(h_last[:, None]).astype(jnp.float32), state.params, counts[:, None],
-                           state.prompt_mask)[:, 0]
-            d = jax.vmap(jax.random.categorical)(_keys(state.params.seed, state.steps + j, DRAFT), q)
-            greedy = state.params.temperature < GREEDY_BELOW  # categorical over a point mass is its argmax anyway,
-            d = jnp.where(greedy, jnp.argmax(q, -1), d).astype(jnp.int32)  # but say it plainly for greedy rows
+            logits = dmodel.logits(h_last[:, None]).astype(jnp.float32)
+
+            def sampled():
+                q = _processed(logits, state.params, counts[:, None], state.prompt_mask)[:, 0]
+                d = jax.vmap(jax.random.categorical)(_keys(state.params.seed, state.steps + j, DRAFT), q)
+                greedy = state.params.temperature < GREEDY_BELOW  # categorical over a point mass is its argmax
+                return q, jnp.where(greedy, argmax(q), d).astype(jnp.int32)  # anyway, but say it plainly
+
+            def greedy():  # verify's greedy rule reads no q: its point masses stay unbuilt
+                d = argmax(apply_penalties(logits[:, 0], state.params, counts, state.prompt_mask))
+                return jnp.zeros(logits[:, 0].shape, jnp.float32), d
+            q, d = jax.lax.cond(jnp.any(_sampled(state.params)), sampled, greedy)
             return q, d, counts + jax.nn.one_hot(d, counts.shape[-1], dtype=counts.dtype)
 
         q0, d0, counts = propose(h[:, 1], counts, 0)

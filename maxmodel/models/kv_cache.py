@@ -81,8 +81,8 @@ def attend(q, k_new, v_new, positions, lengths, cache, window, ring: bool, softc
     dtype = q.dtype
     qh = q.reshape(b, t, kvh, h // kvh, d).transpose(0, 2, 3, 1, 4) * jnp.asarray(1.0 / math.sqrt(d), dtype)
     kh, vh = k_new.transpose(0, 2, 1, 3), v_new.transpose(0, 2, 1, 3)          # [B, KVH, T, D]
-    if t == 1:
-        return _attend_one(qh, kh, vh, positions, lengths, cache, window, ring, softcap)
+    if t == 1 or not ring:
+        return _attend_written(qh, kh, vh, positions, lengths, cache, window, ring, softcap)
     ck, cv = _read(cache, "k", dtype), _read(cache, "v", dtype)
     s_cache = jnp.einsum("bkgtd,bksd->bkgts", qh, ck, preferred_element_type=jnp.float32)
     s_new = jnp.einsum("bkgtd,bkud->bkgtu", qh, kh, preferred_element_type=jnp.float32)
@@ -102,23 +102,26 @@ def attend(q, k_new, v_new, positions, lengths, cache, window, ring: bool, softc
     return out, write(cache, kh, vh, positions, lengths)
 
 
-def _attend_one(qh, kh, vh, positions, lengths, cache, window, ring: bool, softcap: float):
-    """The one-token step: the token is written first and attended in place with the cached ones. (Reading the
-    old cache and scattering into it afterwards made XLA:CPU copy every layer's cache twice per step, since
-    the scatter may not overwrite a buffer a dot still reads.) In a ring buffer the slot it takes held
-    position p - S, outside the window (S >= window) and so never attended by p anyway."""
-    b, kvh, g, _, d = qh.shape
+def _attend_written(qh, kh, vh, positions, lengths, cache, window, ring: bool, softcap: float):
+    """The chunk is written first and attended in place with the cached tokens, by position. (Reading the old
+    cache and scattering into it afterwards made XLA:CPU copy every layer's cache twice per call, since the
+    scatter may not overwrite a buffer a dot still reads.) Used where writing first loses nothing: layers
+    keeping every position, and one-token steps of a ring buffer, whose slot held position p - S, outside
+    the window (S >= window) and so never attended by p anyway."""
+    b, kvh, g, t, d = qh.shape
     cache = write(cache, kh, vh, positions, lengths)
     ck, cv = _read(cache, "k", qh.dtype), _read(cache, "v", qh.dtype)
     scores = jnp.einsum("bkgtd,bksd->bkgts", qh, ck, preferred_element_type=jnp.float32)
     if softcap:
         scores = softcap * jnp.tanh(scores / softcap)
-    q_pos = positions[:, :, None]                                              # [B, 1, 1]
-    k_pos = slot_positions(lengths + (positions[:, 0] >= 0), ck.shape[2], ring)[:, None, :]
+    q_pos = positions[:, :, None]                                              # [B, T, 1]
+    n_new = jnp.sum(positions >= 0, axis=1)
+    k_pos = slot_positions(lengths + n_new, ck.shape[2], ring)[:, None, :]     # [B, 1, S]
+    # padding queries (-1) see the cached tokens alone, as on the chunked path
     ok = (k_pos >= 0) & (k_pos <= jnp.maximum(q_pos, lengths[:, None, None] - 1)) & _window_ok(q_pos, k_pos, window)
     probs = jax.nn.softmax(scores + jnp.where(ok, 0.0, NEG_INF)[:, None, None], axis=-1).astype(qh.dtype)
     out = jnp.einsum("bkgts,bksd->bkgtd", probs, cv)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, 1, kvh * g, d), cache
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, kvh * g, d), cache
 
 
 def write(cache, kh, vh, positions, lengths):
