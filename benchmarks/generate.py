@@ -116,13 +116,16 @@ def bench_maxmodel(args, results: list) -> None:
         opts = SamplingOptions(max_new_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
         plain, ref = generated_rate(one, prompt, opts)
         emit({"bench": "spec", "impl": "maxmodel", "drafter": "none", "tokens_per_s": plain}, results)
-        for name, kwargs in (("draft", dict(draft=str(args.models / "draft"), draft_tokens=args.draft_tokens)),
+        dvocab = args.draft_vocab or load_tokenizer(str(target / "tokenizer.model")).vocab_size
+        for name, kwargs in (("draft", dict(draft=str(args.models / "draft"), draft_tokens=args.draft_tokens,
+                                            draft_vocab=dvocab)),
                              ("ngram", dict(ngram=3, draft_tokens=args.draft_tokens))):
             spec = load(target, 1, max_len, **kwargs)
             rate, outs = generated_rate(spec, prompt, opts)
             stats = spec.stats()
             emit({"bench": "spec", "impl": "maxmodel", "drafter": name, "tokens_per_s": rate,
                   "speedup": rate / plain, "acceptance_rate": stats.get("spec_acceptance_rate"),
+                  **({"draft_vocab": dvocab} if name == "draft" else {}),
                   "same_tokens_as_plain": outs[0].completions[0].token_ids == ref[0].completions[0].token_ids},
                  results)
             del spec
@@ -177,6 +180,8 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--draft-tokens", type=int, default=4)
+    parser.add_argument("--draft-vocab", type=int, default=0,
+                        help="the draft over its first N ids (default: the tokenizer's size when it is smaller)")
     parser.add_argument("--hf-compile", choices=("auto", "on", "off"), default="auto")
     parser.add_argument("--skip", default="", help="comma-separated: hf, membw, int8, spec, prefix, serve")
     parser.add_argument("--results", default=None, help="append the JSON lines here")

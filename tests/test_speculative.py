@@ -19,6 +19,8 @@ from tiny_engine import build_engine
 
 from maxmodel.data.tokenizer import ByteTokenizer
 from maxmodel.inference.batcher import Batcher
+from maxmodel.inference.engine import Engine
+from maxmodel.inference.load import prune_vocabulary
 from maxmodel.inference.sampling import SamplingOptions
 from maxmodel.inference.speculative import SpeculativeConfig, ngram_propose
 
@@ -33,12 +35,20 @@ def _engine(seed):
                         max_slots=SLOTS, max_len=40, prefill_buckets=(16,), spare=K + 1)
 
 
+def _pruned(engine, n):
+    """The engine's model over its first n token ids (load.prune_vocabulary), on the same mesh."""
+    cfg, params = prune_vocabulary(engine.cfg, engine.params, n)
+    return Engine(cfg, engine._graphdef_given, params, engine.mesh, engine.rules, engine.options)
+
+
 @pytest.fixture(scope="module")
 def rig():
     target, draft = _engine(0), _engine(1)
     tok = ByteTokenizer()
     return dict(target=target, draft=draft, poor=draft.params, plain=Batcher(target, tok),
                 spec=Batcher(target, tok, speculative=SpeculativeConfig(draft, k=K)),
+                # a draft proposing over 12 of the 16 ids: q = 0 on the others, which only residuals can give
+                pruned=Batcher(target, tok, speculative=SpeculativeConfig(_pruned(draft, V - 4), k=K)),
                 ngram=Batcher(target, tok, speculative=SpeculativeConfig(None, k=K, ngram=3)))
 
 
@@ -69,7 +79,7 @@ def test_greedy_matches_plain_greedy(rig):
     """Poor draft (many rejections), self-draft (acceptance exactly 1) and n-gram: the same tokens as the
     target's plain greedy decoding, with rows of different prompt lengths and acceptance counts."""
     ref = [c.token_ids for c in _greedy(rig["plain"], PROMPTS)]
-    for name in ("spec", "ngram"):
+    for name in ("spec", "pruned", "ngram"):
         b = rig[name]
         _reset(b)
         assert [c.token_ids for c in _greedy(b, PROMPTS)] == ref, name
@@ -78,7 +88,7 @@ def test_greedy_matches_plain_greedy(rig):
         # every active row-round emits 1 + (accepted in that row) tokens, minus what a finish cut off
         after_first = st["generated_tokens"] - len(PROMPTS)
         assert st["occupied_slot_steps"] <= after_first <= st["occupied_slot_steps"] + st["spec_accepted"]
-        if name == "spec":
+        if name in ("spec", "pruned"):
             assert st["spec_proposed"] == K * st["occupied_slot_steps"]
             assert st["spec_acceptance_rate"] < 0.9, "the random draft should disagree often"
     b = rig["spec"]
@@ -158,11 +168,11 @@ def _margins(x, joint):
             (count([3]), joint.sum((0, 1, 2))), (count([0, 1]), joint.sum((2, 3)))]
 
 
-@pytest.mark.parametrize("drafter,top_k", [("spec", 0), ("spec", 4), ("ngram", 0)])
+@pytest.mark.parametrize("drafter,top_k", [("spec", 0), ("spec", 4), ("pruned", 0), ("ngram", 0)])
 def test_sampled_distribution_is_the_targets(rig, drafter, top_k):
     """2048 draws of the first 4 tokens after PROMPT (t1 from the insert, then t2, t3 = the two speculated
     tokens or their residual resamples, t4 = the bonus token when both were accepted) with a POOR draft
-    (random other weights) or the n-gram drafter, temperature 1 with and without top-k=4. Pearson
+    (random other weights; also pruned to 12 of the 16 ids) or the n-gram drafter, temperature 1 with and without top-k=4. Pearson
     chi-square of the counts of t2, t3, t4 and of the pair (t1, t2) against the target's exact
     distribution from its own forward pass (cells expected < 5 pooled): every p-value > 1e-3."""
     b = rig[drafter]
@@ -185,3 +195,11 @@ def test_same_seed_same_output(rig):
     a = rig["spec"].generate([PROMPT, PROMPTS[1]], opts())
     b = rig["spec"].generate([PROMPTS[2], PROMPT], opts())  # other slot, other neighbours
     assert a[0].completions[0].token_ids == b[1].completions[0].token_ids
+
+
+def test_pruned_vocabulary_bounds(rig):
+    from maxmodel.config import ConfigError
+    with pytest.raises(ConfigError, match="--draft-vocab"):
+        prune_vocabulary(rig["draft"].cfg, rig["draft"].params, V + 1)
+    wider = _pruned(rig["target"], V)  # the target's own vocabulary: a no-op, accepted
+    assert wider.vocab_size == V

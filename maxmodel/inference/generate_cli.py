@@ -26,6 +26,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-dtype", choices=("float", "int8"), default="float")
     parser.add_argument("--draft", default=None, help="draft model directory for speculative decoding")
     parser.add_argument("--draft-tokens", type=int, default=4, help="tokens the drafter proposes per step")
+    parser.add_argument("--draft-vocab", type=int, default=0,
+                        help="> 0: the draft proposes over the first N token ids only (its head pruned: cheaper "
+                             "proposals when the tokenizer has fewer pieces than the padded vocabulary)")
     parser.add_argument("--ngram", type=int, default=0, help="> 0: prompt-lookup drafting with n-grams of this size")
     parser.add_argument("--prefix-cache-gb", type=float, default=0.0, help="> 0: keep prompt-prefix KV blocks")
     parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
@@ -36,7 +39,7 @@ def engine_kwargs(args) -> dict:
     if args.quantize:
         kwargs["quantize"] = args.quantize
     if args.draft or args.ngram:
-        kwargs.update(draft=args.draft, draft_tokens=args.draft_tokens, ngram=args.ngram)
+        kwargs.update(draft=args.draft, draft_tokens=args.draft_tokens, ngram=args.ngram, draft_vocab=args.draft_vocab)
     if args.prefix_cache_gb:
         kwargs["prefix_cache_gb"] = args.prefix_cache_gb
     return kwargs

@@ -79,13 +79,35 @@ def restore_model(path: Path, cfg, mesh):
     return graphdef, _restore(Path(path), cfg, abstract, concrete_shardings(abstract, mesh))
 
 
+def prune_vocabulary(cfg, params, n: int):
+    """(cfg, params) of the same model over its first `n` token ids: the embedding table's rows and the head's
+    columns past them dropped. For a speculative draft whose tokenizer has fewer pieces than the padded
+    vocabulary (FR-Spec's pruned draft head): its cost per proposal is mostly the head."""
+    import dataclasses
+
+    from flax import nnx
+    m = cfg.model
+    if not 0 < n <= m.vocab_size:
+        raise ConfigError("--draft-vocab", f"{n} must be in 1..{m.vocab_size} (the draft's vocab_size)")
+    flat = []
+    for path, var in nnx.to_flat_state(params):
+        names = tuple(str(p) for p in path)
+        if names == ("embed", "table"):
+            var = var.replace(var.get_value()[:n])
+        elif names == ("head",):
+            var = var.replace(var.get_value()[:, :n])
+        flat.append((path, var))
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(m, vocab_size=n))
+    return cfg, nnx.from_flat_state(flat)
+
+
 def load_engine(model_path, overrides=(), quantize: str | None = None, draft=None, draft_tokens: int = 4,
                 ngram: int = 0, prefix_cache_gb: float = 0.0, prefix_cache_dir=None, prefix_cache_disk_gb: float = 0.0,
-                **engine_options):
+                draft_vocab: int = 0, **engine_options):
     """A Generator over the model at `model_path`. `engine_options` are EngineOptions fields (max_slots,
     max_len, prefill_buckets, spare, kv_int8). Speculative decoding: `draft` = a draft model directory
-    (loaded like the target, same vocabulary) proposing `draft_tokens` per round, or else `ngram` = N for
-    the draft-free n-gram drafter. `prefix_cache_gb` > 0 keeps prompt-prefix KV blocks in that much host
+    (loaded like the target; over its first `draft_vocab` ids when given) proposing `draft_tokens` per
+    round, or else `ngram` = N for the draft-free n-gram drafter. `prefix_cache_gb` > 0 keeps prompt-prefix KV blocks in that much host
     memory (spilling to `prefix_cache_dir`, up to `prefix_cache_disk_gb`, default 4x the memory)."""
     from maxmodel import distributed
 
@@ -101,7 +123,8 @@ def load_engine(model_path, overrides=(), quantize: str | None = None, draft=Non
         engine_options["spare"] = max(engine_options.get("spare", 0), draft_tokens + 1)
     engine, tokenizer = _engine(path, cfg, quantize, engine_options)
     if draft is not None:
-        draft_engine, _ = _engine(Path(draft), model_config(_as_dir(Path(draft))), quantize, engine_options)
+        draft_engine, _ = _engine(Path(draft), model_config(_as_dir(Path(draft))), quantize, engine_options,
+                                  vocab=draft_vocab)
         speculative = SpeculativeConfig(draft_engine, k=draft_tokens)
     elif ngram:
         speculative = SpeculativeConfig(None, k=draft_tokens, ngram=ngram)
@@ -120,8 +143,9 @@ def _as_dir(path: Path) -> Path:
     return path
 
 
-def _engine(path: Path, cfg, quantize, engine_options):
-    """(Engine, tokenizer) for the model directory `path` with its resolved config `cfg`."""
+def _engine(path: Path, cfg, quantize, engine_options, vocab: int = 0):
+    """(Engine, tokenizer) for the model directory `path` with its resolved config `cfg` (over its first
+    `vocab` ids only when given: prune_vocabulary)."""
     import jax
     from flax import nnx
 
@@ -137,6 +161,8 @@ def _engine(path: Path, cfg, quantize, engine_options):
     rules = mesh_rules(cfg.mesh, mesh)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         graphdef, params = restore_model(path, cfg, mesh)
+        if vocab:
+            cfg, params = prune_vocabulary(cfg, params, vocab)
         if quantize:
             from .quantize import quantize_params
             params = quantize_params(cfg, params, quantize)

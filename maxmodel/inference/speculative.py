@@ -156,9 +156,9 @@ class Speculator:
                 raise ValueError(f"speculative k={self.k}: sliding-window caches need EngineOptions.spare >= "
                                  f"{self.k + 1} (rejected tokens must not overwrite keys still in the window)")
         if self.draft is not None:
-            if self.draft.vocab_size != engine.vocab_size or self.draft.max_slots != engine.max_slots:
-                raise ValueError(f"draft: vocab {self.draft.vocab_size} / slots {self.draft.max_slots} must match "
-                                 f"the target's {engine.vocab_size} / {engine.max_slots}")
+            if self.draft.vocab_size > engine.vocab_size or self.draft.max_slots != engine.max_slots:
+                raise ValueError(f"draft: vocab {self.draft.vocab_size} / slots {self.draft.max_slots} must be at "
+                                 f"most / match the target's {engine.vocab_size} / {engine.max_slots}")
         b = engine.max_slots
         self.extra = np.zeros(b, np.int32)     # draft's unfed last proposal d_k (when the run was all accepted)
         self.has_extra = np.zeros(b, bool)
@@ -178,11 +178,16 @@ class Speculator:
         dlen = state.lengths - has_extra.astype(jnp.int32)
         pos = jnp.stack([jnp.where(has_extra, state.lengths - 1, -1),
                          jnp.where(active & (state.lengths < dmax), state.lengths, -1)], axis=1)
-        h, dcache = dmodel.decode(jnp.stack([extra, state.tokens], axis=1), pos, dlen, dstate.cache)
+        # A draft over fewer ids (the target's first `dvocab`, load.prune_vocabulary) reads target tokens past
+        # them as its last id, and proposes with q = 0 outside them: the rejection rule stays exact.
+        dvocab, vocab = self.draft.vocab_size, self.engine.vocab_size
+        as_draft_ids = lambda t: jnp.minimum(t, dvocab - 1)
+        h, dcache = dmodel.decode(as_draft_ids(jnp.stack([extra, state.tokens], axis=1)), pos, dlen, dstate.cache)
         counts = state.counts
 
         def propose(h_last, counts, j):  # q_j and d_j from the draft's hidden state after token j-1
             logits = dmodel.logits(h_last[:, None]).astype(jnp.float32)
+            logits = jnp.pad(logits, ((0, 0), (0, 0), (0, vocab - dvocab)), constant_values=-jnp.inf)
 
             def sampled():
                 q = _processed(logits, state.params, counts[:, None], state.prompt_mask)[:, 0]
@@ -201,7 +206,7 @@ class Speculator:
         def body(carry, j):
             cache, d_prev, counts = carry
             p = _masked_positions(state.lengths + j, 1, active, dmax)
-            h, cache = dmodel.decode(d_prev[:, None], p, state.lengths + j, cache)
+            h, cache = dmodel.decode(as_draft_ids(d_prev)[:, None], p, state.lengths + j, cache)
             q, d, counts = propose(h[:, 0], counts, j)
             return (cache, d, counts), (q, d)
         (dcache, _, _), (qs, ds) = jax.lax.scan(body, (dcache, d0, counts), jnp.arange(1, k))
