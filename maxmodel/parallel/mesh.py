@@ -73,7 +73,7 @@ ONE_F_ONE_B_OBJECTIVES = ("causal_lm", "sft")
 
 
 def check_schedule(cfg) -> None:
-    pipe, m = cfg.pipeline, cfg.model
+    pipe = cfg.pipeline
     if pipe.schedule in ("circular", "interleaved_1f1b") and pipe.repeats < 2:
         raise ConfigError("pipeline.repeats", f"pipeline.schedule={pipe.schedule} needs repeats >= 2 chunks per "
                                               f"device, got {pipe.repeats}")
