@@ -11,7 +11,6 @@ batcher runs it (each step's tokens synced to the host), median over `--steps`.
 from __future__ import annotations
 
 import argparse
-import collections
 import statistics
 import sys
 import tempfile
@@ -19,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_profile import REPO, op_names, op_times  # noqa: E402
+from step_profile import REPO, by_kind_and_op, op_names, op_times, print_ops  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -77,17 +76,13 @@ def main(argv: list[str]) -> int:
         jax.profiler.stop_trace()
         totals = op_times(f"{tmp}/trace")
     step = statistics.median(times)
-    by_kind, by_op = collections.Counter(), collections.Counter()
-    for name, us in totals.items():
-        kind = "matmul" if name.startswith(("dot", "ynn_fusion", "xnn_fusion")) else "other"
-        by_kind[kind] += us / 1e6
+    def label(name):
         op = names.get(name, name).removeprefix("jit(_step_fn)/")
-        by_op[(kind, f"{name}: {op}" if args.by_instruction else op)] += us / 1e6
+        return f"{name}: {op}" if args.by_instruction else op
+    by_kind, by_op = by_kind_and_op(totals, label)
     print(f"decode step {step * 1e3:.2f} ms at batch {args.batch} (median of {args.steps}), "
           f"{args.batch / step:,.1f} tokens/s")
-    print("traced step, summed op time: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in by_kind.most_common()))
-    for (kind, op), seconds in by_op.most_common(args.top):
-        print(f"  {seconds * 1e3:8.2f} ms  {kind:6s}  {op[:110]}")
+    print_ops(by_kind, by_op, args.top, digits=2)
     return 0
 
 

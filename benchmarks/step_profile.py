@@ -48,6 +48,23 @@ def op_times(trace_dir: str) -> collections.Counter:
     return totals
 
 
+def by_kind_and_op(totals: collections.Counter, label) -> tuple[collections.Counter, collections.Counter]:
+    """Seconds by kind (matmul: XLA:CPU `dot`s and library fusions, which carry the reductions fused into
+    them; other) and by (kind, label(instruction name))."""
+    by_kind, by_op = collections.Counter(), collections.Counter()
+    for name, us in totals.items():
+        kind = "matmul" if name.startswith(("dot", "ynn_fusion", "xnn_fusion")) else "other"
+        by_kind[kind] += us / 1e6
+        by_op[(kind, label(name))] += us / 1e6
+    return by_kind, by_op
+
+
+def print_ops(by_kind, by_op, top: int, digits: int = 1) -> None:
+    print("traced step, summed op time: " + ", ".join(f"{k} {v * 1e3:.{digits}f} ms" for k, v in by_kind.most_common()))
+    for (kind, op), seconds in by_op.most_common(top):
+        print(f"  {seconds * 1e3:8.{digits}f} ms  {kind:6s}  {op[:110]}")
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("args", nargs="*", help="an optional CONFIG.yaml, then key.sub=value overrides")
@@ -93,15 +110,9 @@ def main(argv: list[str]) -> int:
 
     step = statistics.median(times[1:])
     tokens = cfg.train.batch_size * cfg.train.seq_len
-    by_kind, by_op = collections.Counter(), collections.Counter()
-    for name, us in totals.items():
-        kind = "matmul" if name.startswith(("dot", "ynn_fusion", "xnn_fusion")) else "other"
-        by_kind[kind] += us / 1e6
-        by_op[(kind, names.get(name, name))] += us / 1e6
+    by_kind, by_op = by_kind_and_op(totals, lambda name: names.get(name, name))
     print(f"step {step:.3f} s (median of {args.steps}), {tokens / step:,.0f} tokens/s")
-    print("traced step, summed op time: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in by_kind.most_common()))
-    for (kind, op), seconds in by_op.most_common(args.top):
-        print(f"  {seconds * 1e3:8.1f} ms  {kind:6s}  {op[:100]}")
+    print_ops(by_kind, by_op, args.top)
     return 0
 
 
