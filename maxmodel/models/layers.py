@@ -107,7 +107,9 @@ def project(module: nnx.Module, w: nnx.Variable, x: jax.Array, contract: int = 1
     return y
 
 
-FUSABLE = {"Attention": ("wq", "wk", "wv"), "MLP": ("wi", "wg")}  # projections of one input
+# Projections of one input, by exact class name: CrossAttention (encoder_decoder.py) subclasses Attention but
+# projects its keys and values from the encoder output, so it is not fused.
+FUSABLE = {"Attention": ("wq", "wk", "wv"), "MLP": ("wi", "wg")}
 
 
 def fuse_projections(module) -> bool:
