@@ -107,8 +107,9 @@ def load_engine(model_path, overrides=(), quantize: str | None = None, draft=Non
     """A Generator over the model at `model_path`. `engine_options` are EngineOptions fields (max_slots,
     max_len, prefill_buckets, spare, kv_int8). Speculative decoding: `draft` = a draft model directory
     (loaded like the target; over its first `draft_vocab` ids when given) proposing `draft_tokens` per
-    round, or else `ngram` = N for the draft-free n-gram drafter. `prefix_cache_gb` > 0 keeps prompt-prefix KV blocks in that much host
-    memory (spilling to `prefix_cache_dir`, up to `prefix_cache_disk_gb`, default 4x the memory)."""
+    round, or else `ngram` = N for the draft-free n-gram drafter. `prefix_cache_gb` > 0 keeps prompt-prefix
+    KV blocks in that much host memory (spilling to `prefix_cache_dir`, up to `prefix_cache_disk_gb`,
+    default 4x the memory)."""
     from maxmodel import distributed
 
     from .generator import Generator

@@ -40,8 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .engine import DecodeState, Engine, constrain_cache
-from .sampling import (GREEDY_BELOW, SampleOut, SamplingParams, raw_logprobs, _sampled, apply_penalties, argmax,
-                       processed_logprobs)
+from .sampling import (GREEDY_BELOW, SampleOut, SamplingParams, _sampled, apply_penalties, argmax, processed_logprobs,
+                       raw_logprobs)
 
 DRAFT, ACCEPT, FINAL = 1, 2, 3  # purpose constants folded into a row's per-token key
 
@@ -69,13 +69,20 @@ def _position_counts(counts, drafts):
     return counts[:, None] + prefix
 
 
-def _processed(logits, params: SamplingParams, counts, prompt_mask):
-    """processed_logprobs for logits [B, T, V] with per-position counts [B, T, V] (rows' params repeated)."""
+def _per_position(fn, logits, params: SamplingParams, counts, prompt_mask):
+    """fn(logits, params, counts, prompt_mask) of the sampler's [rows, V] form on logits [B, T, V] with
+    per-position counts [B, T, V] (each row's params and prompt mask repeated over its T positions);
+    the result [B, T, ...]."""
     b, t, v = logits.shape
     rep = lambda x: jnp.repeat(x, t, axis=0)
-    lp = processed_logprobs(logits.reshape(b * t, v), SamplingParams(*map(rep, params)),
-                            counts.reshape(b * t, v), rep(prompt_mask))
-    return lp.reshape(b, t, v)
+    out = fn(logits.reshape(b * t, v), SamplingParams(*map(rep, params)), counts.reshape(b * t, v),
+             rep(prompt_mask))
+    return out.reshape(b, t, *out.shape[1:])
+
+
+def _processed(logits, params: SamplingParams, counts, prompt_mask):
+    """processed_logprobs for logits [B, T, V] with per-position counts [B, T, V]."""
+    return _per_position(processed_logprobs, logits, params, counts, prompt_mask)
 
 
 def _masked_positions(start, t: int, active, max_len: int):
@@ -118,10 +125,8 @@ def verify(model, state: DecodeState, drafts, q_lp, m, active, max_len: int, num
         return n, final
 
     def greedy():  # every row greedy: the rule reduces to "accept while the draft is the target's argmax"
-        best = argmax(apply_penalties(logits.reshape(b * (k + 1), vocab),
-                                      SamplingParams(*(jnp.repeat(x, k + 1, axis=0) for x in state.params)),
-                                      position_counts.reshape(b * (k + 1), vocab),
-                                      jnp.repeat(state.prompt_mask, k + 1, axis=0))).reshape(b, k + 1)
+        best = _per_position(lambda *rows: argmax(apply_penalties(*rows)), logits, state.params, position_counts,
+                             state.prompt_mask)                                          # [B, k+1]
         ok = (drafts == best[:, :k]) & (jnp.arange(k)[None] < m[:, None])
         n = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
         return n, jnp.take_along_axis(best, n[:, None], axis=1)[:, 0]

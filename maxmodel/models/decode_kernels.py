@@ -17,7 +17,7 @@ without copying the cache:
 * GPU (`auto` on GPU, or `flash` / `cudnn`): `jax.experimental.pallas.ops.gpu.decode_attention.mqa` per kv head
   on the cache as it lies (`[S, D]` per row and head), with `kv_seq_len = lengths`; it returns the softmax
   residuals (max, sum), with which the new token's own score is merged in exactly, so the cache is written
-  afterwards as on the XLA path. (cuDNN's `dot_product_attention` wants `[B, S, KVH, D]`: a transposing copy
+  afterwards. (cuDNN's `dot_product_attention` wants `[B, S, KVH, D]`: a transposing copy
   of the cache per step; its decode would only pay off with that layout.) No soft-cap in this kernel.
 
 Rule (`unfit`): a kernel runs only for a one-token step (T == 1) on a full-attention layer with a float

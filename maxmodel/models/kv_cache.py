@@ -13,9 +13,10 @@ or past `lengths` is ignored, so rolling a row back (rejected draft tokens, a fr
 its length.
 
 A call attends T new tokens (one when decoding, a chunk when prefilling or verifying draft tokens) to the
-cached ones and to each other: scores against the cache and against the chunk are computed apart and share
-one softmax, so the chunk is written into the cache only afterwards, where a ring buffer may keep fewer
-positions than the chunk needs.
+cached ones and to each other. Where nothing still needed can be overwritten (layers keeping every position,
+and one-token steps), the chunk is written first and attended in place (`_attend_written`). A chunk on a ring
+buffer may need more positions than it keeps: there scores against the cache and against the chunk are
+computed apart and share one softmax, and the chunk is written only afterwards.
 """
 from __future__ import annotations
 

@@ -34,6 +34,17 @@ def dense(x: jax.Array, w: jax.Array, contract: int = 1, preferred_element_type=
     return y.reshape(*lead, *out)
 
 
+def dense_rows(x: jax.Array, table: jax.Array) -> jax.Array:
+    """x [..., d] against the rows of table [n, d]: [..., n] (logits of a tied embedding table or of a
+    vocab-major head). One contraction of both last dims: written as `dense(x, table.T)`, XLA:CPU copies the
+    transpose out first when x has one row (a 7.4 ms decode step of bench-50m became 18 ms). Mixed
+    precision on CPU keeps `dense`'s lowp_matmul (its float32 table gradient)."""
+    if cpu_low_precision(x):
+        return dense(x, table.T)
+    out = jax.lax.dot_general(x.reshape(-1, table.shape[1]), table, (((1,), (1,)), ((), ())))
+    return out.reshape(*x.shape[:-1], table.shape[0])
+
+
 def cpu_low_precision(*xs) -> bool:
     """Whether these arrays are bf16 / f16 and the computation runs on XLA:CPU (see matmul_tn)."""
     return jax.default_backend() == "cpu" and all(x.dtype in (jnp.bfloat16, jnp.float16) for x in xs)
@@ -107,9 +118,10 @@ def project(module: nnx.Module, w: nnx.Variable, x: jax.Array, contract: int = 1
     return y
 
 
-# Projections of one input, by exact class name: CrossAttention (encoder_decoder.py) subclasses Attention but
-# projects its keys and values from the encoder output, so it is not fused.
-FUSABLE = {"Attention": ("wq", "wk", "wv"), "MLP": ("wi", "wg")}
+# Projections of one input, by exact class name (CrossAttention, encoder_decoder.py, subclasses Attention but
+# projects its keys and values from the encoder output, so it is not fused): the weights, and how many
+# trailing dims each product yields ((heads, head_dim) or (mlp,)).
+FUSABLE = {"Attention": (("wq", "wk", "wv"), 2), "MLP": (("wi", "wg"), 1)}
 
 
 def fuse_projections(module) -> bool:
@@ -118,7 +130,7 @@ def fuse_projections(module) -> bool:
     engine's XLA:CPU decode layout (engine.decode_layout), where a [B, 512] x [512, 1536] product costs less
     than three [B, 512] x [512, 512] ones. Only plain float weights on one device, without adapters or QAT
     (their hooks need the separate weights). Returns whether it fused; `unfuse_projections` undoes it."""
-    names = FUSABLE.get(type(module).__name__)
+    names, outs = FUSABLE.get(type(module).__name__, ((), 0))
     attrs = vars(module)
     if not names or any(attrs.get(n) is None for n in names) or attrs.get("qat_bits") or any(
             attrs.get(n + ADAPTER_SUFFIX) is not None for n in names):
@@ -127,8 +139,7 @@ def fuse_projections(module) -> bool:
     if not all(isinstance(v, jax.Array) and jnp.issubdtype(v.dtype, jnp.floating)
                and len(v.sharding.device_set) == 1 for v in values):
         return False
-    ins = 2 if names[0] == "wq" else 1  # trailing dims the product yields: (heads, head_dim) or (mlp,)
-    lead = values[0].shape[:values[0].ndim - ins - 1]
+    lead = values[0].shape[:values[0].ndim - outs - 1]
     fused = jnp.concatenate([v.reshape(*lead, v.shape[len(lead)], -1) for v in values], axis=-1)
     metas = tuple(tuple(sorted(attrs[n].get_metadata().items())) for n in names)  # restored by unfuse
     module.fused = (names, tuple(v.shape for v in values), metas)
@@ -161,12 +172,13 @@ def unfuse_projections(module) -> None:
 
 def fused_project(module, x):
     """x's products with the weights fuse_projections joined, in their own shapes."""
-    names, shapes, _ = module.fused
+    _, shapes, _ = module.fused
+    outs = FUSABLE[type(module).__name__][1]
     w = module.fused_w[...]
-    y = dense(x, w.reshape(w.shape[-2], w.shape[-1]).astype(x.dtype))
-    outs = [s[len(s) - (2 if names[0] == "wq" else 1):] for s in shapes]
-    cuts = list(itertools.accumulate(math.prod(o) for o in outs))[:-1]
-    return [part.reshape(*x.shape[:-1], *o) for part, o in zip(jnp.split(y, cuts, axis=-1), outs)]
+    y = dense(x, w.astype(x.dtype))
+    dims = [s[len(s) - outs:] for s in shapes]
+    cuts = list(itertools.accumulate(math.prod(o) for o in dims))[:-1]
+    return [part.reshape(*x.shape[:-1], *o) for part, o in zip(jnp.split(y, cuts, axis=-1), dims)]
 
 
 def with_adapter(module, attr: str, dtype):
@@ -280,7 +292,7 @@ class Embed(nnx.Module):
 
     def attend(self, x):
         """Logits against the embedding table (tied embeddings)."""
-        return dense(x, self.table[...].astype(x.dtype).T)
+        return dense_rows(x, self.table[...].astype(x.dtype))
 
 
 # "gelu" is the tanh approximation (GPT-2); "gelu_exact" the erf form (BERT).
@@ -291,7 +303,7 @@ _ACTIVATIONS = {"swiglu": jax.nn.silu, "geglu": lambda x: jax.nn.gelu(x, approxi
 
 class MLP(nnx.Module):
     """Gated (SwiGLU/GeGLU: act(x W_gate) * x W_up) or plain (GELU/ReLU) feed-forward block."""
-    fused = None  # (names, shapes) of wi, wg when stored as one `fused_w` (fuse_projections)
+    fused = None  # (names, shapes, metadata) of wi, wg when stored as one `fused_w` (fuse_projections)
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, param_dtype=jnp.float32):
         self.gated = cfg.activation in ("swiglu", "geglu")

@@ -11,7 +11,7 @@ from maxmodel.config.schema import Config, ModelConfig
 
 from . import kv_cache
 from .attention import Attention
-from .layers import MLP, Embed, adapt, dense, make_norm
+from .layers import MLP, Embed, adapt, dense, dense_rows, make_norm
 from .moe import MoE
 from .remat import POLICIES as REMAT_POLICIES
 from .sharding import constrain, param
@@ -377,10 +377,8 @@ class Transformer(nnx.Module):
         m = self.cfg.model
         if m.tie_embeddings:
             out = self.embed.attend(x)
-        elif self.head_vocab_major:  # [V, d]: contract both operands' last dims
-            w = self.head[...].astype(x.dtype)
-            out = jax.lax.dot_general(x.reshape(-1, w.shape[1]), w, (((1,), (1,)), ((), ())))
-            out = out.reshape(*x.shape[:-1], w.shape[0])
+        elif self.head_vocab_major:  # [V, d], multiplied as a tied table is
+            out = dense_rows(x, self.head[...].astype(x.dtype))
         else:
             out = dense(x, self.head[...].astype(x.dtype))
         if m.final_logit_softcap:
