@@ -61,5 +61,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The `maxmodel` program (console script and `python -m maxmodel.cli`): main() with huge pages for the
+    allocator (maxmodel/huge_pages.py: the process restarts itself once, before JAX is imported)."""
+    from maxmodel.huge_pages import reexec_with_huge_pages
+
+    reexec_with_huge_pages()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()
