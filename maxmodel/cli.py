@@ -62,11 +62,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The `maxmodel` program (console script and `python -m maxmodel.cli`): main() with huge pages for the
-    allocator (maxmodel/huge_pages.py: the process restarts itself once, before JAX is imported)."""
-    from maxmodel.huge_pages import reexec_with_huge_pages
+    """The `maxmodel` program (console script and `python -m maxmodel.cli`): main() under the host allocator
+    XLA:CPU runs fastest with (maxmodel/host_allocator.py: restarts itself once, before JAX is imported)."""
+    from maxmodel.host_allocator import restart_with_fast_allocator
 
-    reexec_with_huge_pages()
+    restart_with_fast_allocator()
     sys.exit(main())
 
 
