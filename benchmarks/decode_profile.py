@@ -87,4 +87,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    from maxmodel.host_allocator import restart_with_fast_allocator
+    restart_with_fast_allocator()  # profile decoding as `maxmodel generate` runs it (maxmodel/host_allocator.py)
     sys.exit(main(sys.argv[1:]))

@@ -155,7 +155,8 @@ def bench_maxmodel(args, results: list) -> None:
 
 def bench_hf(args, results: list) -> None:
     python = os.environ.get("MAXMODEL_HF_PYTHON", str(REPO / ".venv-hf" / "bin" / "python"))
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    from maxmodel.host_allocator import system_allocator_env
+    env = {k: v for k, v in system_allocator_env(os.environ).items() if k != "PYTHONPATH"}  # torch as it runs
     proc = subprocess.run([python, str(REPO / "benchmarks" / "peers" / "hf_generate.py"), "--model",
                            str(args.models / "target-hf"), "--prompt-len", str(args.prompt_len), "--new-tokens",
                            str(args.new_tokens), "--batches", "1,16", "--compile", args.hf_compile],
@@ -223,4 +224,6 @@ def summarize(results: list) -> None:
 
 
 if __name__ == "__main__":
+    from maxmodel.host_allocator import restart_with_fast_allocator
+    restart_with_fast_allocator()  # as the `maxmodel` program runs (maxmodel/host_allocator.py)
     sys.exit(main())

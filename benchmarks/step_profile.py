@@ -1,6 +1,6 @@
 """Where one train step's time goes: a jax.profiler trace of a compiled step, its XLA op times summed.
 
-  python benchmarks/step_profile.py [CONFIG.yaml] [key=value ...] [--steps 4] [--top 15]
+  python benchmarks/step_profile.py [CONFIG.yaml] [key=value ...] [--steps 4] [--top 15] [--by-instruction]
   (default config: configs/experiments/bench-50m.yaml)
 
 Times `--steps` steps (median), then traces one more and sums the trace's op durations by kind: matmuls
@@ -70,6 +70,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("args", nargs="*", help="an optional CONFIG.yaml, then key.sub=value overrides")
     parser.add_argument("--steps", type=int, default=4, help="timed steps before the traced one")
     parser.add_argument("--top", type=int, default=15, help="largest ops listed")
+    parser.add_argument("--by-instruction", action="store_true", help="list HLO instructions, not JAX op names")
     args = parser.parse_args(argv)
 
     import jax
@@ -110,11 +111,16 @@ def main(argv: list[str]) -> int:
 
     step = statistics.median(times[1:])
     tokens = cfg.train.batch_size * cfg.train.seq_len
-    by_kind, by_op = by_kind_and_op(totals, lambda name: names.get(name, name))
+    def label(name):
+        op = names.get(name, name)
+        return f"{name}: {op}" if args.by_instruction else op
+    by_kind, by_op = by_kind_and_op(totals, label)
     print(f"step {step:.3f} s (median of {args.steps}), {tokens / step:,.0f} tokens/s")
     print_ops(by_kind, by_op, args.top)
     return 0
 
 
 if __name__ == "__main__":
+    from maxmodel.host_allocator import restart_with_fast_allocator
+    restart_with_fast_allocator()  # profile the step as `maxmodel train` runs it (maxmodel/host_allocator.py)
     sys.exit(main(sys.argv[1:]))

@@ -83,6 +83,19 @@ def allocator_env(env: Mapping[str, str], *, system: str, on_cpu: bool, mimalloc
     return None
 
 
+def system_allocator_env(env: Mapping[str, str]) -> dict[str, str]:
+    """env without what allocator_env added: for a child that must run as it would by default (a benchmark's
+    peer, e.g. torch)."""
+    out = {k: v for k, v in env.items() if k != CHOICE and k not in MIMALLOC_ENV}
+    preload = " ".join(p for p in out.get("LD_PRELOAD", "").split() if not p.endswith("/libmimalloc.so"))
+    tunables = ":".join(t for t in out.get("GLIBC_TUNABLES", "").split(":") if t and t != GLIBC_HUGE_PAGES)
+    for key, value in (("LD_PRELOAD", preload), ("GLIBC_TUNABLES", tunables)):
+        out.pop(key, None)
+        if value:
+            out[key] = value
+    return out
+
+
 def restart_with_fast_allocator() -> None:
     """Execute this same command line again with `allocator_env`'s variables, where it gives any; otherwise
     return. Only for a program's entry point, before JAX is imported (the process is replaced)."""

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from maxmodel.host_allocator import (CHOICE, GLIBC_HUGE_PAGES, MIMALLOC_ENV, allocator_env, glibc_huge_pages_work,
-                                     mimalloc_library, runs_on_cpu, thp_mode)
+                                     mimalloc_library, runs_on_cpu, system_allocator_env, thp_mode)
 
 LIB = "/x/libmimalloc.so"
 
@@ -21,9 +21,11 @@ def test_mimalloc_first_then_glibc_huge_pages_and_only_for_cpu_hosts(tmp_path):
     env = choose({"LD_PRELOAD": "/a.so", "PATH": "/bin"})
     assert env["LD_PRELOAD"] == "/a.so " + LIB and env[CHOICE] == "mimalloc" and env["PATH"] == "/bin"
     assert all(env[k] == v for k, v in MIMALLOC_ENV.items())
+    assert system_allocator_env(env) == {"LD_PRELOAD": "/a.so", "PATH": "/bin"}  # a peer's default again
     env = choose({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, mimalloc=None)
     assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:" + GLIBC_HUGE_PAGES and env[CHOICE] == "hugepages"
     assert "LD_PRELOAD" not in env
+    assert system_allocator_env(env) == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
     assert choose(mimalloc=None, glibc_huge_pages=False) is None
     assert choose({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=2"}, mimalloc=None) is None  # the user's own choice
     assert choose({CHOICE: "system"}) is None and choose({CHOICE: "mimalloc"}) is None  # opted out / restarted
