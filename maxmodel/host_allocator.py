@@ -19,6 +19,7 @@ hugepages), which also keeps the restarted process from restarting again.
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import os
 import platform
 import sys
@@ -96,9 +97,32 @@ def system_allocator_env(env: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
+def started_as(program: str, orig_argv: list[str]) -> bool:
+    """Whether the interpreter's own command line (orig_argv) ran `program` (a script path, or the file of an
+    `-m` module): the process may then execute that command line again. False for `-c` and for a program run
+    in-process by another one (runpy under pytest, `maxmodel bench --suite`): restarting would rerun the host."""
+    args, i = orig_argv[1:], 0
+    while i < len(args) and args[i].startswith("-") and args[i] not in ("-m", "-c", "-"):
+        i += 2 if args[i] in ("-X", "-W") else 1  # interpreter options, the two that take a value included
+    if i >= len(args) or args[i] in ("-c", "-"):
+        return False
+    if args[i] == "-m":
+        try:
+            spec = importlib.util.find_spec(args[i + 1]) if i + 1 < len(args) else None
+        except (ImportError, ValueError):
+            return False
+        target = spec.origin if spec else None
+    else:
+        target = args[i]
+    return bool(target) and os.path.realpath(target) == os.path.realpath(program)
+
+
 def restart_with_fast_allocator() -> None:
     """Execute this same command line again with `allocator_env`'s variables, where it gives any; otherwise
-    return. Only for a program's entry point, before JAX is imported (the process is replaced)."""
+    return. For a program's entry point, before JAX is imported (the process is replaced); a no-op where the
+    process was not started as this program (`started_as`)."""
+    if not started_as(sys.argv[0], sys.orig_argv):
+        return
     env = allocator_env(os.environ, system=platform.system(),
                         on_cpu=runs_on_cpu(os.environ, [p for p in ACCELERATOR_NODES if os.path.exists(p)]),
                         mimalloc=mimalloc_library(),
