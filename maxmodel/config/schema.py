@@ -48,6 +48,7 @@ class MoEConfig:
     bias_balancing: bool = False          # DeepSeek-V3 aux-loss-free balancing (a per-expert routing bias)
     bias_update_rate: float = 0.001       # the bias moves by this much per step, towards the mean load
     impl: str = "auto"                    # dropless grouped matmul: auto | ragged_dot | megablox (TPU Pallas)
+    exchange: str = "auto"                # dropless tokens over `expert`: auto | padded | ragged (token_exchange.py)
     tile_rows: int = 512                  # megablox tiles, each clipped to its dimension (MaxText's
     tile_embed: int = 1024                # tile_batch_seq / tile_embed_dim / tile_mlp_dim), for bf16:
     tile_mlp: int = 1024                  # float32 halves embed / mlp (parallel/grouped_matmul.py)

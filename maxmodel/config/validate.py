@@ -14,6 +14,7 @@ CHOICES = {
     "model.attention.impl": ("auto", "xla", "splash", "cudnn", "flash"),
     "model.moe.router": ("softmax", "sigmoid"),
     "model.moe.impl": ("auto", "ragged_dot", "megablox"),  # parallel/grouped_matmul.py
+    "model.moe.exchange": ("auto", "padded", "ragged"),  # parallel/token_exchange.py
     "train.dtype": ("float32", "bfloat16", "float16"),
     "train.param_dtype": ("float32", "bfloat16"),
     "train.remat": ("none", "full", "save_dots", "save_dot_except_mlp", "save_qkv_proj", "qkv_proj_offloaded",

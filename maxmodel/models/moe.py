@@ -110,7 +110,8 @@ class MoE(nnx.Module):
         self.bias = RouterBias(jnp.zeros((e,), jnp.float32)) if m.bias_balancing else None
 
     def __call__(self, x):
-        """x [B, L, D] -> (y [B, L, D], stats: load [E], dropped, aux_loss, z_loss)."""
+        """x [B, L, D] -> (y [B, L, D], stats: load [E], dropped, aux_loss, z_loss, sent_rows: the token rows
+        the expert exchange sent between devices, each way)."""
         m = self.moe
         logits = x @ self.router[...].astype(x.dtype)
         ids, weights, probs = route(logits, m, None if self.bias is None else self.bias[...])
@@ -121,11 +122,12 @@ class MoE(nnx.Module):
         if m.capacity_factor > 0:
             cap = capacity(x.shape[1], m.num_experts, m.top_k, m.capacity_factor)
             dispatch, combine, stats["dropped"] = capacity_dispatch(ids, weights, m.num_experts, cap)
-            y = capacity_experts(x, dispatch.astype(x.dtype), combine.astype(x.dtype), w, self.act)
+            y, sent = capacity_experts(x, dispatch.astype(x.dtype), combine.astype(x.dtype), w, self.act)
         else:
             stats["dropped"] = jnp.zeros((), jnp.float32)
-            y = dropless_experts(x, ids, weights.astype(x.dtype), w, self.act, impl=m.impl,
-                                 tiles=(m.tile_rows, m.tile_embed, m.tile_mlp))
+            y, sent = dropless_experts(x, ids, weights.astype(x.dtype), w, self.act, impl=m.impl,
+                                       tiles=(m.tile_rows, m.tile_embed, m.tile_mlp), exchange=m.exchange)
+        stats["sent_rows"] = sent.astype(jnp.float32)  # (float: the stats are averaged over microbatches)
         if self.shared is not None:
             y = y + self.shared(x)
         return constrain(y, ("activation_batch", "activation_length", "activation_embed")), stats

@@ -270,7 +270,7 @@ class Transformer(nnx.Module):
         if moe.num_experts:  # d objective / d (one microbatch's per-layer stat), the stats being mean over them
             per = aux_scale / micro
             weights = {"aux_loss": moe.aux_loss_weight * per, "z_loss": moe.z_loss_weight * per,
-                       "load": jnp.zeros((), jnp.float32), "dropped": jnp.zeros((), jnp.float32)}
+                       **{k: jnp.zeros((), jnp.float32) for k in ("load", "dropped", "sent_rows")}}
 
         def layer_fn(layer_params, h, aux):
             out = block_fn(nnx.merge(graphdef, layer_params), h, aux["segment_ids"], aux["positions"])
@@ -387,7 +387,8 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens, segment_ids=None, positions=None, return_stats: bool = False, prefix=None,
                  task=None, prompt_slots=None):
-        """Logits [B, L, vocab]; with return_stats, also the MoE stats (load, dropped, aux_loss, z_loss)."""
+        """Logits [B, L, vocab]; with return_stats, also the MoE stats (load, dropped, aux_loss, z_loss,
+        sent_rows)."""
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
         if positions is None:

@@ -9,11 +9,12 @@ hidden dimension) stay with the compiler. A weight dimension sharded over a manu
 Exchange, with n = mesh.expert devices and E/n experts per device:
 * capacity: the [E, B, C, D] dispatch buffer is cut along E into n parts, one per device (all_to_all);
   each device runs its E/n experts on [E/n, n·B, C, D] and sends the results back the same way.
-* dropless: token copies sorted by expert are contiguous per destination device; each device sends a
-  buffer of N = tokens·k rows per destination (room for the worst case, in which every copy goes to one
-  device; this is the all-gather's volume, and `ragged_all_to_all` could trim it), with the per-expert
-  counts; the receiver sorts what it got by local expert and runs the grouped matmul over the groups; rows
-  past the counts are padding, which the grouped matmul leaves as zeros.
+* dropless: token copies sorted by expert are contiguous per destination device; `model.moe.exchange`
+  sends them as a worst-case padded buffer (`all_to_all`) or as exactly the routed rows
+  (`ragged_all_to_all`), with the per-expert counts (token_exchange.py); the receiver sorts what it got by
+  local expert and runs the grouped matmul over the groups; rows past the counts are padding, which the
+  grouped matmul leaves as zeros.
+Both report the token rows each device sent to the others (the MoE stat `sent_rows`, summed over devices).
 Without a mesh, or with every relevant axis of size 1, the same per-device code runs on the whole arrays.
 
 The grouped matmul is `model.moe.impl`'s (`grouped_matmul.py`). A Mosaic kernel (megablox) cannot be
@@ -30,6 +31,7 @@ import jax.numpy as jnp
 from flax.core import spmd
 from jax.sharding import PartitionSpec as P
 
+from . import token_exchange
 from .grouped_matmul import choose, grouped_matmul
 from .manual_axes import resolve_mesh
 
@@ -101,8 +103,9 @@ def _gather_weights(weights, specs, split_f=()):
 
 
 def _run(body, x, token_args, weights, act, kernel: bool = False):
-    """Call body(x, *token_args, weights, act, n) per device (shard_map) or on whole arrays. `kernel`: the
-    body runs a Mosaic kernel, which needs every mesh axis manual."""
+    """Call body(x, *token_args, weights, act, n) -> (y, rows sent) per device (shard_map) or on whole
+    arrays; the rows are summed over devices. `kernel`: the body runs a Mosaic kernel, which needs every
+    mesh axis manual."""
     layout = _layout(kernel)
     if layout is None:
         return body(x, *token_args, weights, act, 1)
@@ -118,12 +121,13 @@ def _run(body, x, token_args, weights, act, kernel: bool = False):
     def per_device(x, args, ws):
         it = iter(ws)
         full = _gather_weights([next(it) if p else None for p in present], w_specs, split_f)
-        out = body(x, *args, full, act, n)
-        return jax.lax.psum(out, split_f) if split_f else out  # partial sums over the hidden units
+        out, sent = body(x, *args, full, act, n)
+        out = jax.lax.psum(out, split_f) if split_f else out  # partial sums over the hidden units
+        return out, jax.lax.psum(sent, tuple(sorted(token_axes)))
     ws = [w for w in weights if w is not None]
     specs = [s for s, p in zip(w_specs, present) if p]
     # check_vma=False for a Pallas kernel: its outputs carry no varying-axes type (megablox builds them)
-    return jax.shard_map(per_device, mesh=mesh, in_specs=(x_spec, arg_specs, specs), out_specs=x_spec,
+    return jax.shard_map(per_device, mesh=mesh, in_specs=(x_spec, arg_specs, specs), out_specs=(x_spec, P()),
                          axis_names=manual, check_vma=not kernel)(x, list(token_args), ws)
 
 
@@ -134,57 +138,41 @@ def _capacity_body(x, dispatch, combine, weights, act, n):
     out = expert_ffn(ein, *weights, act)
     if n > 1:
         out = jax.lax.all_to_all(out, AXIS, split_axis=1, concat_axis=0, tiled=True)
-    return jnp.einsum("blec,ebcd->bld", combine, out)
+    e, b, c, _ = ein.shape  # (n-1)/n of the [E, B, C, D] buffer leaves the device
+    sent = (n - 1) * e * (b // n) * c if n > 1 else 0
+    return jnp.einsum("blec,ebcd->bld", combine, out), jnp.asarray(sent, jnp.int32)
 
 
-def _exchange_ffn(xs, sorted_ids, counts, weights, act, n, matmul):
-    """Expert outputs for token copies `xs` sorted by expert, when the experts live on n devices."""
-    rows, d = xs.shape
-    e_local = counts.shape[0] // n
-    per_dest = counts.reshape(n, e_local)
-    dest_total = jnp.sum(per_dest, axis=1)
-    starts = jnp.cumsum(dest_total) - dest_total
-    j = jnp.arange(rows)
-    valid = j[None, :] < dest_total[:, None]                                      # [n, rows]
-    send = jnp.where(valid[..., None], xs[jnp.clip(starts[:, None] + j[None, :], 0, rows - 1)], 0)
-    recv = jax.lax.all_to_all(send, AXIS, 0, 0, tiled=True)                        # [n sources, rows, D]
-    recv_counts = jax.lax.all_to_all(per_dest, AXIS, 0, 0, tiled=True)             # [n sources, E/n]
-    ends = jnp.cumsum(recv_counts, axis=1)
-    local_id = jnp.sum(j[None, :, None] >= ends[:, None, :], axis=-1).reshape(-1)  # E/n marks padding
-    order = jnp.argsort(local_id, stable=True)
-    out = expert_ffn(recv.reshape(n * rows, d)[order], *weights, act,
-                     group_sizes=jnp.sum(recv_counts, axis=0), matmul=matmul)
-    back = jnp.zeros_like(out).at[order].set(out).reshape(n, rows, d)
-    back = jax.lax.all_to_all(back, AXIS, 0, 0, tiled=True)                        # [n destinations, rows, D]
-    dest = sorted_ids // e_local
-    return back[dest, j - starts[dest]]
-
-
-def _dropless_body(x, ids, weights_k, weights, act, n, matmul):
+def _dropless_body(x, ids, weights_k, weights, act, n, matmul, exchange):
     b, l, d = x.shape
     k = ids.shape[-1]
     flat = ids.reshape(-1)
     order = jnp.argsort(flat, stable=True)
-    sorted_ids = flat[order]
     xs = x.reshape(b * l, d)[order // k]
     counts = jnp.bincount(flat, length=weights[0].shape[0] * n)
+
+    def ffn(rows, group_sizes):
+        return expert_ffn(rows, *weights, act, group_sizes=group_sizes, matmul=matmul)
     if n > 1:
-        ys = _exchange_ffn(xs, sorted_ids, counts, weights, act, n, matmul)
+        ys, sent = token_exchange.EXCHANGE_FNS[exchange](ffn, xs, counts, n, AXIS)
     else:
-        ys = expert_ffn(xs, *weights, act, group_sizes=counts, matmul=matmul)
+        ys, sent = ffn(xs, counts), jnp.zeros((), jnp.int32)
     copies = jnp.zeros_like(ys).at[order].set(ys).reshape(b * l, k, d)
-    return jnp.einsum("tkd,tk->td", copies, weights_k.reshape(b * l, k)).reshape(b, l, d)
+    return jnp.einsum("tkd,tk->td", copies, weights_k.reshape(b * l, k)).reshape(b, l, d), sent
 
 
-def dropless_experts(x, ids, weights_k, weights, act, impl: str = "auto", tiles=(512, 1024, 1024)):
-    """x [B, L, D], ids / weights_k [B, L, k], weights (wi, wg or None, wo) -> [B, L, D]; `impl` / `tiles`:
-    model.moe.impl and megablox's (rows, embed, mlp) tiles (grouped_matmul.py)."""
+def dropless_experts(x, ids, weights_k, weights, act, impl: str = "auto", tiles=(512, 1024, 1024),
+                     exchange: str = "auto"):
+    """x [B, L, D], ids / weights_k [B, L, k], weights (wi, wg or None, wo) -> (y [B, L, D], token rows sent
+    to other devices over `expert`, summed over devices); `impl` / `tiles`: model.moe.impl and megablox's
+    (rows, embed, mlp) tiles (grouped_matmul.py); `exchange`: model.moe.exchange (token_exchange.py)."""
     impl = choose(impl)  # here, outside the shard_map: manual axes now mean a pipeline stage
-    body = functools.partial(_dropless_body, matmul=grouped_matmul(impl, tiles))
+    body = functools.partial(_dropless_body, matmul=grouped_matmul(impl, tiles),
+                             exchange=token_exchange.choose(exchange))
     return _run(body, x, (ids, weights_k), weights, act, kernel=impl == "megablox")
 
 
 def capacity_experts(x, dispatch, combine, weights, act):
-    """x [B, L, D], dispatch / combine [B, L, E, C] -> [B, L, D]."""
+    """x [B, L, D], dispatch / combine [B, L, E, C] -> (y [B, L, D], token rows sent to other devices)."""
     return _run(_capacity_body, x, (dispatch, combine), weights, act)
 

@@ -38,10 +38,12 @@ def matmul_params(params, expert_fraction: float = 1.0) -> int:
 
 def moe_record(stats) -> dict:
     """Flat metrics of the MoE layers: per layer the load of each expert (fraction of token copies), the
-    dropped fraction and the aux losses; plus the worst load imbalance (max load · E, 1 = balanced)."""
+    dropped fraction and the aux losses; plus the worst load imbalance (max load · E, 1 = balanced), and the
+    token rows the expert exchange sent between devices (each way, all MoE layers, forward pass)."""
     load = np.asarray(stats["load"])
     out = {"moe/max_load_ratio": float(load.max() * load.shape[-1]), "moe/dropped": float(np.mean(stats["dropped"])),
-           "moe/aux_loss": float(np.mean(stats["aux_loss"])), "moe/z_loss": float(np.mean(stats["z_loss"]))}
+           "moe/aux_loss": float(np.mean(stats["aux_loss"])), "moe/z_loss": float(np.mean(stats["z_loss"])),
+           "moe/sent_rows": float(np.sum(stats.get("sent_rows", 0.0)))}
     for i in range(load.shape[0]):
         out[f"moe/layer{i}/dropped"] = float(stats["dropped"][i])
         out[f"moe/layer{i}/aux_loss"] = float(stats["aux_loss"][i])
