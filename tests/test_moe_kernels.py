@@ -147,7 +147,7 @@ def test_megablox_in_pipeline_stages_is_refused_by_the_layout_check():
 def test_megablox_compiles_for_a_tpu_topology():
     """moe-tiny, dropless, with impl=megablox: the train step compiles for v5p-8 (expert=2 × data=2), and at
     the default tiles (512, 1024, 1024) the layer's Mosaic kernels, forward and backward, compile too in
-    bfloat16 and float32 (the tiles fit the chip's VMEM)."""
+    bfloat16 and float32 (the tiles fit the chip's VMEM), with XLA:TPU's ragged-all-to-all (moe.exchange=auto)."""
     pytest.importorskip("libtpu", reason="libtpu not installed: TPU ahead-of-time compile unavailable")
     from maxmodel.train.aot import compile_for_topology, topology_devices
     cfg = load_config(overrides=["model.name=moe-tiny", "model.moe.impl=megablox", "mesh.data=2",
@@ -173,4 +173,7 @@ def test_megablox_compiles_for_a_tpu_topology():
             compiled = jax.jit(jax.grad(loss)).lower(*abstract).compile()
         # auto chose megablox on the TPU mesh: gmm forward for wi, wg and wo, tgmm for their three weight
         # gradients, and one gmm for the gradient of wo's input (x, the layer input, is not differentiated)
-        assert compiled.as_text().count('custom_call_target="tpu_custom_call"') == 7
+        text = compiled.as_text()
+        assert text.count('custom_call_target="tpu_custom_call"') == 7
+        # auto chose the ragged exchange too: the tokens there and back, and the transpose of the way back
+        assert text.count("ragged-all-to-all-start(") == 3
