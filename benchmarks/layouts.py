@@ -26,6 +26,8 @@ LAYOUTS = {
     "data=2 sequence=4 ring": ["mesh.data=2", "mesh.sequence=4", "model.attention.context_parallel=ring"],
     "stage=4 data=2 gpipe": ["mesh.data=2", "mesh.stage=4", "pipeline.microbatches=4"],
     "stage=4 data=2 1f1b": ["mesh.data=2", "mesh.stage=4", "pipeline.microbatches=4", "pipeline.schedule=1f1b"],
+    "stage=4 data=2 zero_bubble": ["mesh.data=2", "mesh.stage=4", "pipeline.microbatches=4",
+                                   "pipeline.schedule=zero_bubble"],
     "stage=2 data=4 circular repeats=2": ["mesh.data=4", "mesh.stage=2", "pipeline.microbatches=2",
                                           "pipeline.repeats=2"],
     "stage=2 data=4 interleaved_1f1b repeats=2": ["mesh.data=4", "mesh.stage=2", "pipeline.microbatches=2",

@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 SCHEDULES = {"gpipe": ["pipeline.schedule=gpipe"], "1f1b": ["pipeline.schedule=1f1b"],
+             "zero_bubble": ["pipeline.schedule=zero_bubble"],
              "gpipe repeats=2": ["pipeline.schedule=circular", "pipeline.repeats=2"],
              "interleaved_1f1b repeats=2": ["pipeline.schedule=interleaved_1f1b", "pipeline.repeats=2"]}
 BASE = ["mesh.data=2", "mesh.stage=4", "model.num_layers=8", "train.seq_len=128"]

@@ -38,6 +38,7 @@ EVERY_OPTION = ["model.moe.capacity_factor=1.0", "model.moe.shared_experts=1", "
 STAGED = {  # MoE layers inside pipeline stages, composed with expert parallelism, under every schedule
     "dropless, gpipe": ([], []),
     "dropless, 1f1b": ([], ["pipeline.schedule=1f1b"]),
+    "dropless, zero_bubble": ([], ["pipeline.schedule=zero_bubble"]),
     "capacity, shared, sigmoid, bias balancing, every=2, circular": (EVERY_OPTION, ["pipeline.repeats=2"]),
     "capacity, shared, sigmoid, bias balancing, every=2, interleaved_1f1b": (
         EVERY_OPTION, ["pipeline.repeats=2", "pipeline.schedule=interleaved_1f1b"]),

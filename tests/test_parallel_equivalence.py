@@ -16,6 +16,8 @@ LAYOUTS = {
     "stage=4 gpipe": ["mesh.data=2", "mesh.stage=4", "pipeline.microbatches=4"],
     "stage=2 circular repeats=2": ["mesh.data=4", "mesh.stage=2", "pipeline.microbatches=2", "pipeline.repeats=2"],
     "stage=4 1f1b": ["mesh.data=2", "mesh.stage=4", "pipeline.microbatches=4", "pipeline.schedule=1f1b"],
+    "stage=4 zero_bubble": ["mesh.data=2", "mesh.stage=4", "pipeline.microbatches=4",
+                            "pipeline.schedule=zero_bubble"],
     "stage=2 interleaved 1f1b x data=4": ["mesh.data=4", "mesh.stage=2", "pipeline.microbatches=2",
                                           "pipeline.repeats=2", "pipeline.schedule=interleaved_1f1b"],
     "stage=2 1f1b x fsdp=2 x tensor=2": ["mesh.data=1", "mesh.stage=2", "mesh.fsdp=2", "mesh.tensor=2",

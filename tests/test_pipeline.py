@@ -264,6 +264,40 @@ def test_1f1b_schedules_keep_dependencies_and_the_in_flight_cap(stages, microbat
         assert sched.stash_slots == S
 
 
+@pytest.mark.parametrize("stages,microbatches", [(2, 2), (2, 4), (4, 4), (4, 8), (4, 16), (8, 16)])
+def test_zero_bubble_schedule_splits_every_backward_and_keeps_the_1f1b_cap(stages, microbatches):
+    """Replaying the zero-bubble table: F, B and W of every (microbatch, stage) once; B after F and after the
+    next stage's B, W after its B (at earlier ticks), each W reading the cotangent slot its B wrote with no
+    other B writing that slot in between; never more microbatches held (forwarded, W not yet run) than the
+    1F1B cap, so the stash stays at S inputs. In units of one forward (a 1F1B backward is two: input and
+    weight gradients), it takes fewer than 1F1B's 3(M + S - 1) and at least the ideal 3M + S - 1."""
+    from maxmodel.parallel.schedules import BACKWARD, FORWARD, WEIGHT, in_flight_cap, make_schedule
+    S, M = stages, microbatches
+    sched = make_schedule(S, M, split_backward=True)
+    done = {FORWARD: {}, BACKWARD: {}, WEIGHT: {}}
+    held, ct_owner = [0] * S, {}
+    for t in range(sched.ticks):
+        for d in range(S):
+            op, m = int(sched.op[t, d]), int(sched.mb[t, d])
+            if op == 0:
+                continue
+            assert (m, d) not in done[op]
+            done[op][(m, d)] = t
+            if op == FORWARD:
+                assert d == 0 or done[FORWARD][(m, d - 1)] < t
+                held[d] += 1
+                assert held[d] <= in_flight_cap(S, 1, d)
+            elif op == BACKWARD:
+                assert done[FORWARD][(m, d)] < t and (d == S - 1 or done[BACKWARD][(m, d + 1)] < t)
+                ct_owner[(d, int(sched.ct[t, d]))] = m
+            else:
+                assert done[BACKWARD][(m, d)] < t and ct_owner[(d, int(sched.ct[t, d]))] == m
+                held[d] -= 1
+    assert all(len(v) == M * S for v in done.values())
+    assert 3 * M + S - 1 <= sched.ticks < 3 * (M + S - 1)
+    assert sched.stash_slots == S
+
+
 def test_1f1b_keeps_as_many_stage_inputs_whatever_the_microbatch_count():
     from maxmodel.parallel.schedules import make_schedule
     assert make_schedule(4, 4).stash_slots == make_schedule(4, 32).stash_slots == 4
@@ -274,7 +308,8 @@ def test_1f1b_keeps_as_many_stage_inputs_whatever_the_microbatch_count():
     (["pipeline.schedule=1f1b", "pipeline.repeats=2"], "pipeline.repeats"),
     (["pipeline.schedule=interleaved_1f1b"], "pipeline.repeats"),
     (["pipeline.schedule=1f1b", "train.objective=prefix_lm"], "pipeline.schedule"),
-    (["pipeline.schedule=zero_bubble"], "pipeline.schedule"),
+    (["pipeline.schedule=chimera"], "pipeline.schedule"),
+    (["pipeline.schedule=zero_bubble", "pipeline.repeats=2"], "pipeline.repeats"),
 ])
 def test_bad_schedules_name_their_key(extra, key):
     from maxmodel.config import ConfigError, load_config

@@ -118,7 +118,8 @@ class PipelineConfig:
     microbatches: int = 0                 # 0 = as many as stages; the bubble is (S-1)/(M·R+S-1)
     repeats: int = 1                      # 1 = GPipe; > 1 = circular (interleaved) with R virtual stages per device
     # gpipe (circular when repeats > 1) | circular | 1f1b | interleaved_1f1b (repeats > 1): the 1F1B ones run
-    # each microbatch's backward as soon as it can, with explicit per-stage vjp steps (parallel/pipeline_1f1b.py)
+    # each microbatch's backward as soon as it can, with explicit per-stage vjp steps (parallel/pipeline_1f1b.py);
+    # zero_bubble: 1F1B with each backward split into input and weight steps, weight steps in the bubbles
     schedule: str = "gpipe"
 
 

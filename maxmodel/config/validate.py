@@ -27,7 +27,7 @@ CHOICES = {
     "rl.kl_estimator": ("k1", "k3"),
     "rl.loss_agg": ("grpo", "dr_grpo", "dapo"),
     "data.packing": ("concat", "first_fit", "none"),
-    "pipeline.schedule": ("gpipe", "circular", "1f1b", "interleaved_1f1b"),
+    "pipeline.schedule": ("gpipe", "circular", "1f1b", "interleaved_1f1b", "zero_bubble"),
 }
 POSITIVE = ("pipeline.repeats", "model.attention.block_q", "model.attention.block_kv", "model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads", "model.max_seq_len",
             "train.steps", "train.batch_size", "train.seq_len", "train.microbatches",

@@ -288,7 +288,7 @@ class Transformer(nnx.Module):
         tail = {"head": self.head_matrix(), **({"norm": norm[1]} if norm is not None else {})}
         return pipeline_loss(layer_fn, tail_fn, stacked, tail, x, {"segment_ids": segment_ids, "positions": positions},
                              loss_inputs, num_stages=stages, num_microbatches=micro, repeats=pipe.repeats,
-                             stats_weights=weights)
+                             stats_weights=weights, split_backward=pipe.schedule == "zero_bubble")
 
     # ---- decoding with a KV cache (maxmodel/inference): new tokens against cached keys and values ----
 

@@ -67,7 +67,7 @@ def single_device_mesh_config() -> MeshConfig:
     return MeshConfig(data=1, dcn=MeshAxes())
 
 
-ONE_F_ONE_B = ("1f1b", "interleaved_1f1b")
+ONE_F_ONE_B = ("1f1b", "interleaved_1f1b", "zero_bubble")
 # the objectives whose loss is a per-token sum over rows, which 1F1B computes microbatch by microbatch
 ONE_F_ONE_B_OBJECTIVES = ("causal_lm", "sft")
 
@@ -77,8 +77,8 @@ def check_schedule(cfg) -> None:
     if pipe.schedule in ("circular", "interleaved_1f1b") and pipe.repeats < 2:
         raise ConfigError("pipeline.repeats", f"pipeline.schedule={pipe.schedule} needs repeats >= 2 chunks per "
                                               f"device, got {pipe.repeats}")
-    if pipe.schedule == "1f1b" and pipe.repeats > 1:
-        raise ConfigError("pipeline.repeats", "pipeline.schedule=1f1b has one chunk per device: use "
+    if pipe.schedule in ("1f1b", "zero_bubble") and pipe.repeats > 1:
+        raise ConfigError("pipeline.repeats", f"pipeline.schedule={pipe.schedule} has one chunk per device: use "
                                               "interleaved_1f1b for repeats > 1")
     if pipe.schedule not in ONE_F_ONE_B:
         return

@@ -15,6 +15,9 @@ Per tick each device runs one step of the table, under `jax.lax.switch`:
 - backward B(m, v): the chunk recomputed from its stashed input under `jax.vjp` (on the last virtual stage
   together with `tail_fn`, whose objective is the start of the backward), its parameter gradients added up,
   and the input's cotangent sent to the previous device (or, on virtual stage 0, kept as x's gradient).
+- zero bubble: the backward as two steps, each recomputing the chunk: B(m, v) only the input's cotangent
+  (under `jax.vjp` of the input alone), W(m, v) later only the parameters' gradients, from the same stashed
+  input and the cotangent B kept in a slot.
 After the step every device passes activations one way and cotangents the other (two `ppermute`s).
 
 Memory: the stash holds at most the schedule's cap of stage inputs ([mb, ...] each), whatever the number
@@ -34,7 +37,7 @@ from jax.sharding import PartitionSpec as P
 
 from .manual_axes import resolve_mesh, vary_over, varying_axes
 from .pipeline import _add_at, _from_microbatches, _index, _to_microbatches, _validate
-from .schedules import BACKWARD, FORWARD, Schedule, make_schedule
+from .schedules import BACKWARD, FORWARD, WEIGHT, Schedule, make_schedule
 
 
 def _zeros(tree):
@@ -62,7 +65,9 @@ def _run(stage_fn, tail_fn, sched: Schedule, axis_name, with_stats, params, tail
     params, tail_params, xs, aux, tail_aux, weights = jax.tree.map(
         lambda p: p[0], (params, tail_params, xs, aux, tail_aux, weights))
     vary = {axis_name, *varying_axes(params, xs, aux, tail_params, tail_aux)}
-    tables = {k: jnp.asarray(getattr(sched, k)) for k in ("op", "mb", "rep", "src", "stash", "recv_f", "recv_b")}
+    split = sched.split_backward
+    tables = {k: jnp.asarray(getattr(sched, k)) for k in ("op", "mb", "rep", "src", "stash", "recv_f", "recv_b")
+              + (("ct",) if split else ())}
     act = vary_over(jnp.zeros_like(xs[0]), vary)
 
     def layer(p, h, aux_m):
@@ -98,7 +103,13 @@ def _run(stage_fn, tail_fn, sched: Schedule, axis_name, with_stats, params, tail
         y = jax.lax.cond(last, lambda: act, lambda: varying(chunk(p, x, aux_m)[0])[0])
         return varying(y, act, zero_grads, jnp.zeros((), jnp.float32), metrics0, stats0)
 
+    def stats_ct(stats):  # the stats' cotangent is their weight: their share of the objective is linear
+        return jax.tree.map(lambda a, w: jnp.broadcast_to(w, a.shape).astype(a.dtype), stats, weights)
+
     def backward(x, ct, p, aux_m, tail_m, last):
+        if split:
+            return input_backward(x, ct, p, aux_m, tail_m, last)
+
         def from_loss():
             out, vjp = jax.vjp(lambda pf, tp, h: tail_objective((pf, p[1]), tp, h, aux_m, tail_m), p[0],
                                tail_params, x)
@@ -106,24 +117,56 @@ def _run(stage_fn, tail_fn, sched: Schedule, axis_name, with_stats, params, tail
             gp, gt, gx = vjp((jnp.ones_like(total), _zeros((metrics, stats))))
             return varying(gx, (gp, gt), total.astype(jnp.float32), metrics, stats)
 
-        def from_next():  # the stats' cotangent is their weight: their share of the objective is linear
+        def from_next():
             (_, stats), vjp = jax.vjp(lambda pf, h: chunk((pf, p[1]), h, aux_m), p[0], x)
-            gp, gx = vjp((ct, jax.tree.map(lambda a, w: jnp.broadcast_to(w, a.shape).astype(a.dtype), stats,
-                                           weights)))
+            gp, gx = vjp((ct, stats_ct(stats)))
             return varying(gx, (gp, zero_grads[1]), weighted(stats), metrics0, stats)
         gx, grads, total, metrics, stats = jax.lax.cond(last, from_loss, from_next)
         return varying(act, gx, grads, total, metrics, stats)
 
+    # Zero bubble: the backward split in two recomputing steps, the input's cotangent first (the previous
+    # device waits for it), the parameters' gradients later, from the same stashed input and cotangent.
+    def input_backward(x, ct, p, aux_m, tail_m, last):
+        def from_loss():
+            out, vjp = jax.vjp(lambda h: tail_objective(p, tail_params, h, aux_m, tail_m), x)
+            total, (metrics, stats) = out
+            (gx,) = vjp((jnp.ones_like(total), _zeros((metrics, stats))))
+            return varying(gx, total.astype(jnp.float32), metrics, stats)
+
+        def from_next():
+            (_, stats), vjp = jax.vjp(lambda h: chunk(p, h, aux_m), x)
+            (gx,) = vjp((ct, stats_ct(stats)))
+            return varying(gx, weighted(stats), metrics0, stats)
+        gx, total, metrics, stats = jax.lax.cond(last, from_loss, from_next)
+        return varying(act, gx, zero_grads, total, metrics, stats)
+
+    def weight(x, ct, p, aux_m, tail_m, last):
+        def from_loss():
+            out, vjp = jax.vjp(lambda pf, tp: tail_objective((pf, p[1]), tp, x, aux_m, tail_m), p[0], tail_params)
+            return varying(*vjp((jnp.ones_like(out[0]), _zeros(out[1]))))
+
+        def from_next():
+            (_, stats), vjp = jax.vjp(lambda pf: chunk((pf, p[1]), x, aux_m), p[0])
+            (gp,) = vjp((ct, stats_ct(stats)))
+            return varying(gp, zero_grads[1])
+        grads = jax.lax.cond(last, from_loss, from_next)
+        return varying(act, act, grads, jnp.zeros((), jnp.float32), metrics0, stats0)
+
     def tick(carry, t):
-        stash, mail_f, mail_b, grads, tail_grads, total, metrics, dxs, layer_stats = carry
+        stash, cts, mail_f, mail_b, grads, tail_grads, total, metrics, dxs, layer_stats = carry
         row = {k: v[t, s] for k, v in tables.items()}
         op, m, r = row["op"], row["mb"], row["rep"]
         v = r * S + s
         x_in = jnp.where(row["src"] < 0, _index(xs, m), _index(mail_f, jnp.maximum(row["src"], 0)))
-        x = jnp.where(op == BACKWARD, _index(stash, jnp.maximum(row["stash"], 0)), x_in)
+        x = jnp.where(op >= BACKWARD, _index(stash, jnp.maximum(row["stash"], 0)), x_in)
         ct = _index(mail_b, jnp.maximum(row["src"], 0))
+        if split:  # a weight step takes the cotangent its backward kept
+            ct_slot = jnp.maximum(row["ct"], 0)
+            ct = jnp.where(op == WEIGHT, _index(cts, ct_slot), ct)
+            cts = _set_at(cts, ct_slot, ct, op == BACKWARD)
         args = (x, ct, _index(params, r), _index(aux, m), _index(tail_aux, m), v == V - 1)
-        y, gx, (gp, gt), d_total, d_metrics, d_stats = jax.lax.switch(op, (idle, forward, backward), *args)
+        steps = (idle, forward, backward) + ((weight,) if split else ())
+        y, gx, (gp, gt), d_total, d_metrics, d_stats = jax.lax.switch(op, steps, *args)
         layer_stats = _add_at(layer_stats, r, d_stats)
         stash = _set_at(stash, jnp.maximum(row["stash"], 0), x_in, op == FORWARD)
         grads = _add_at(grads, r, gp)
@@ -135,15 +178,16 @@ def _run(stage_fn, tail_fn, sched: Schedule, axis_name, with_stats, params, tail
         sent_b = jax.lax.ppermute(gx, axis_name, [(i, (i - 1) % S) for i in range(S)])
         mail_f = _set_at(mail_f, jnp.maximum(row["recv_f"], 0), sent_f, row["recv_f"] >= 0)
         mail_b = _set_at(mail_b, jnp.maximum(row["recv_b"], 0), sent_b, row["recv_b"] >= 0)
-        return (stash, mail_f, mail_b, grads, tail_grads, total, metrics, dxs, layer_stats), None
+        return (stash, cts, mail_f, mail_b, grads, tail_grads, total, metrics, dxs, layer_stats), None
 
     def slots(n):
         return jnp.zeros((n, *act.shape), act.dtype)
-    carry = (slots(sched.stash_slots), slots(sched.mail_f_slots), slots(sched.mail_b_slots), _zeros(params[0]),
+    carry = (slots(sched.stash_slots), slots(sched.ct_slots if split else 0), slots(sched.mail_f_slots),
+             slots(sched.mail_b_slots), _zeros(params[0]),
              _zeros(tail_params), jnp.zeros((), jnp.float32), metrics0, jnp.zeros_like(xs),
              jax.tree.map(lambda a: jnp.zeros((R, *a.shape), a.dtype), stats0))
     carry, _ = jax.lax.scan(tick, vary_over(carry, vary), jnp.arange(sched.ticks))
-    _, _, _, grads, tail_grads, total, metrics, dxs, layer_stats = carry
+    _, _, _, _, grads, tail_grads, total, metrics, dxs, layer_stats = carry
     total, metrics = jax.lax.psum((total, metrics), axis_name)
     # the tail's gradients leave per device and are summed outside: a psum over `stage` of arrays that
     # are also sharded over automatic axes (fsdp, tensor) trips XLA's SPMD partitioner
@@ -153,14 +197,16 @@ def _run(stage_fn, tail_fn, sched: Schedule, axis_name, with_stats, params, tail
 
 def pipeline_loss(stage_fn, tail_fn, params, tail_params, x, aux, tail_aux, *, num_stages: int,
                   num_microbatches: int, repeats: int = 1, mesh=None, axis_name: str = "stage",
-                  stats_weights=None):
+                  stats_weights=None, split_backward: bool = False):
     """(summed objective, summed metrics) of `tail_fn(tail_params, h, tail_aux_m) -> (objective, metrics)`
     over microbatches m, h the stack of `stage_fn(layer_params, h, aux_m)` layers applied to x's rows of m;
     differentiable in params ([L, ...] leaves, natural layer order), tail_params and x. repeats > 1:
     interleaved 1F1B with R chunks per device (virtual stage r·S + s on device s). Returns (objective, metrics,
     per-layer stats). With `stats_weights` (constants shaped like one layer's stats, e.g. MoE aux-loss
     weights), stage_fn returns (h, stats), the objective gains Σ over layers and microbatches of
-    <stats, stats_weights>, and the stats come back [L, ...] in layer order, averaged over microbatches."""
+    <stats, stats_weights>, and the stats come back [L, ...] in layer order, averaged over microbatches.
+    `split_backward`: the zero-bubble schedule (schedules.py), each backward as an input step and a weight
+    step."""
     mesh = resolve_mesh(mesh)
     with_stats = stats_weights is not None
     weights = jax.lax.stop_gradient(stats_weights) if with_stats else {}
@@ -178,7 +224,7 @@ def pipeline_loss(stage_fn, tail_fn, params, tail_params, x, aux, tail_aux, *, n
     S, M, R = num_stages, num_microbatches, repeats
     if num_layers % (S * R):
         raise ValueError(f"num_layers={num_layers} is not divisible by stages*repeats={S}*{R}")
-    sched = make_schedule(S, M, R)
+    sched = make_schedule(S, M, R, split_backward=split_backward)
     per = num_layers // (S * R)
 
     def by_stage(p):  # [L, ...] -> [S, R, L/(S·R), ...]: chunk r of device s is virtual stage r·S + s

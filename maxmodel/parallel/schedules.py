@@ -1,4 +1,4 @@
-"""Static pipeline schedules with separate forward and backward steps: 1F1B and interleaved 1F1B.
+"""Static pipeline schedules with separate forward and backward steps: 1F1B, interleaved 1F1B, zero bubble.
 
 A schedule is a table: at tick t, device d does one step, the forward F(m, v) or the backward B(m, v) of
 microbatch m through virtual stage v (layers chunk v = r·S + d, R chunks per device: R = 1 is 1F1B, R > 1
@@ -17,6 +17,15 @@ So at most `cap` (≤ S for 1F1B on any device) stage inputs are kept at once, w
 memory of 1F1B. The executor (pipeline_1f1b.py) keeps each forward's input in a stash slot until its backward
 recomputes the stage under jax.vjp, and messages between neighbours (activations forward, cotangents
 backward) in mailbox slots until they are read; slots are assigned here so that none is overwritten early.
+
+Zero bubble (ZB-H1, `split_backward`): B(m, v) makes only the input's cotangent, and W(m, v), after it, the
+parameters' gradients; a device runs a pending W when no F or B of its own is ready, so weight steps fill the
+bubbles of the warm-up and cool-down. A microbatch counts as in flight until its W (its input stays stashed
+for W's recompute, and B's cotangent waits in a `ct` slot), so the caps above bound memory unchanged. In
+ticks of one step, (S, M) = (4, 8) takes 30 where the ideal is 3M + S - 1 = 27 and 1F1B, whose backward is
+both halves, 22 ticks = 33 step-units. With B and W each recomputing the stage, a microbatch costs 5
+forward-equivalents against 1F1B's 4: on hardware where a tick lasts as long as the slowest device's step
+(lockstep SPMD), zero bubble's ticks are shorter and more even; where devices share one CPU, it is more work.
 """
 from __future__ import annotations
 
@@ -24,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-IDLE, FORWARD, BACKWARD = 0, 1, 2
+IDLE, FORWARD, BACKWARD, WEIGHT = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,12 @@ class Schedule:
     stash_slots: int
     mail_f_slots: int
     mail_b_slots: int
+    ct: np.ndarray | None = None
+    ct_slots: int = 1
+
+    @property
+    def split_backward(self) -> bool:
+        return self.ct is not None
 
     @property
     def ticks(self) -> int:
@@ -58,6 +73,7 @@ class Schedule:
 
 
 def in_flight_cap(stages: int, repeats: int, device: int) -> int:
+    """Microbatches a device may hold (forwarded, and not yet backwarded: weight-gradient step included)."""
     if repeats == 1:
         return stages - device
     return (stages - device - 1) * 2 + (repeats - 1) * stages + 1
@@ -76,7 +92,12 @@ def _slots(intervals: list[tuple[int, int, tuple]]) -> tuple[dict, int]:
     return out, max(1, len(free_at))
 
 
-def make_schedule(stages: int, microbatches: int, repeats: int = 1) -> Schedule:
+def make_schedule(stages: int, microbatches: int, repeats: int = 1, split_backward: bool = False) -> Schedule:
+    """The table for (S, M, R). `split_backward`: zero bubble (ZB-H1, Qi et al. 2023): each backward is
+    split into BACKWARD (the input's cotangent, which the previous device waits for) and WEIGHT (the
+    parameters' gradients, which nobody waits for), and a device runs a pending WEIGHT whenever it has no
+    forward or backward to run: the weight steps fill the warm-up and cool-down bubbles. A microbatch stays
+    in flight until its WEIGHT, so the 1F1B caps bound memory as before."""
     S, M, R = stages, microbatches, repeats
     if min(S, M, R) < 1:
         raise ValueError(f"stages={S}, microbatches={M} and repeats={R} must all be >= 1")
@@ -87,15 +108,17 @@ def make_schedule(stages: int, microbatches: int, repeats: int = 1) -> Schedule:
     b_order = [sorted(((m // S, -r, m) for r in range(R) for m in range(M))) for _ in range(S)]
     f_done: dict[tuple[int, int], int] = {}
     b_done: dict[tuple[int, int], int] = {}
+    w_done: dict[tuple[int, int], int] = {}
+    pending_w: list[list[tuple[int, int]]] = [[] for _ in range(S)]
     caps = [in_flight_cap(S, R, d) for d in range(S)]
     flying = [0] * S
     last = [FORWARD] * S
     rows = []
     t = 0
-    while len(b_done) < M * V:
+    while len(b_done) < M * V or len(w_done) < (M * V if split_backward else 0):
         row = []
         for d in range(S):
-            step = None  # each device runs its forwards, and its backwards, in order
+            step = None  # each device runs its forwards, its backwards and its weight steps in order
 
             def backward():
                 if not b_order[d]:
@@ -116,9 +139,15 @@ def make_schedule(stages: int, microbatches: int, repeats: int = 1) -> Schedule:
                     f_order[d].pop(0)
                     return FORWARD, m, r
                 return None
+
+            def weight():
+                if not pending_w[d] or b_done[(pending_w[d][0][0], pending_w[d][0][1] * S + d)] >= t:
+                    return None
+                m, r = pending_w[d].pop(0)
+                return WEIGHT, m, r
             first, second = (forward, backward) if last[d] == BACKWARD else (backward, forward)
-            step = first() or second()
-            if step is not None:
+            step = first() or second() or (weight() if split_backward else None)
+            if step is not None and step[0] != WEIGHT:
                 last[d] = step[0]
             row.append(step)
         for d, step in enumerate(row):
@@ -129,24 +158,36 @@ def make_schedule(stages: int, microbatches: int, repeats: int = 1) -> Schedule:
             if kind == FORWARD:
                 f_done[(m, v)] = t
                 flying[d] += 1
-            else:
+            elif kind == BACKWARD:
                 b_done[(m, v)] = t
+                if split_backward:
+                    pending_w[d].append((m, r))
+                else:
+                    flying[d] -= 1
+            else:
+                w_done[(m, v)] = t
                 flying[d] -= 1
         if all(step is None for step in row):
             raise RuntimeError(f"pipeline schedule stalled at tick {t} (S={S}, M={M}, R={R})")
         rows.append(row)
         t += 1
-    return _tables(S, M, R, rows, f_done, b_done)
+    return _tables(S, M, R, rows, f_done, b_done, w_done if split_backward else None)
 
 
-def _tables(S, M, R, rows, f_done, b_done) -> Schedule:
+def _tables(S, M, R, rows, f_done, b_done, w_done=None) -> Schedule:
     T, V = len(rows), S * R
-    # stash: F(m, v)'s input from its tick to B(m, v)'s, on v's device
-    stash, n_stash = {}, 1
+    # stash: F(m, v)'s input from its tick to B(m, v)'s (W(m, v)'s when split), on v's device; a split
+    # backward's cotangent from B(m, v) to W(m, v)
+    freed = w_done if w_done is not None else b_done
+    stash, n_stash, cts, n_ct = {}, 1, {}, 1
     for d in range(S):
-        got, n = _slots([(f_done[(m, v)], b_done[(m, v)], (m, v)) for (m, v) in f_done if v % S == d])
+        got, n = _slots([(f_done[(m, v)], freed[(m, v)], (m, v)) for (m, v) in f_done if v % S == d])
         stash |= got
         n_stash = max(n_stash, n)
+        if w_done is not None:
+            got, n = _slots([(b_done[(m, v)], w_done[(m, v)], (m, v)) for (m, v) in b_done if v % S == d])
+            cts |= got
+            n_ct = max(n_ct, n)
     # forward messages: F(m, v) -> F(m, v+1) on the next device; backward: B(m, v) -> B(m, v-1)
     mail_f, n_f, mail_b, n_b = {}, 1, {}, 1
     for d in range(S):
@@ -158,7 +199,7 @@ def _tables(S, M, R, rows, f_done, b_done) -> Schedule:
                          if v % S == d and v < V - 1])
         mail_b |= got
         n_b = max(n_b, n)
-    tab = {k: np.full((T, S), -1, np.int32) for k in ("src", "stash", "recv_f", "recv_b")}
+    tab = {k: np.full((T, S), -1, np.int32) for k in ("src", "stash", "recv_f", "recv_b", "ct")}
     op, mb, rep = (np.zeros((T, S), np.int32) for _ in range(3))
     for t, row in enumerate(rows):
         for d, step in enumerate(row):
@@ -168,6 +209,10 @@ def _tables(S, M, R, rows, f_done, b_done) -> Schedule:
             v = r * S + d
             op[t, d], mb[t, d], rep[t, d] = kind, m, r
             tab["stash"][t, d] = stash[(m, v)]
+            if kind != FORWARD and w_done is not None:
+                tab["ct"][t, d] = cts[(m, v)]
+            if kind == WEIGHT:
+                continue
             if kind == FORWARD:
                 if v > 0:
                     tab["src"][t, d] = mail_f[(m, v)]
@@ -178,4 +223,5 @@ def _tables(S, M, R, rows, f_done, b_done) -> Schedule:
                     tab["src"][t, d] = mail_b[(m, v)]
                 if v > 0:
                     tab["recv_b"][t, (d - 1) % S] = mail_b[(m, v - 1)]
-    return Schedule(S, M, R, op, mb, rep, tab["src"], tab["stash"], tab["recv_f"], tab["recv_b"], n_stash, n_f, n_b)
+    return Schedule(S, M, R, op, mb, rep, tab["src"], tab["stash"], tab["recv_f"], tab["recv_b"], n_stash, n_f, n_b,
+                    tab["ct"] if w_done is not None else None, n_ct)

@@ -88,7 +88,9 @@ def collect(cfg, compile_step: bool) -> dict:
 def pipeline_report(cfg, shape: dict, micro_batch: int) -> dict:
     """The schedule's ticks and bubble, and its peak activation bytes per device, estimated: GPipe's autodiff
     keeps every microbatch's residuals through the device's layers; 1F1B keeps at most `in_flight` stage
-    inputs, plus one chunk's residuals while it recomputes (parallel/pipeline_1f1b.py)."""
+    inputs, plus one chunk's residuals while it recomputes (parallel/pipeline_1f1b.py); zero bubble also
+    keeps the cotangents between a backward and its weight step. Zero bubble's ticks are shorter: a 1F1B
+    backward tick computes the input and weight gradients, a zero-bubble one only one of them."""
     from maxmodel.parallel.mesh import ONE_F_ONE_B
     from maxmodel.parallel.pipeline import bubble_fraction
     from maxmodel.parallel.schedules import make_schedule, in_flight_cap
@@ -103,9 +105,10 @@ def pipeline_report(cfg, shape: dict, micro_batch: int) -> dict:
                                    act_bytes=act)
     per_stage = m.num_layers // S
     if pipe.schedule in ONE_F_ONE_B:
-        sched = make_schedule(S, M, R)
+        sched = make_schedule(S, M, R, split_backward=pipe.schedule == "zero_bubble")
         in_flight = max(in_flight_cap(S, R, d) for d in range(S))
-        peak = in_flight * rows * seq * m.d_model * act + (per_stage // R) * layer
+        kept = in_flight + (sched.ct_slots if sched.split_backward else 0)  # stage inputs (and cotangents)
+        peak = kept * rows * seq * m.d_model * act + (per_stage // R) * layer
         ticks, bubble = sched.ticks, sched.bubble
     else:
         in_flight, peak = M * R, M * per_stage * layer
