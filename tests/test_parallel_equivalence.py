@@ -22,6 +22,8 @@ LAYOUTS = {
                                           "pipeline.repeats=2", "pipeline.schedule=interleaved_1f1b"],
     "stage=2 1f1b x fsdp=2 x tensor=2": ["mesh.data=1", "mesh.stage=2", "mesh.fsdp=2", "mesh.tensor=2",
                                          "pipeline.microbatches=4", "pipeline.schedule=1f1b"],
+    "stage=2 zero_bubble x fsdp=2 x tensor=2": ["mesh.data=1", "mesh.stage=2", "mesh.fsdp=2", "mesh.tensor=2",
+                                                "pipeline.microbatches=4", "pipeline.schedule=zero_bubble"],
     "stage=2 interleaved 1f1b x fsdp=2 x tensor=2": [
         "mesh.data=1", "mesh.stage=2", "mesh.fsdp=2", "mesh.tensor=2", "pipeline.microbatches=2",
         "pipeline.repeats=2", "pipeline.schedule=interleaved_1f1b"],
