@@ -153,7 +153,10 @@ def test_eight_devices_fsdp_tensor_equal_one_device(case, data, tmp_path):
     one = _three_steps(method, data, tmp_path, jax.devices()[:1], extra + ["mesh.data=1"])
     eight = _three_steps(method, data, tmp_path, jax.devices(),
                          extra + ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
-    np.testing.assert_allclose(eight, one, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(eight[:, :2], one[:, :2], rtol=1e-5, atol=1e-7)  # loss, grad norm
+    # Reward accuracy counts the pairs whose margin is > 0. At step 1 the policy is the reference, so every
+    # margin is 0 up to rounding, which differs between layouts (and CPUs): compare it once the weights moved.
+    np.testing.assert_array_equal(eight[1:, 2], one[1:, 2])
     assert one[-1, 0] != one[0, 0]  # the weights moved
     if case == "dpo-lora":  # the reference is the adapter-free base: the policy at step 1 exactly
         assert abs(one[0, 0] - math.log(2)) < 1e-6
