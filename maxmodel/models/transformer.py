@@ -258,6 +258,7 @@ class Transformer(nnx.Module):
         explicit per-stage backward steps, and autodiff carries them on into the embedding. With MoE layers the
         objective also holds their aux and router z-losses (per-token means) times `aux_scale` (the step's
         token count), as the step adds them outside a pipeline; the stats are averaged over microbatches."""
+        from maxmodel.parallel.mesh import ZERO_BUBBLE
         from maxmodel.parallel.pipeline_1f1b import pipeline_loss
         x = constrain(self.embed_inputs(tokens, positions), ACT)
         graphdef, stacked = nnx.split(self.layers)
@@ -288,7 +289,7 @@ class Transformer(nnx.Module):
         tail = {"head": self.head_matrix(), **({"norm": norm[1]} if norm is not None else {})}
         return pipeline_loss(layer_fn, tail_fn, stacked, tail, x, {"segment_ids": segment_ids, "positions": positions},
                              loss_inputs, num_stages=stages, num_microbatches=micro, repeats=pipe.repeats,
-                             stats_weights=weights, split_backward=pipe.schedule == "zero_bubble")
+                             stats_weights=weights, split_backward=pipe.schedule == ZERO_BUBBLE)
 
     # ---- decoding with a KV cache (maxmodel/inference): new tokens against cached keys and values ----
 

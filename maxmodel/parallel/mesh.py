@@ -67,7 +67,8 @@ def single_device_mesh_config() -> MeshConfig:
     return MeshConfig(data=1, dcn=MeshAxes())
 
 
-ONE_F_ONE_B = ("1f1b", "interleaved_1f1b", "zero_bubble")
+ZERO_BUBBLE = "zero_bubble"  # 1F1B with split backward steps (schedules.make_schedule(split_backward=True))
+ONE_F_ONE_B = ("1f1b", "interleaved_1f1b", ZERO_BUBBLE)
 # the objectives whose loss is a per-token sum over rows, which 1F1B computes microbatch by microbatch
 ONE_F_ONE_B_OBJECTIVES = ("causal_lm", "sft")
 
@@ -77,7 +78,7 @@ def check_schedule(cfg) -> None:
     if pipe.schedule in ("circular", "interleaved_1f1b") and pipe.repeats < 2:
         raise ConfigError("pipeline.repeats", f"pipeline.schedule={pipe.schedule} needs repeats >= 2 chunks per "
                                               f"device, got {pipe.repeats}")
-    if pipe.schedule in ("1f1b", "zero_bubble") and pipe.repeats > 1:
+    if pipe.schedule in ("1f1b", ZERO_BUBBLE) and pipe.repeats > 1:
         raise ConfigError("pipeline.repeats", f"pipeline.schedule={pipe.schedule} has one chunk per device: use "
                                               "interleaved_1f1b for repeats > 1")
     if pipe.schedule not in ONE_F_ONE_B:

@@ -140,8 +140,8 @@ def make_schedule(stages: int, microbatches: int, repeats: int = 1, split_backwa
                     return FORWARD, m, r
                 return None
 
-            def weight():
-                if not pending_w[d] or b_done[(pending_w[d][0][0], pending_w[d][0][1] * S + d)] >= t:
+            def weight():  # (a backward joins pending_w after its tick: always ready at a later one)
+                if not pending_w[d]:
                     return None
                 m, r = pending_w[d].pop(0)
                 return WEIGHT, m, r

@@ -91,7 +91,7 @@ def pipeline_report(cfg, shape: dict, micro_batch: int) -> dict:
     inputs, plus one chunk's residuals while it recomputes (parallel/pipeline_1f1b.py); zero bubble also
     keeps the cotangents between a backward and its weight step. Zero bubble's ticks are shorter: a 1F1B
     backward tick computes the input and weight gradients, a zero-bubble one only one of them."""
-    from maxmodel.parallel.mesh import ONE_F_ONE_B
+    from maxmodel.parallel.mesh import ONE_F_ONE_B, ZERO_BUBBLE
     from maxmodel.parallel.pipeline import bubble_fraction
     from maxmodel.parallel.schedules import make_schedule, in_flight_cap
     from maxmodel.planner.memory import layer_activation_bytes
@@ -105,7 +105,7 @@ def pipeline_report(cfg, shape: dict, micro_batch: int) -> dict:
                                    act_bytes=act)
     per_stage = m.num_layers // S
     if pipe.schedule in ONE_F_ONE_B:
-        sched = make_schedule(S, M, R, split_backward=pipe.schedule == "zero_bubble")
+        sched = make_schedule(S, M, R, split_backward=pipe.schedule == ZERO_BUBBLE)
         in_flight = max(in_flight_cap(S, R, d) for d in range(S))
         kept = in_flight + (sched.ct_slots if sched.split_backward else 0)  # stage inputs (and cotangents)
         peak = kept * rows * seq * m.d_model * act + (per_stage // R) * layer
