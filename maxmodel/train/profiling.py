@@ -2,6 +2,7 @@
 viewable in TensorBoard's profile plugin or XProf; and the persistent compilation cache (`run.compile_cache_dir`)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -17,6 +18,26 @@ def enable_compile_cache(directory: str) -> None:
     Path(directory).mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+@contextlib.contextmanager
+def compile_cache_off():
+    """Programs compiled inside neither read nor write the persistent compilation cache.
+
+    For: XLA:CPU keeps collectives in program order through one scheduling resource they all share, and an
+    executable loaded from the cache gets a fresh resource per collective (`CreateResourceFromProto`), so
+    independent collectives may run in any order on each device. With emulated devices a program whose
+    branches hold such collectives (the zero-bubble step under fsdp x tensor: a weight step's all-gathers
+    beside its recomputing scan) then deadlocks in a rendezvous and aborts; compiled afresh it runs."""
+    from jax.experimental.compilation_cache import compilation_cache
+    before = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()  # JAX decides once per process whether the cache is used: ask again
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", before)
+        compilation_cache.reset_cache()
 
 
 class StepProfiler:

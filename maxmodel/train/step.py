@@ -1,6 +1,7 @@
 """Model state creation and the one jitted train step (explicit shardings, donated state)."""
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,10 +19,11 @@ from maxmodel.finetune.objectives import BATCH_KEYS, PROMPT_KEYS, LossSettings
 from maxmodel.finetune.peft.config import prompt_slots
 from maxmodel.models.moe import update_router_bias
 from maxmodel.models.registry import build_model
-from maxmodel.parallel.mesh import check_layout
+from maxmodel.parallel.mesh import ZERO_BUBBLE, check_layout
 
 from . import guards
 from .optimizer import learning_rate_schedule, make_optimizer
+from .profiling import compile_cache_off
 
 
 def batch_keys(cfg: Config) -> tuple[str, ...]:
@@ -88,15 +90,21 @@ class TrainStep:
 class SplitStep:
     """(params, opt_state, batch) -> (params, opt_state, metrics) over a jitted step that takes the trainable
     and the frozen parameters apart: the frozen ones are read, never donated, differentiated or updated, so
-    a frozen base costs its own bytes and nothing more. `lower` lowers the same way (ahead-of-time compiles)."""
+    a frozen base costs its own bytes and nothing more. `lower` lowers the same way (ahead-of-time compiles).
+    With `cached=False` it compiles past the persistent compilation cache."""
     jitted: Callable
     trainable: Any
+    cached: bool = True
+
+    def compiling(self):
+        return contextlib.nullcontext() if self.cached else compile_cache_off()
 
     def _split(self, params):
         return nnx.split_state(params, self.trainable, ...)
 
     def __call__(self, params, opt_state, batch):
-        return self._run(self.jitted, params, opt_state, batch)
+        with self.compiling():
+            return self._run(self.jitted, params, opt_state, batch)
 
     def _run(self, fn, params, opt_state, batch):
         trainable, frozen = self._split(params)
@@ -116,7 +124,8 @@ class _Split:
     inner: Any
 
     def compile(self):
-        return _Split(self.step, self.inner.compile())
+        with self.step.compiling():
+            return _Split(self.step, self.inner.compile())
 
     def __call__(self, params, opt_state, batch):
         return self.step._run(self.inner, params, opt_state, batch)
@@ -231,7 +240,9 @@ def build_train_step(cfg: Config, graphdef: nnx.GraphDef, abstract_params: nnx.S
     batch_sh = data_sh  # a prefix of the batch dict: every array has rows over the batch axes
     jitted = jax.jit(step, in_shardings=(train_sh, frozen_sh, opt_sh, batch_sh),
                      out_shardings=(train_sh, opt_sh, replicated), donate_argnums=(0, 2))  # only what changes
-    step_fn = SplitStep(jitted, trainable_filter)
+    # a cached copy of this program can deadlock on emulated CPU devices (profiling.compile_cache_off)
+    uncached = cfg.pipeline.schedule == ZERO_BUBBLE and mesh.devices.size > 1 and mesh.devices.flat[0].platform == "cpu"
+    step_fn = SplitStep(jitted, trainable_filter, cached=not uncached)
     eval_fn = jax.jit(evaluate, in_shardings=(param_sh, batch_sh), out_shardings=replicated)
     init_train = jax.jit(tx.init, in_shardings=(train_sh,), out_shardings=opt_sh)
 
