@@ -163,14 +163,22 @@ def test_stop_tokens_stop_strings_and_lengths(engine):
 
 
 def test_cpu_decode_layout_keeps_the_models_logits_and_gives_its_weights_back(engine):
-    """On XLA:CPU the engine stores the untied head [vocab, d_model] and joins each layer's q/k/v and up/gate
-    weights (engine.decode_layout); its logits equal the model's own forward pass with the weights as given,
-    and `params` hands those weights back unchanged."""
+    """On XLA:CPU the engine stores the untied head [vocab, d_model], joins each layer's q/k/v and up/gate
+    weights and stores them and the output projections [out, in] (engine.decode_layout); its logits equal the
+    model's own forward pass with the weights as given, and `params` hands those weights back unchanged."""
     given = engine.params
-    assert engine.run_params["head"].value.shape == given["head"].value.shape[::-1]
+    assert engine.run_params["head"][...].shape == given["head"][...].shape[::-1]
     assert nnx.merge(engine.graphdef, engine.run_params).head_vocab_major
-    joined = {str(path[-2]) for path, _ in nnx.to_flat_state(engine.run_params) if path[-1] == "fused_w"}
+    run = {path: v.get_value() for path, v in nnx.to_flat_state(engine.run_params)}
+    joined = {str(path[-2]) for path in run if path[-1] == "fused_w"}
     assert joined == {"attn", "mlp"}  # q/k/v and up/gate stored as one weight each (layers.fuse_projections)
+    d, given_flat = engine.cfg.model.d_model, {path: v.get_value() for path, v in nnx.to_flat_state(given)}
+    for path, value in run.items():
+        if path[-1] == "fused_w":
+            assert value.shape[-1] == d  # [.., out, in]
+        if path[-1] == "wo":  # [.., d_model, heads x head_dim] and [.., d_model, d_ff]
+            assert value.shape[-2] == d and value.ndim == given_flat[path].ndim - (path[-2] == "attn")
+    assert {str(path[-2]) for path in run if path[-1] == "wo"} == {"attn", "mlp"}
     tokens = np.asarray([PROMPTS[1][:8], PROMPTS[2][:8]], np.int32)
     with engine.context():
         plain = nnx.merge(engine._graphdef_given, given)(jnp.asarray(tokens))

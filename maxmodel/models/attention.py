@@ -67,6 +67,7 @@ def _is_windowed(window) -> bool:
 
 class Attention(nnx.Module):
     fused = None  # (names, shapes, metadata) of wq, wk, wv when stored as one `fused_w` (layers.fuse_projections)
+    output_major = None  # (name, shape, metadata) of wo when stored [out, in] (layers.fuse_projections)
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, param_dtype=jnp.float32, window: int = 0,
                  causal: bool = True):
